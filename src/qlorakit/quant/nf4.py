@@ -1,0 +1,79 @@
+"""NF4 (double-quantized) weights through bitsandbytes.
+
+bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks a ``Linear4bit`` weight in place during an
+eval/no-grad forward; LoRA gradients computed after that are silently wrong. :func:`guard_linear4bit`
+switches that repack off on every such layer, and a test proves the gradients right after an
+evaluation pass.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["cpu_supports_bf16", "guard_linear4bit", "is_linear4bit", "dequantize", "quantize_linear"]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 matrix instructions (AVX512-BF16 or AMX)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        flags = set()
+    if flags:
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    cap = torch.backends.cpu.get_cpu_capability()  # e.g. "AVX512", "AVX2", "DEFAULT"
+    return cap == "AVX512" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def is_linear4bit(module: nn.Module) -> bool:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def guard_linear4bit(model: nn.Module) -> int:
+    """Turn off the in-place CPU repack on every ``Linear4bit``; return how many were guarded."""
+    n = 0
+    for m in model.modules():
+        if is_linear4bit(m):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """The full-precision weight of a 4-bit (or plain) linear, shape (out_features, in_features)."""
+    if is_linear4bit(module):
+        import bitsandbytes.functional as F
+
+        w = module.weight
+        return F.dequantize_4bit(w.data, w.quant_state).reshape(module.out_features, module.in_features)
+    return module.weight.detach()
+
+
+def quantize_linear(linear: nn.Linear, *, quant_type: str = "nf4", double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A guarded bitsandbytes ``Linear4bit`` holding ``linear``'s weight in 4 bits."""
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant_type,
+                          )
+    q.weight = bnb.nn.Params4bit(linear.weight.data.to("cpu", torch.float32), requires_grad=False,
+                                 compress_statistics=double_quant, quant_type=quant_type)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    q = q.to(linear.weight.device)
+    q.support_avx512bf16_for_cpu = False
+    return q
