@@ -3,11 +3,33 @@
 from .dataset import PreparedData, SourceInfo, load_examples, prepare_data, resolve_data_path, sha256_file
 from .formats import Example, detect_format, to_examples
 from .packing import BatchSchedule, Row, collate, no_pack, pack
-from .readers import DataError, read_records
+from .readers import DataError, read_records, sha256_path
 from .templating import IGNORE_INDEX, Tokenized, render_prompt, tokenize_example, tokenize_examples
+
+# data you can vouch for: checks, licences, the run's ledger, the `qlorakit data` command
+from .check import CheckOptions, CheckReport, load_source, run_checks
+from .cli import data_main
+from .ledger import LicenceError, adapter_metadata, build_ledger, licence_gate, terms_markdown
+from .licences import lookup_licence, resolve_licence
+from .pii import find_pii, redact
 
 __all__ = [
     "BatchSchedule",
+    "CheckOptions",
+    "CheckReport",
+    "LicenceError",
+    "adapter_metadata",
+    "build_ledger",
+    "data_main",
+    "find_pii",
+    "licence_gate",
+    "load_source",
+    "lookup_licence",
+    "redact",
+    "resolve_licence",
+    "run_checks",
+    "sha256_path",
+    "terms_markdown",
     "DataError",
     "Example",
     "IGNORE_INDEX",

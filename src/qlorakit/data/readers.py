@@ -1,20 +1,27 @@
 """Read training records from files; every problem names the file and the line or row.
 
 A record is a plain ``dict``. Each reader attaches the 1-based line (JSONL) or row (CSV, JSON
-array) number it came from as ``record["_line"]``, so that later checks can point back at it.
+array, Parquet, ``datasets`` folder) number it came from as ``record["_line"]``, so that later
+checks can point back at it.
+
+Supported: JSON Lines, JSON (an array of records, or an object holding one), CSV with a header,
+Parquet, and a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``, whose
+``train`` split is read unless the path names a split folder). Parquet and Arrow files are read
+with pyarrow; the ``datasets`` package is not needed.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataError", "read_records", "SUPPORTED_SUFFIXES"]
+__all__ = ["DataError", "read_records", "sha256_path", "SUPPORTED_SUFFIXES"]
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv")
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 class DataError(ValueError):
@@ -99,8 +106,95 @@ def _read_csv(path: Path, text: str) -> list[dict[str, Any]]:
     return records
 
 
+def _table_records(path: Path, table: Any) -> list[dict[str, Any]]:
+    records = table.to_pylist()
+    for i, rec in enumerate(records, start=1):
+        rec["_line"] = i
+    return records
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PAR1":
+        raise DataError(f"{path}: not a Parquet file (it does not start with the 'PAR1' magic bytes); "
+                        "expected a file written by pyarrow, pandas or another Parquet writer")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from e
+    return _table_records(path, table)
+
+
+def _read_arrow_file(path: Path) -> Any:
+    import pyarrow as pa
+
+    errors = []
+    for opener in (pa.ipc.open_stream, pa.ipc.open_file):  # datasets writes the stream format
+        try:
+            with pa.memory_map(str(path)) as source:
+                return opener(source).read_all()
+        except (pa.ArrowException, OSError) as e:
+            errors.append(f"{opener.__name__}: {e}")
+    raise DataError(f"{path}: not a readable Arrow file ({'; '.join(errors)})")
+
+
+def _read_datasets_folder(path: Path) -> list[dict[str, Any]]:
+    """A folder written by ``Dataset.save_to_disk`` (``state.json`` + ``*.arrow`` shards)."""
+    import pyarrow as pa
+
+    if (path / "dataset_dict.json").is_file():
+        try:
+            splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path / 'dataset_dict.json'}: expected {{\"splits\": [...]}} ({e})") from e
+        if "train" not in splits:
+            raise DataError(f"{path}: a DatasetDict folder without a 'train' split; name a split folder "
+                            f"instead, one of: {', '.join(str(s) for s in splits)}")
+        return _read_datasets_folder(path / "train")
+    state = path / "state.json"
+    if not state.is_file():
+        raise DataError(f"{path}: is a folder but not a saved `datasets` folder (no state.json or "
+                        f"dataset_dict.json); expected a data file ({', '.join(SUPPORTED_SUFFIXES)}) or a "
+                        "folder written by Dataset.save_to_disk")
+    try:
+        files = [d["filename"] for d in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{state}: expected a `datasets` state file with a '_data_files' list ({e})") from e
+    if not files:
+        raise DataError(f"{path}: no records found; the folder lists no data files")
+    tables = []
+    for name in files:
+        shard = path / name
+        if not shard.is_file():
+            raise DataError(f"{shard}: listed in {state.name} but missing")
+        tables.append(_read_arrow_file(shard))
+    try:
+        table = pa.concat_tables(tables)
+    except pa.ArrowException as e:
+        raise DataError(f"{path}: the shards do not share one schema ({e})") from e
+    return _table_records(path, table)
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a folder (every file's relative path and bytes, in sorted order)."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        if p.is_dir():
+            h.update(f.relative_to(p).as_posix().encode("utf-8") + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Read every record of a JSONL, JSON or CSV file.
+    """Read every record of a JSONL, JSON, CSV or Parquet file, or a saved ``datasets`` folder.
 
     Raises :class:`DataError` for a missing, empty, non-UTF-8 or malformed file.
     """
@@ -108,15 +202,22 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     if not p.exists():
         raise DataError(f"{p}: file not found")
     if p.is_dir():
-        raise DataError(f"{p}: is a folder; expected a data file ({', '.join(SUPPORTED_SUFFIXES)})")
-    suffix = p.suffix.lower()
-    if suffix not in SUPPORTED_SUFFIXES:
-        raise DataError(f"{p}: unsupported file type {suffix!r}; expected one of {', '.join(SUPPORTED_SUFFIXES)}")
-    text = _read_text(p)
-    if not text.strip():
-        raise DataError(f"{p}: the file is empty; expected at least one record")
-    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix]
-    records = reader(p, text)
+        records = _read_datasets_folder(p)
+    else:
+        suffix = p.suffix.lower()
+        if suffix not in SUPPORTED_SUFFIXES:
+            raise DataError(f"{p}: unsupported file type {suffix!r}; expected one of {', '.join(SUPPORTED_SUFFIXES)} "
+                            "or a saved `datasets` folder")
+        if p.stat().st_size == 0:
+            raise DataError(f"{p}: the file is empty; expected at least one record")
+        if suffix == ".parquet":
+            records = _read_parquet(p)
+        else:
+            text = _read_text(p)
+            if not text.strip():
+                raise DataError(f"{p}: the file is empty; expected at least one record")
+            reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv}[suffix]
+            records = reader(p, text)
     if not records:
         raise DataError(f"{p}: no records found; expected at least one")
     return records

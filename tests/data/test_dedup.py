@@ -1,0 +1,100 @@
+"""Exact and near duplicates: planted ones are all found, in the right groups; a clean sample gives none."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+
+from qlorakit.data import read_records
+from qlorakit.data.check import CheckOptions, load_source, run_checks
+from qlorakit.data.dedup import exact_duplicates, jaccard, near_duplicates, normalise, shingles
+
+
+def _clean_records(shared):
+    """427 self-instruct tasks: no two of them share more than 15% of their 3-gram shingles."""
+    out = []
+    for name in ("self_instruct_user_oriented.jsonl", "self_instruct_seed_tasks.jsonl"):
+        for r in read_records(shared / "instruction" / name):
+            inst = r["instances"][0]
+            out.append({"instruction": r["instruction"], "input": inst["input"], "output": inst["output"]})
+    return out
+
+
+def _perturb(text: str, rng: random.Random, n_edits: int) -> str:
+    """Replace ``n_edits`` words with new ones."""
+    words = text.split()
+    for i in rng.sample(range(len(words)), min(n_edits, len(words))):
+        words[i] = rng.choice(["alpha", "bravo", "charlie", "delta", "echo"])
+    return " ".join(words)
+
+
+def test_normalise_ignores_case_punctuation_and_spacing():
+    assert normalise("Hello,   World!\n") == normalise("hello world") == "hello world"
+    assert normalise("ﬁne") == "fine"  # NFKC folds the ligature
+
+
+def test_near_duplicates_agree_with_brute_force(shared):
+    recs = _clean_records(shared)[:120]
+    rng = random.Random(3)
+    texts = [r["instruction"] + " " + r["output"] for r in recs]
+    texts += [_perturb(texts[i], rng, 2) for i in range(0, 120, 10) if len(texts[i].split()) > 40]
+    sets = [shingles(t) for t in texts]
+    brute = {(i, j) for i, j in itertools.combinations(range(len(texts)), 2) if jaccard(sets[i], sets[j]) >= 0.8}
+    groups = near_duplicates(texts, 0.8)
+    found = {(i, j) for g in groups for i, j in itertools.combinations(g.members, 2)}
+    assert brute and brute <= found  # every truly similar pair is in one group
+    for g in groups:  # and every group is held together by confirmed pairs
+        assert all(any((min(a, b), max(a, b)) in brute for b in g.members if b != a) for a in g.members)
+
+
+def test_clean_sample_has_no_duplicates(shared, tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "clean.jsonl", _clean_records(shared))
+    report = run_checks([load_source(path, licence="Apache-2.0")], CheckOptions(contamination=False))
+    assert report.counts["records"] >= 300
+    assert report.counts["exact_duplicate_groups"] == 0 and report.counts["near_duplicate_groups"] == 0
+
+
+def test_planted_exact_and_near_duplicates_found(shared, tmp_path, write_jsonl):
+    recs = _clean_records(shared)
+    rng = random.Random(11)
+    long_rows = [i for i, r in enumerate(recs) if len((r["instruction"] + " " + r["output"]).split()) >= 60]
+    picks = rng.sample(long_rows, 10)
+    planted_exact, planted_near = [], []
+    for i in picks[:5]:  # exact copies, re-cased and re-spaced: equal after normalisation
+        r = dict(recs[i])
+        r["output"] = "  " + r["output"].upper().replace(" ", "  ") + " !"
+        recs.append(r)
+        planted_exact.append({i + 1, len(recs)})
+    for i in picks[5:]:  # near copies: two words of the answer replaced
+        r = dict(recs[i])
+        r["output"] = _perturb(r["output"], rng, 2)
+        recs.append(r)
+        planted_near.append({i + 1, len(recs)})
+    path = write_jsonl(tmp_path / "dups.jsonl", recs)
+    report = run_checks([load_source(path, licence="Apache-2.0")], CheckOptions(contamination=False))
+    groups = {"exact": [], "near": []}
+    for f in report.findings:
+        if f["check"] == "duplicates":
+            groups[f["kind"]].append({m["row"] for m in f["members"]})
+    assert sorted(map(sorted, groups["exact"])) == sorted(map(sorted, planted_exact))
+    assert sorted(map(sorted, groups["near"])) == sorted(map(sorted, planted_near))
+
+
+def test_duplicates_across_files(tmp_path, write_jsonl):
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": "the quick brown fox jumps over the lazy dog today"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": "x y z"}, {"text": "The quick brown fox jumps over the lazy dog, today."}])
+    report = run_checks([load_source(a, licence="MIT"), load_source(b, licence="MIT")], CheckOptions(contamination=False))
+    (dup,) = [f for f in report.findings if f["check"] == "duplicates"]
+    assert dup["kind"] == "exact"
+    assert dup["members"] == [{"source": str(a), "row": 1}, {"source": str(b), "row": 2}]
+    assert report.per_source[str(b)]["exact_duplicates"] == 1
+
+
+def test_exact_duplicates_groups():
+    groups = exact_duplicates(["A b", "c", "a B.", "c!", "d", ""])
+    assert sorted(g.members for g in groups) == [[0, 2], [1, 3]]
+    with pytest.raises(ValueError):
+        near_duplicates(["a"], 1.5)

@@ -1,0 +1,107 @@
+"""The run's ledger: sources, hashes, findings, effective terms; the licence gate; card and metadata."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+
+from qlorakit.config import DataConfig, SourceConfig, load_recipe
+from qlorakit.data import prepare_data, sha256_path
+from qlorakit.data.ledger import LicenceError, adapter_metadata, build_ledger, licence_gate, terms_markdown
+
+SUPPORT = [{"instruction": f"question number {i} about my order", "input": "",
+            "output": f"answer {i}: write to me at person{i}@gmail.com"} for i in range(12)]
+
+
+def _nc_file(tmp_path, write_jsonl):
+    path = write_jsonl(tmp_path / "support.jsonl", SUPPORT)
+    (tmp_path / "support.jsonl.licence").write_text("CC-BY-NC-4.0\ninternal support archive\n", encoding="utf-8")
+    return path
+
+
+def _ledger(cfg, tokenizer):
+    prepared = prepare_data(cfg, tokenizer, seed=1)
+    return build_ledger(cfg, prepared), prepared
+
+
+def test_share_alike_and_non_commercial_sources(shared, tmp_path, tiny_tokenizer, write_jsonl):
+    sgd = shared / "dialogue" / "sgd_train_first2_per_file.json"
+    nc = _nc_file(tmp_path, write_jsonl)
+    cfg = DataConfig(sources=[SourceConfig(path=str(sgd), weight=0.5),
+                              SourceConfig(path=str(nc), origin="ticket export", weight=2.0)],
+                     eval=None, max_seq_len=256)
+    ledger, prepared = _ledger(cfg, tiny_tokenizer)
+    by_name = {s["path"].rsplit("/", 1)[-1]: s for s in ledger["sources"]}
+    s_sgd, s_nc = by_name["sgd_train_first2_per_file.json"], by_name["support.jsonl"]
+    assert s_sgd["sha256"] == sha256_path(sgd) and s_nc["sha256"] == sha256_path(nc)
+    assert (s_sgd["licence"], s_sgd["licence_from"]) == ("CC-BY-SA-4.0", "manifest")
+    assert (s_nc["licence"], s_nc["licence_from"], s_nc["origin"]) == ("CC-BY-NC-4.0", "sidecar", "ticket export")
+    assert s_sgd["rows"] == 192 and s_sgd["rows_used"] == 96 and s_nc["rows_used"] == 24
+    # findings counted on the training examples, each once although weight 2 repeats them
+    n_nc_train = len({id(e) for e in prepared.train_examples if e.source == str(nc)})
+    assert s_nc["findings"]["pii"] == {"email": n_nc_train}
+    assert s_sgd["findings"]["pii"]["phone"] > 0
+    t = ledger["effective_terms"]
+    assert t["commercial_use"] is False and t["share_alike"] is True
+    assert t["licences"] == ["CC-BY-NC-4.0", "CC-BY-SA-4.0"]
+    assert t["attribution_required"] is True and t["adapter_licence"] == "CC-BY-SA-4.0"
+    assert any("non-commercial" in n for n in t["notes"]) and any("share-alike" in n for n in t["notes"])
+    json.dumps(ledger)  # the ledger is plain JSON
+
+    card = terms_markdown(ledger)
+    assert "**Commercial use:** not allowed" in card
+    assert "must be shared under CC-BY-SA-4.0" in card
+    assert "support.jsonl" in card and "CC-BY-NC-4.0 (sidecar)" in card
+    meta = adapter_metadata(ledger)
+    assert meta["data_commercial_use"] == "false" and meta["data_share_alike"] == "true"
+    assert meta["adapter_licence"] == "CC-BY-SA-4.0"
+    assert all(isinstance(v, str) and len(v) <= 1000 for v in meta.values())
+
+    with pytest.raises(LicenceError) as e:
+        licence_gate(ledger, "block")
+    msg = str(e.value)
+    assert "CC-BY-NC-4.0 is non-commercial" in msg and "CC-BY-SA-4.0 is share-alike" in msg
+    assert "data.licence_policy=warn" in msg
+
+
+def test_warn_policy_logs_and_goes_on(tmp_path, tiny_tokenizer, write_jsonl, caplog):
+    cfg = DataConfig(sources=[SourceConfig(path=str(_nc_file(tmp_path, write_jsonl)))], eval=None)
+    ledger, _ = _ledger(cfg, tiny_tokenizer)
+    with caplog.at_level(logging.WARNING, logger="qlorakit.data.ledger"):
+        licence_gate(ledger, "warn")
+    assert "non-commercial" in caplog.text
+
+
+def test_permissive_sources_pass_the_gate(shared, tiny_tokenizer):
+    cfg = DataConfig(train=str(shared / "instruction" / "self_instruct_seed_tasks.jsonl"), eval=None)
+    ledger, _ = _ledger(cfg, tiny_tokenizer)
+    licence_gate(ledger, "block")
+    t = ledger["effective_terms"]
+    assert t["commercial_use"] is True and t["share_alike"] is False and t["adapter_licence"] == "Apache-2.0"
+    assert "**Commercial use:** allowed" in terms_markdown(ledger)
+
+
+def test_missing_licence_blocks(tmp_path, tiny_tokenizer, write_jsonl):
+    path = write_jsonl(tmp_path / "mine.jsonl", SUPPORT)
+    ledger, _ = _ledger(DataConfig(train=str(path), eval=None, licence_policy="block"), tiny_tokenizer)
+    assert ledger["effective_terms"]["commercial_use"] is False
+    with pytest.raises(LicenceError, match="no licence given"):
+        licence_gate(ledger, "block")
+
+
+def test_default_sample_checks_are_fast_and_clean(tiny_tokenizer):
+    pytest.importorskip("qlorakit.data.samples")
+    cfg = load_recipe(None).data
+    build_ledger(cfg, prepare_data(cfg, tiny_tokenizer, seed=0))  # warm the evaluation-set index
+    prepared = prepare_data(cfg, tiny_tokenizer, seed=0)
+    t0 = time.perf_counter()
+    ledger = build_ledger(cfg, prepared)
+    assert time.perf_counter() - t0 < 2.0
+    c = ledger["findings"]["counts"]
+    # the fictional shop's contact details are placeholders, not personal data; no evaluation overlap
+    assert c["pii_records"] == 0 and c["placeholders"] > 0 and c["contaminated_records"] == 0
+    assert ledger["effective_terms"]["commercial_use"] is True
+    assert [s["role"] for s in ledger["sources"]] == ["train", "eval"]

@@ -1,0 +1,171 @@
+"""Readers (JSONL, JSON, CSV, Parquet, a saved `datasets` folder), record forms and field mapping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qlorakit.data import DataError, read_records, sha256_path, to_examples
+from qlorakit.data.formats import detect_format, example_text
+
+ROWS = [{"instruction": f"Question {i}?", "input": "", "output": f"Answer {i}."} for i in range(5)]
+
+
+def test_parquet_reads_rows_with_row_numbers(tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), path)
+    recs = read_records(path)
+    assert [r["_line"] for r in recs] == [1, 2, 3, 4, 5]
+    assert [r["output"] for r in recs] == [r["output"] for r in ROWS]
+    ex = to_examples(recs, path)
+    assert ex[3].messages == [{"role": "user", "content": "Question 3?"}, {"role": "assistant", "content": "Answer 3."}]
+
+
+def test_datasets_folder_and_dataset_dict(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list(ROWS)
+    ds.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": ds.select(range(3)), "test": ds}).save_to_disk(str(tmp_path / "dd"))
+    assert [r["instruction"] for r in read_records(tmp_path / "one")] == [r["instruction"] for r in ROWS]
+    assert len(read_records(tmp_path / "dd")) == 3  # the train split
+    assert len(read_records(tmp_path / "dd" / "test")) == 5
+    # a folder hash covers every file and changes when one does
+    h = sha256_path(tmp_path / "one")
+    (tmp_path / "one" / "dataset_info.json").write_text("{}", encoding="utf-8")
+    assert sha256_path(tmp_path / "one") != h
+
+
+def test_csv_and_json_array(tmp_path):
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("prompt,response\nHi there,Hello!\n\"Multi\nline\",ok\n", encoding="utf-8")
+    recs = read_records(csv_path)
+    assert [r["_line"] for r in recs] == [2, 4]  # the physical line where each row ends
+    ex = to_examples(recs, csv_path)
+    assert ex[1].messages[0]["content"] == "Multi\nline"
+    json_path = tmp_path / "d.json"
+    json_path.write_text(json.dumps({"data": ROWS}), encoding="utf-8")
+    assert len(to_examples(read_records(json_path), json_path)) == 5
+
+
+@pytest.mark.parametrize("rec,form", [
+    ({"prompt": "p", "response": "r"}, "instruction"),
+    ({"question": "q", "answer": "a"}, "instruction"),
+    ({"Question": "q", "Answer": "a"}, "instruction"),
+    ({"prompt": "p", "completion": "c"}, "instruction"),
+    ({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}, "chat"),
+    ({"turns": [{"speaker": "USER", "utterance": "u"}, {"speaker": "SYSTEM", "utterance": "s"}]}, "chat"),
+    ({"original": [["customer", "u"], ["agent", "a"]]}, "chat"),
+    ({"text": "plain"}, "completion"),
+    ({"foo": "bar"}, None),
+])
+def test_detect_format(rec, form):
+    assert detect_format(rec) == form
+
+
+def test_aliases_map_to_instruction_and_output(tmp_path):
+    recs = [{"question": "What is 2+2?", "context": "Arithmetic.", "answer": "4", "_line": 1},
+            {"prompt": "Say hi", "response": "Hi!", "_line": 2}]
+    ex = to_examples(recs, tmp_path / "x.jsonl")
+    assert ex[0].messages == [{"role": "user", "content": "What is 2+2?\n\nArithmetic."},
+                              {"role": "assistant", "content": "4"}]
+    assert ex[1].messages[-1] == {"role": "assistant", "content": "Hi!"}
+
+
+def test_explicit_field_mapping_and_form_override(tmp_path):
+    recs = [{"q": "Why?", "a": "Because.", "text": "ignored", "_line": 1}]
+    # 'text' alone would make it a completion; the mapping plus the override make it an instruction
+    ex = to_examples(recs, tmp_path / "x.jsonl", "instruction", {"q": "instruction", "a": "output"})
+    assert ex[0].messages == [{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Because."}]
+    ex = to_examples(recs, tmp_path / "x.jsonl", "completion")
+    assert ex[0].text == "ignored"
+
+
+def test_sgd_dialogue_reads_as_chat(shared):
+    path = shared / "dialogue" / "sgd_train_first2_per_file.json"
+    recs = read_records(path)
+    ex = to_examples(recs, path)
+    assert len(ex) == len(recs) == 192
+    first = recs[0]["turns"]
+    msgs = ex[0].messages
+    # USER -> user, SYSTEM -> assistant, in order, with the utterances unchanged
+    assert msgs[0] == {"role": "user", "content": first[0]["utterance"]}
+    assert msgs[1] == {"role": "assistant", "content": first[1]["utterance"]}
+    assert len(msgs) == len(first)
+    assert all(m["role"] in ("user", "assistant") for e in ex for m in e.messages)
+
+
+def test_abcd_joins_consecutive_turns_and_skips_actions(shared):
+    path = shared / "dialogue" / "abcd_sample.json"
+    ex = to_examples(read_records(path), path)
+    msgs = ex[0].messages
+    assert msgs[0] == {"role": "assistant", "content": "Hi!\nHow can I help you?"}
+    assert not any("Account has been pulled up" in m["content"] for m in msgs)
+    assert all(a["role"] != b["role"] for a, b in zip(msgs, msgs[1:]))
+
+
+def test_oasst_marked_turns_and_self_instruct_instances(shared):
+    path = shared / "instruction" / "oasst1_val_en.jsonl"
+    recs = read_records(path)
+    ex = to_examples(recs, path)
+    multi = next(i for i, r in enumerate(recs) if r["input"].count("### Human:") >= 2)
+    roles = [m["role"] for m in ex[multi].messages]
+    assert roles[0] == "system" and roles[1:4] == ["user", "assistant", "user"] and roles[-1] == "assistant"
+    assert "### Human" not in example_text(ex[multi])
+    si = shared / "instruction" / "self_instruct_seed_tasks.jsonl"
+    recs = read_records(si)
+    ex = to_examples(recs, si)
+    assert ex[0].messages[-1]["content"] == recs[0]["instances"][0]["output"]
+
+
+# ---- malformed input: one clear error naming the file and the row ----
+
+
+def test_bad_json_line_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": broken}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSON"):
+        read_records(p)
+
+
+def test_missing_column_names_row(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text("instruction,input\nhello,\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"d\.csv:2: missing field 'output'"):
+        to_examples(read_records(p), p, "instruction")
+
+
+def test_wrong_types_name_row(tmp_path, write_jsonl):
+    p = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], {"instruction": "x", "output": 42}])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: field 'output' must be a string, got int"):
+        to_examples(read_records(p), p)
+    p = write_jsonl(tmp_path / "t.jsonl", [{"turns": [{"speaker": "USER", "utterance": 3}]}])
+    with pytest.raises(DataError, match=r"t\.jsonl:1: turns\[0\]"):
+        to_examples(read_records(p), p)
+    q = tmp_path / "w.parquet"
+    pq.write_table(pa.Table.from_pylist([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": None}]), q)
+    with pytest.raises(DataError, match=r"w\.parquet:2: missing field 'output'"):
+        to_examples(read_records(q), q)
+
+
+@pytest.mark.parametrize("name,content,pattern", [
+    ("empty.jsonl", b"", r"empty\.jsonl: the file is empty"),
+    ("blank.csv", b"\n\n", r"blank\.csv: the file is empty"),
+    ("latin.jsonl", '{"text": "caf\u00e9"}\n'.encode("latin-1"), r"latin\.jsonl:1: not valid UTF-8"),
+    ("fake.parquet", b'{"text": "this is JSON"}\n', r"fake\.parquet: not a Parquet file"),
+    ("trunc.parquet", b"PAR1garbagePAR1", r"trunc\.parquet: not a readable Parquet file"),
+])
+def test_unreadable_files(tmp_path, name, content, pattern):
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=pattern):
+        read_records(p)
+
+
+def test_folder_that_is_not_a_dataset(tmp_path):
+    (tmp_path / "x.txt").write_text("hi", encoding="utf-8")
+    with pytest.raises(DataError, match="not a saved `datasets` folder"):
+        read_records(tmp_path)
