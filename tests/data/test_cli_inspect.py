@@ -44,6 +44,8 @@ def test_length_stats_and_histogram():
     assert (s["p50"], s["p90"], s["p99"], s["max"], s["over_max_seq_len"]) == (50, 90, 99, 100, 50)
     h = length_histogram([0, 5, 9, 10, 19], bins=2)
     assert [(b["lo"], b["hi"], b["count"]) for b in h] == [(0, 10, 3), (10, 20, 2)]
+    h = length_histogram([100, 101, 130, 139], bins=4)
+    assert [(b["lo"], b["hi"], b["count"]) for b in h] == [(100, 110, 2), (110, 120, 0), (120, 130, 0), (130, 140, 2)]
 
 
 def test_inspect_cli_writes_plot_and_json(tmp_path, tiny_tokenizer, write_jsonl, capsys):

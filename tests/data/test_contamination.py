@@ -70,7 +70,9 @@ def test_planted_eval_rows_found_per_set_and_dropped(shared, tmp_path, write_jso
     mmlu = read_records(shared / "benchmarks" / "mmlu_val_zero_shot.jsonl")
     hs = read_records(shared / "benchmarks" / "hellaswag_val_first1000.jsonl")
     planted_ids: dict[str, list[int]] = {"truthfulqa": [], "mmlu": [], "hellaswag": []}
-    for r in rng.sample(tqa, 8):  # as a training pair: question -> best answer
+    # as a training pair: question -> best answer (items under the 8-word floor are not checked, by design)
+    tqa = [r for r in tqa if len(words(r["Question"] + " " + r["Best Answer"])) >= 8]
+    for r in rng.sample(tqa, 8):
         recs.append({"instruction": r["Question"], "input": "", "output": r["Best Answer"]})
         planted_ids["truthfulqa"].append(id(recs[-1]))
     for r in rng.sample(mmlu, 8):  # the question body and its choices, reformatted

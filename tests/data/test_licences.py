@@ -95,3 +95,19 @@ def test_missing_licence_blocks_under_block(tmp_path, write_jsonl):
     assert [f["kind"] for f in report.blocking] == ["missing"]
     assert "no licence given" in report.blocking[0]["message"]
     assert run_checks([load_source(path)], CheckOptions(contamination=False)).blocking == []
+
+
+def test_check_a_recipe_uses_its_sources_and_policy(shared, tmp_path, write_jsonl, capsys):
+    nc = write_jsonl(tmp_path / "tickets.jsonl", [{"prompt": "reset password?", "response": "use the link"}])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "data:\n  licence_policy: block\n  sources:\n"
+        f"    - path: {shared / 'dialogue' / 'sgd_train_first2_per_file.json'}\n      weight: 0.5\n"
+        f"    - path: {nc}\n      licence: cc-by-nc 4.0\n      origin: ticket export\n", encoding="utf-8")
+    assert data_main(["check", "--recipe", str(recipe), "--no-contamination", "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert [(s["licence"], s["licence_from"]) for s in out["sources"]] == [
+        ("CC-BY-SA-4.0", "manifest"), ("CC-BY-NC-4.0", "declared")]
+    assert sorted(f["kind"] for f in out["findings"] if f["blocking"]) == ["non_commercial", "share_alike"]
+    # --policy on the command line overrides the recipe's
+    assert data_main(["check", "--recipe", str(recipe), "--no-contamination", "--policy", "warn"]) == 0

@@ -1,4 +1,10 @@
-"""Records in, token batches out: readers, record forms, chat templating, packing."""
+"""Records in, token batches out: readers, record forms, chat templating, packing.
+
+And data you can vouch for: personal data and secrets (:mod:`.pii`), exact and near duplicates
+(:mod:`.dedup`), overlap with evaluation sets (:mod:`.contamination`), licence terms
+(:mod:`.licences`), all run by ``qlorakit data check`` (:mod:`.check`, :mod:`.cli`), and the run's
+provenance ledger ``data_manifest.json`` (:mod:`.ledger`).
+"""
 
 from .dataset import PreparedData, SourceInfo, load_examples, prepare_data, resolve_data_path, sha256_file
 from .formats import Example, detect_format, to_examples

@@ -3,6 +3,7 @@
     qlorakit data inspect FILE... [--tokenizer BASE] [--max-seq-len N] [--plot PNG] [--json]
     qlorakit data check FILE... [--eval-sets NAMES] [--json] [--policy warn|block] [--licence SPDX]
                                 [--redact OUT] [--drop-contaminated OUT] [--fail-on KINDS]
+    qlorakit data check --recipe RECIPE.yaml      the recipe's sources, licences and licence policy
 
 Exit codes of ``check``: 0 when nothing blocks, 1 when a finding is blocking under the policy, 2
 when the input cannot be read (the message names the file and row).
@@ -47,8 +48,8 @@ def _fields(items: list[str]) -> dict[str, str] | None:
     return out or None
 
 
-def _add_input_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("files", nargs="+", metavar="FILE",
+def _add_input_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    p.add_argument("files", nargs="*" if optional else "+", metavar="FILE",
                    help="JSONL, JSON, CSV or Parquet files, or saved `datasets` folders")
     p.add_argument("--format", default="auto", choices=["auto", "instruction", "chat", "completion"],
                    help="record form; 'auto' detects it per record")
@@ -84,13 +85,17 @@ def _check(a: argparse.Namespace) -> int:
     try:
         opts = CheckOptions(
             eval_sets=[s.strip() for s in a.eval_sets.split(",") if s.strip()] if a.eval_sets else None,
-            ngram=a.ngram, min_words=a.min_words, near_threshold=a.near_threshold, policy=a.policy,
+            ngram=a.ngram, min_words=a.min_words, near_threshold=a.near_threshold, policy=a.policy or "warn",
             fail_on=tuple(s.strip() for s in a.fail_on.split(",") if s.strip()) if a.fail_on else (),
             base_licence=a.base_licence, contamination=not a.no_contamination)
     except ValueError as e:
         raise DataError(f"qlorakit data check: {e}") from e
     sources = [load_source(f, form=a.format, fields=fields, licence=a.licence or "", origin=a.origin or "")
                for f in a.files]
+    if a.recipe:
+        sources += _recipe_sources(a.recipe, opts, policy_given=a.policy is not None)
+    if not sources:
+        raise DataError("qlorakit data check: name at least one FILE, or --recipe RECIPE.yaml")
     report = run_checks(sources, opts)
     written = []
     outs: dict[str, dict[str, bool]] = {}
@@ -113,6 +118,28 @@ def _check(a: argparse.Namespace) -> int:
     return 1 if report.blocking else 0
 
 
+def _recipe_sources(path: str, opts: Any, *, policy_given: bool) -> list[Any]:
+    """The training sources a recipe declares, with their licences; its licence policy unless --policy."""
+    from ..config import RecipeError, load_recipe
+    from .check import load_source
+    from .dataset import resolve_data_path
+
+    try:
+        data = load_recipe(path).data
+    except RecipeError as e:
+        raise DataError(str(e)) from e
+    if not policy_given:
+        opts.policy = data.licence_policy
+    if data.sources:
+        return [load_source(resolve_data_path(s.path), form=s.format if s.format != "auto" else data.format,
+                            fields=s.fields or None, licence=s.licence, origin=s.origin,
+                            commercial_use=s.commercial_use) for s in data.sources]
+    sample = data.train == "sample"
+    return [load_source(resolve_data_path(data.train), form=data.format,
+                        licence="Apache-2.0" if sample else "",
+                        origin="qlorakit sample data (fictional customer support)" if sample else "")]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qlorakit data", description="Look at and check training data.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -132,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     pc = sub.add_parser("check", help="PII, duplicates, overlap with evaluation sets, licences",
                         description="Find personal data and secrets, exact and near duplicates, n-gram overlap "
                                     "with the evaluation sets, and licence terms. Exit 1 when a finding blocks.")
-    _add_input_args(pc)
+    _add_input_args(pc, optional=True)
+    pc.add_argument("--recipe", metavar="RECIPE.yaml",
+                    help="also check the training sources the recipe declares, with their licences and its policy")
     pc.add_argument("--eval-sets", metavar="NAMES",
                     help="comma-separated evaluation sets (mmlu, hellaswag, truthfulqa, bbq, advbench, xstest, "
                          "bipia, bipia_attacks) or files; default: all")
@@ -140,8 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--min-words", type=int, default=8, help="shorter evaluation items are not checked")
     pc.add_argument("--near-threshold", type=float, default=0.8, help="Jaccard similarity for near duplicates")
     pc.add_argument("--no-contamination", action="store_true", help="skip the evaluation-set overlap check")
-    pc.add_argument("--policy", choices=["warn", "block"], default="warn",
-                    help="licence policy: 'block' makes licence findings blocking (exit 1)")
+    pc.add_argument("--policy", choices=["warn", "block"], default=None,
+                    help="licence policy: 'block' makes licence findings blocking (exit 1); default: the "
+                         "recipe's data.licence_policy, else 'warn'")
     pc.add_argument("--fail-on", metavar="CHECKS", help="also block on: pii, duplicates, contamination (comma-separated)")
     pc.add_argument("--licence", "--license", dest="licence", metavar="SPDX",
                     help="licence of the files (otherwise a <file>.licence sidecar or the shared data manifest)")
@@ -178,3 +208,7 @@ def data_main(argv: list[str]) -> int:
     except DataError as e:
         print(f"qlorakit data {args.command}: {e}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":  # python -m qlorakit.data.cli check FILE ...
+    sys.exit(data_main(sys.argv[1:]))

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 
 __all__ = ["DuplicateGroup", "normalise", "shingles", "exact_duplicates", "near_duplicates", "jaccard", "lsh_params"]
 
-_NON_WORD = re.compile(r"[^\w\s]+")
-_SPACE = re.compile(r"\s+")
+_WORD = re.compile(r"\w+")
 
 
 @dataclass
@@ -28,16 +27,18 @@ class DuplicateGroup:
     similarity: float  # 1.0 for exact; for near: the lowest confirmed Jaccard similarity in the group
 
 
+def _words(text: str) -> list[str]:
+    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
 def normalise(text: str) -> str:
     """NFKC, case folded, punctuation dropped, whitespace squeezed: what 'exact' compares."""
-    t = unicodedata.normalize("NFKC", text).casefold()
-    t = _NON_WORD.sub(" ", t)
-    return _SPACE.sub(" ", t).strip()
+    return " ".join(_words(text))
 
 
 def shingles(text: str, k: int = 3) -> set[int]:
     """Word ``k``-grams of the normalised text, hashed to 32 bits (CRC-32: fast and stable across runs)."""
-    words = normalise(text).split()
+    words = _words(text)
     if len(words) <= k:
         return {zlib.crc32(" ".join(words).encode("utf-8"))} if words else set()
     return {zlib.crc32(" ".join(words[i:i + k]).encode("utf-8")) for i in range(len(words) - k + 1)}

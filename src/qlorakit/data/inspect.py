@@ -48,14 +48,14 @@ def length_stats(lengths: list[int], max_seq_len: int) -> dict[str, Any]:
 
 
 def length_histogram(lengths: list[int], bins: int = 12) -> list[dict[str, int]]:
-    """Equal-width bins from 0 to the longest example: ``[{lo, hi, count}]`` (``lo <= x < hi``; last closed)."""
+    """Equal-width bins from the shortest to the longest example: ``[{lo, hi, count}]`` (``lo <= x < hi``)."""
     if not lengths:
         return []
-    top = max(lengths)
-    width = max(1, math.ceil((top + 1) / bins))
-    counts = Counter(min(x // width, bins - 1) for x in lengths)
-    return [{"lo": b * width, "hi": (b + 1) * width, "count": counts.get(b, 0)} for b in range(bins)
-            if b * width <= top]
+    low, top = min(lengths), max(lengths)
+    width = max(1, math.ceil((top - low + 1) / bins))
+    counts = Counter(min((x - low) // width, bins - 1) for x in lengths)
+    return [{"lo": low + b * width, "hi": low + (b + 1) * width, "count": counts.get(b, 0)} for b in range(bins)
+            if low + b * width <= top]
 
 
 def inspect_file(path: str | Path, tokenizer: Any | None, *, max_seq_len: int = 512, form: str = "auto",

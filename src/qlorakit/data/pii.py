@@ -234,7 +234,7 @@ def _ibans(text: str) -> Iterator[PiiMatch]:
 
 _IPV4 = re.compile(r"(?<![\w.])(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:])(?=[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:)[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
-_VERSION_WORD = re.compile(r"(?:\bv|version|ver\.?|release|build|python|node|release)\s*$", re.IGNORECASE)
+_VERSION_WORD = re.compile(r"(?:\bv|version|ver\.?|release|build|python|node)\s*$", re.IGNORECASE)
 
 
 def _ips(text: str) -> Iterator[PiiMatch]:
@@ -258,18 +258,24 @@ def _ips(text: str) -> Iterator[PiiMatch]:
                            placeholder=not ip6.is_global or ip6 in ipaddress.IPv6Network("2001:db8::/32"))
 
 
-_KEY_FORMATS: list[tuple[str, re.Pattern[str]]] = [
-    ("private_key", re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")),
-    ("aws_access_key", re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}(?![A-Z0-9])")),
-    ("github_token", re.compile(r"(?<![\w])(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{60,255})(?!\w)")),
-    ("openai_key", re.compile(r"(?<![\w-])sk-(?:proj-|svcacct-|admin-|ant-(?:api|admin)\d\d-)?[A-Za-z0-9_-]{20,}(?![\w-])")),
-    ("slack_token", re.compile(r"(?<![\w-])xox[abposr]-[A-Za-z0-9-]{10,}(?![\w-])")),
-    ("slack_webhook", re.compile(r"https://hooks\.slack\.com/services/T[A-Z0-9]+/B[A-Z0-9]+/[A-Za-z0-9]+")),
-    ("google_api_key", re.compile(r"(?<![\w-])AIza[0-9A-Za-z_-]{35}(?![\w-])")),
-    ("stripe_key", re.compile(r"(?<![\w])(?:sk|rk)_(?:live|test)_[0-9A-Za-z]{16,}(?!\w)")),
-    ("jwt", re.compile(r"(?<![\w-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}(?![\w-])")),
-    ("huggingface_token", re.compile(r"(?<![\w])hf_[A-Za-z0-9]{34,}(?!\w)")),
+# (name, substrings of which one must be present, pattern): the substring test skips most texts cheaply
+_KEY_FORMATS: list[tuple[str, tuple[str, ...], re.Pattern[str]]] = [
+    ("private_key", ("PRIVATE KEY",), re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")),
+    ("aws_access_key", ("AKIA", "ASIA", "ABIA", "ACCA"),
+     re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}(?![A-Z0-9])")),
+    ("github_token", ("gh", "github_pat_"),
+     re.compile(r"(?<![\w])(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{60,255})(?!\w)")),
+    ("openai_key", ("sk-",),
+     re.compile(r"(?<![\w-])sk-(?:proj-|svcacct-|admin-|ant-(?:api|admin)\d\d-)?[A-Za-z0-9_-]{20,}(?![\w-])")),
+    ("slack_token", ("xox",), re.compile(r"(?<![\w-])xox[abposr]-[A-Za-z0-9-]{10,}(?![\w-])")),
+    ("slack_webhook", ("hooks.slack.com",),
+     re.compile(r"https://hooks\.slack\.com/services/T[A-Z0-9]+/B[A-Z0-9]+/[A-Za-z0-9]+")),
+    ("google_api_key", ("AIza",), re.compile(r"(?<![\w-])AIza[0-9A-Za-z_-]{35}(?![\w-])")),
+    ("stripe_key", ("_live_", "_test_"), re.compile(r"(?<![\w])(?:sk|rk)_(?:live|test)_[0-9A-Za-z]{16,}(?!\w)")),
+    ("jwt", ("eyJ",), re.compile(r"(?<![\w-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}(?![\w-])")),
+    ("huggingface_token", ("hf_",), re.compile(r"(?<![\w])hf_[A-Za-z0-9]{34,}(?!\w)")),
 ]
+_ASSIGNED_WORDS = ("key", "secret", "token", "passw")
 _ASSIGNED = re.compile(
     r"(?i)(?:api[_-]?key|apikey|secret(?:[_-]?key)?|access[_-]?token|auth[_-]?token|client[_-]?secret|"
     r"private[_-]?key|password|passwd|token)[\"']?\s*(?:[:=]|=>)\s*[\"']?([A-Za-z0-9_\-/+=.~]{16,200})"
@@ -284,12 +290,17 @@ def _looks_random(s: str) -> bool:
 
 def _secrets(text: str) -> Iterator[PiiMatch]:
     spans: list[tuple[int, int]] = []
-    for name, rx in _KEY_FORMATS:
+    for name, needles, rx in _KEY_FORMATS:
+        if not any(n in text for n in needles):
+            continue
         for m in rx.finditer(text):
             if name in ("openai_key", "slack_token") and not _looks_random(m.group().split("-", 1)[1]):
                 continue
             spans.append((m.start(), m.end()))
             yield PiiMatch("secret", m.start(), m.end(), m.group(), name)
+    lower = text.lower()
+    if not any(w in lower for w in _ASSIGNED_WORDS):
+        return
     for m in _ASSIGNED.finditer(text):
         s, e = m.span(1)
         if any(a <= s < b for a, b in spans) or not _looks_random(m.group(1)):
