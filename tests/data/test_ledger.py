@@ -40,6 +40,7 @@ def test_share_alike_and_non_commercial_sources(shared, tmp_path, tiny_tokenizer
     assert (s_sgd["licence"], s_sgd["licence_from"]) == ("CC-BY-SA-4.0", "manifest")
     assert (s_nc["licence"], s_nc["licence_from"], s_nc["origin"]) == ("CC-BY-NC-4.0", "sidecar", "ticket export")
     assert s_sgd["rows"] == 192 and s_sgd["rows_used"] == 96 and s_nc["rows_used"] == 24
+    assert (s_sgd["weight"], s_nc["weight"]) == (0.5, 2.0)
     # findings counted on the training examples, each once although weight 2 repeats them
     n_nc_train = len({id(e) for e in prepared.train_examples if e.source == str(nc)})
     assert s_nc["findings"]["pii"] == {"email": n_nc_train}

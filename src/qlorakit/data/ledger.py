@@ -25,6 +25,7 @@ from typing import Any
 
 from ..config import DataConfig
 from .check import CheckOptions, CheckSource, run_checks
+from .dataset import resolve_data_path
 from .licences import DEFAULT_BASE_LICENCE, lookup_licence, normalise_spdx, resolve_licence
 from .readers import DataError
 
@@ -58,7 +59,7 @@ def build_ledger(cfg: DataConfig, prepared: Any, base_licence: str = DEFAULT_BAS
     base = normalise_spdx(base_licence) or DEFAULT_BASE_LICENCE
     train_infos = [s for s in prepared.sources if getattr(s, "role", "train") == "train"]
     eval_infos = [s for s in prepared.sources if getattr(s, "role", "train") != "train"]
-    declared = {str(s.path): s for s in (cfg.sources or [])}
+    declared = {str(resolve_data_path(s.path)): s for s in (cfg.sources or [])}
 
     # the training examples of each source, each once (weights repeat the same objects)
     by_source: dict[str, list[Any]] = {str(s.path): [] for s in train_infos}
@@ -81,7 +82,7 @@ def build_ledger(cfg: DataConfig, prepared: Any, base_licence: str = DEFAULT_BAS
     sources = []
     for s in train_infos:
         spdx, origin, how = resolved[str(s.path)]
-        src_cfg = next((c for p, c in declared.items() if Path(p).expanduser() == Path(s.path)), None)
+        src_cfg = declared.get(str(s.path))
         sources.append({
             "path": str(s.path), "role": "train", "sha256": s.sha256, "rows": s.rows, "rows_used": s.rows_used,
             "weight": src_cfg.weight if src_cfg is not None else 1.0,
