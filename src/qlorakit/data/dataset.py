@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from typing import Any
 from ..config import DataConfig
 from .formats import Example, to_examples
 from .packing import Row, no_pack, pack
-from .readers import DataError, read_records
+from .readers import DataError, read_records, sha256_path
 from .templating import Tokenized, tokenize_examples
 
 __all__ = ["PreparedData", "SourceInfo", "prepare_data", "resolve_data_path", "sha256_file", "load_examples"]
@@ -53,11 +52,8 @@ class PreparedData:
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 of a data file or of a saved datasets folder."""
+    return sha256_path(path)
 
 
 def resolve_data_path(spec: str, role: str = "train") -> Path:

@@ -21,6 +21,7 @@ class Row:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int]
+    n_real: int = 0  # tokens of real examples; the rest is padding
 
     @property
     def n_loss_tokens(self) -> int:
@@ -41,7 +42,7 @@ def _row(parts: list[Tokenized], seq_len: int, pad_id: int, pad_to: bool) -> Row
         ids += [pad_id] * n
         labels += [IGNORE_INDEX] * n
         pos += list(range(n))
-    return Row(ids, labels, pos)
+    return Row(ids, labels, pos, sum(len(t) for t in parts))
 
 
 def pack(examples: list[Tokenized], seq_len: int, pad_id: int) -> list[Row]:

@@ -23,3 +23,7 @@ __all__ = [
     "pick_device",
     "resolve_base",
 ]
+
+from .generation import GenerationResult, autocast_for, chat_prompt, generate, generate_stream  # noqa: E402
+
+__all__ += ["GenerationResult", "autocast_for", "chat_prompt", "generate", "generate_stream"]

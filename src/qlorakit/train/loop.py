@@ -1,0 +1,325 @@
+"""The training loop: one plain loop, no framework Trainer.
+
+Gradient accumulation normalised by the answer tokens of the whole step, clipping, warmup and a
+schedule, bf16 autocast where the hardware has it, atomic checkpoints with everything an exact resume
+needs, ``metrics.jsonl``, and a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..config import Recipe, dump_recipe, load_recipe
+from ..data import BatchSchedule, PreparedData, Row, collate, no_pack, prepare_data
+from ..lora import attach_lora, lora_parameters, save_adapter
+from ..models import LoadedModel, load_base_model
+from .checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_atomic,
+)
+from .loss import chunked_loss, plain_loss
+
+__all__ = ["TrainError", "TrainState", "train", "make_scheduler", "heldout_loss", "peak_rss_mb",
+           "data_fingerprint", "choose_checkpointing", "autocast_ctx", "loss_fn_for"]
+
+log = logging.getLogger(__name__)
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or continue; the message says why."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    micro: int = 0  # micro-batches consumed (the data position)
+    tokens: int = 0  # real (non-padding) tokens seen
+    elapsed: float = 0.0  # seconds of training so far, across resumes
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def make_scheduler(opt: torch.optim.Optimizer, total: int, warmup: int, kind: str) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def data_fingerprint(rows: list[Row]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(np.asarray(r.input_ids, dtype=np.int64).tobytes())
+        h.update(np.asarray(r.labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def autocast_ctx(loaded: LoadedModel) -> Any:
+    return torch.autocast(loaded.device.type, dtype=loaded.compute_dtype,
+                          enabled=loaded.compute_dtype != torch.float32)
+
+
+def loss_fn_for(recipe: Recipe) -> Callable[..., tuple[torch.Tensor, int]]:
+    return chunked_loss if recipe.train.fast else plain_loss
+
+
+def choose_checkpointing(recipe: Recipe, model: torch.nn.Module) -> bool:
+    """'auto': recompute activations only when the stored ones would not fit the memory budget."""
+    mode = recipe.train.gradient_checkpointing
+    if mode != "auto":
+        return mode == "on"
+    from .memory import activation_bytes, memory_budget_bytes
+
+    need = activation_bytes(model.config, recipe.train.micro_batch_size, recipe.data.max_seq_len)
+    return need > 0.5 * memory_budget_bytes(recipe)
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, loaded: LoadedModel, rows: list[Row], batch_size: int,
+                 loss_fn: Callable[..., tuple[torch.Tensor, int]] = chunked_loss) -> float:
+    """Mean loss per answer token over held-out rows."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    pad = loaded.tokenizer.pad_token_id
+    try:
+        for i in range(0, len(rows), batch_size):
+            batch = {k: v.to(loaded.device) for k, v in collate(rows[i:i + batch_size], pad).items()}
+            with autocast_ctx(loaded):
+                s, n = loss_fn(model, batch)
+            total += float(s)
+            count += n
+    finally:
+        model.train(was)
+    return total / max(1, count)
+
+
+def _set_threads(recipe: Recipe) -> None:
+    n = recipe.train.threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _run_name(recipe: Recipe, base_name: str) -> str:
+    if recipe.name:
+        return recipe.name
+    return f"{base_name.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _append_metrics(path: Path, rec: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+
+
+def _truncate_metrics(path: Path, upto_step: int) -> None:
+    """A resumed run rewrites history past its checkpoint: drop lines logged after it."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+    write_atomic(path, "".join(ln + "\n" for ln in keep))
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not enabled,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+
+
+def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, overrides: list[str] = (),
+          on_step: Callable[[TrainState], None] | None = None, finish: bool = True) -> Path:
+    """Fine-tune; return the run folder. ``resume`` continues the run folder's latest checkpoint.
+
+    ``finish=False`` skips the end-of-run evaluation and report (used by tests and benchmarks).
+    """
+    if resume is not None:
+        run_dir = Path(resume)
+        rpath = run_dir / "recipe.yaml"
+        if not rpath.is_file():
+            raise TrainError(f"--resume {run_dir}: no recipe.yaml there; expected a run folder")
+        recipe = load_recipe(rpath, overrides)
+        saved = load_recipe(rpath)
+        if dump_recipe(saved) != dump_recipe(recipe):
+            log.warning("resuming %s with a recipe that differs from the one it started with", run_dir)
+        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        if ckpt is None and (run_dir / "adapter" / "adapter_model.safetensors").is_file():
+            raise TrainError(f"--resume {run_dir}: the run already finished (adapter/ exists); nothing to resume")
+    else:
+        recipe = recipe or load_recipe(None, overrides)
+        run_dir = None
+        ckpt = None
+
+    _set_threads(recipe)
+    _seed_all(recipe.seed)
+    loaded = load_base_model(recipe.model)
+    model = loaded.model
+    torch.manual_seed(recipe.seed)  # LoRA initialisation depends on the seed only
+    targets = attach_lora(model, recipe.lora)
+    data = prepare_data(recipe.data, loaded.tokenizer, recipe.seed)
+
+    from ..data.ledger_hook import build_run_ledger
+
+    ledger = build_run_ledger(recipe, data)  # raises when the licence policy blocks the run
+
+    if run_dir is None:
+        run_dir = Path(recipe.output_dir) / _run_name(recipe, loaded.name)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise TrainError(f"{run_dir} exists; pick another name or continue it with --resume {run_dir}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+        write_atomic(run_dir / "data_manifest.json", json.dumps(ledger, indent=2, default=str) + "\n")
+
+    params = lora_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    use_gc = choose_checkpointing(recipe, model)
+    if use_gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+
+    t = recipe.train
+    sched_data = BatchSchedule(len(data.train_rows), t.micro_batch_size, recipe.seed)
+    steps_per_epoch = math.ceil(sched_data.batches_per_epoch / t.grad_accum)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    warmup = int(round(t.warmup_ratio * total_steps))
+    opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    sched = make_scheduler(opt, total_steps, warmup, t.schedule)
+    state = TrainState()
+    fingerprint = data_fingerprint(data.train_rows)
+    metrics_path = run_dir / "metrics.jsonl"
+    loss_fn = loss_fn_for(recipe)
+
+    if ckpt is not None:
+        from ..lora import load_lora_state_dict
+        from safetensors.torch import load_file
+
+        st = load_checkpoint_state(ckpt)
+        if st["data_fingerprint"] != fingerprint:
+            raise CheckpointError(
+                f"{ckpt}: the training data differs from the data this checkpoint was trained on; "
+                "resume needs the same data files and data settings"
+            )
+        load_lora_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")), where=str(ckpt))
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        state = TrainState(**st["train_state"])
+        set_rng_state(st["rng"])
+        _truncate_metrics(metrics_path, state.step)
+        log.info("resumed %s at step %d", ckpt, state.step)
+
+    def write_adapter(folder: Path) -> None:
+        save_adapter(model, folder, recipe.lora, base_name=loaded.name, metadata=ledger.get("adapter_metadata"))
+
+    pad = loaded.tokenizer.pad_token_id
+    bar = _progress(total_steps, state.step, t.progress)
+    window_t, window_tok = time.perf_counter(), 0
+    try:
+        while state.step < total_steps:
+            t0 = time.perf_counter()
+            micro = [sched_data.batch(state.micro + k) for k in range(t.grad_accum)]
+            rows = [[data.train_rows[i] for i in idx] for idx in micro]
+            n_loss = sum(r.n_loss_tokens for rs in rows for r in rs)
+            step_loss = 0.0
+            for rs in rows:
+                batch = {k: v.to(loaded.device) for k, v in collate(rs, pad).items()}
+                with autocast_ctx(loaded):
+                    s, _ = loss_fn(model, batch)
+                (s / max(1, n_loss)).backward()
+                step_loss += float(s)
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            real = sum(r.n_real for rs in rows for r in rs)
+            state.step += 1
+            state.micro += t.grad_accum
+            state.tokens += real
+            dt = time.perf_counter() - t0
+            state.elapsed += dt
+            window_tok += real
+            loss = step_loss / max(1, n_loss)
+            if state.step % t.log_every == 0 or state.step == total_steps:
+                now = time.perf_counter()
+                tps = window_tok / max(1e-9, now - window_t)
+                window_t, window_tok = now, 0
+                _append_metrics(metrics_path, {
+                    "step": state.step, "loss": round(loss, 6), "lr": sched.get_last_lr()[0],
+                    "grad_norm": round(gnorm, 6), "tokens": state.tokens, "tokens_per_s": round(tps, 1),
+                    "step_time_s": round(dt, 4), "elapsed_s": round(state.elapsed, 2),
+                    "epoch": round(state.micro / sched_data.batches_per_epoch, 4),
+                    "rss_mb": round(current_rss_mb(), 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+                })
+                bar.set_postfix_str(f"loss {loss:.3f}, {tps:.0f} tok/s", refresh=False)
+            bar.update(1)
+            if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < total_steps:
+                save_checkpoint(run_dir / "checkpoints", state.step, write_adapter, {
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "train_state": state.__dict__.copy(), "rng": rng_state(),
+                    "data_fingerprint": fingerprint, "total_steps": total_steps,
+                }, t.keep_checkpoints)
+            if on_step is not None:
+                on_step(state)
+    finally:
+        bar.close()
+
+    if use_gc:
+        model.gradient_checkpointing_disable()
+    # the final adapter: written complete under a temporary name, then renamed
+    tmp = run_dir / ".adapter.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    write_adapter(tmp)
+    final = run_dir / "adapter"
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+
+    if finish:
+        from .report import finish_run
+
+        finish_run(run_dir, recipe, loaded, model, data, ledger, state, targets)
+    return run_dir

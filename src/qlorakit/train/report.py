@@ -1,0 +1,146 @@
+"""The end of a run: held-out loss of base and tuned, sample generations side by side, the model card."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Recipe
+from ..data import PreparedData, no_pack
+from ..lora import adapters_disabled
+from ..models import LoadedModel, chat_prompt, generate
+from .checkpoint import write_atomic
+
+__all__ = ["finish_run", "write_model_card", "sample_generations"]
+
+log = logging.getLogger(__name__)
+
+
+def sample_generations(model: torch.nn.Module, loaded: LoadedModel, data: PreparedData, n: int,
+                       max_new_tokens: int) -> list[dict[str, str]]:
+    out = []
+    for ex in data.val_examples[:n]:
+        msgs = ex.messages or []
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None:
+            continue
+        prompt = chat_prompt(loaded.tokenizer, msgs[:last])
+        with adapters_disabled(model):
+            base = generate(model, loaded.tokenizer, prompt, max_new_tokens=max_new_tokens).text
+        tuned = generate(model, loaded.tokenizer, prompt, max_new_tokens=max_new_tokens).text
+        out.append({"prompt": msgs[last - 1]["content"], "reference": msgs[last]["content"],
+                    "base": base.strip(), "tuned": tuned.strip()})
+    return out
+
+
+def finish_run(run_dir: Path, recipe: Recipe, loaded: LoadedModel, model: torch.nn.Module, data: PreparedData,
+               ledger: dict[str, Any], state: Any, targets: list[str]) -> dict[str, Any]:
+    from .loop import heldout_loss, loss_fn_for
+
+    t0 = time.perf_counter()
+    pad = loaded.tokenizer.pad_token_id
+    val_rows = no_pack(data.val_tokens, recipe.data.max_seq_len, pad)
+    bs = recipe.train.micro_batch_size
+    loss_fn = loss_fn_for(recipe)
+    with adapters_disabled(model):
+        base_loss = heldout_loss(model, loaded, val_rows, bs, loss_fn)
+    tuned_loss = heldout_loss(model, loaded, val_rows, bs, loss_fn)
+    samples = sample_generations(model, loaded, data, recipe.eval.samples, recipe.eval.max_new_tokens)
+    results = {
+        "heldout": {"examples": len(val_rows), "base_loss": base_loss, "tuned_loss": tuned_loss,
+                    "base_ppl": float(torch.tensor(base_loss).exp()), "tuned_ppl": float(torch.tensor(tuned_loss).exp())},
+        "samples": samples,
+        "train": {"steps": state.step, "tokens": state.tokens, "seconds": round(state.elapsed, 1),
+                  "tokens_per_s": round(state.tokens / max(1e-9, state.elapsed), 1)},
+        "eval_seconds": round(time.perf_counter() - t0, 1),
+    }
+    (run_dir / "eval").mkdir(exist_ok=True)
+    write_atomic(run_dir / "eval" / "results.json", json.dumps(results, indent=2) + "\n")
+    write_model_card(run_dir, recipe, loaded, data, ledger, results, targets)
+    _print_summary(run_dir, results)
+    return results
+
+
+def _print_summary(run_dir: Path, results: dict[str, Any]) -> None:
+    h = results["heldout"]
+    print(f"\nheld-out loss: base {h['base_loss']:.4f} -> tuned {h['tuned_loss']:.4f} "
+          f"(perplexity {h['base_ppl']:.2f} -> {h['tuned_ppl']:.2f}) on {h['examples']} examples")
+    for s in results["samples"]:
+        print(f"\n> {s['prompt']}\n  base : {s['base'][:300]}\n  tuned: {s['tuned'][:300]}")
+    print(f"\nrun folder: {run_dir}")
+
+
+def _terms(ledger: dict[str, Any]) -> str:
+    from ..data.ledger import terms_markdown
+
+    return terms_markdown(ledger)
+
+
+def write_model_card(run_dir: Path, recipe: Recipe, loaded: LoadedModel, data: PreparedData,
+                     ledger: dict[str, Any], results: dict[str, Any], targets: list[str]) -> Path:
+    h = results["heldout"]
+    tr = results["train"]
+    leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
+    lines = [
+        f"# Model card: {run_dir.name}",
+        "",
+        f"A LoRA adapter for **{loaded.name}**, trained with qlorakit on a 4-bit "
+        f"{recipe.model.quant_type.upper()} base (double quantization: {recipe.model.double_quant}).",
+        "",
+        "## Use",
+        "",
+        "```",
+        f"qlorakit generate {run_dir} \"your question\"",
+        f"qlorakit chat {run_dir}",
+        "```",
+        "",
+        "The adapter in `adapter/` is in the PEFT format: `peft.PeftModel.from_pretrained(base, "
+        f"'{run_dir}/adapter')` loads it over the same base model.",
+        "",
+        "## Training",
+        "",
+        f"- LoRA rank {recipe.lora.r}, alpha {recipe.lora.alpha:g}, dropout {recipe.lora.dropout:g}, "
+        f"on {len(targets)} layers ({', '.join(leaves)})",
+        f"- {tr['steps']} steps, {tr['tokens']} tokens, {tr['seconds']} s ({tr['tokens_per_s']} tokens/s), "
+        f"learning rate {recipe.train.lr:g} ({recipe.train.schedule}), sequence length {recipe.data.max_seq_len}, "
+        f"compute {str(loaded.compute_dtype).replace('torch.', '')}",
+        f"- {len(data.train_examples)} training examples packed into {len(data.train_rows)} sequences; "
+        f"{len(data.val_examples)} held-out examples",
+        "",
+        "## Data and licence terms",
+        "",
+        _terms(ledger),
+        "",
+        "The full ledger (hashes, findings) is in `data_manifest.json`.",
+        "",
+        "## Results on the held-out data",
+        "",
+        "| model | loss | perplexity |",
+        "|---|---|---|",
+        f"| base | {h['base_loss']:.4f} | {h['base_ppl']:.2f} |",
+        f"| tuned | {h['tuned_loss']:.4f} | {h['tuned_ppl']:.2f} |",
+        "",
+    ]
+    if results.get("samples"):
+        lines += ["### Samples (greedy)", ""]
+        for s in results["samples"]:
+            lines += [f"**Prompt:** {s['prompt']}", "", f"- base: {s['base']}", f"- tuned: {s['tuned']}",
+                      f"- reference: {s['reference']}", ""]
+    if (run_dir / "eval" / "report.md").is_file():
+        lines += ["Full evaluation: [eval/report.md](eval/report.md) ([HTML](eval/report.html)).", ""]
+    lines += [
+        "## Known limits",
+        "",
+        f"- A {loaded.name} base is small: it answers from what the adapter taught it and can still invent facts.",
+        "- The held-out loss measures the training distribution only; run `qlorakit eval` for retention, "
+        "truthfulness, bias and safety against the base model.",
+        "",
+    ]
+    path = run_dir / "MODEL_CARD.md"
+    write_atomic(path, "\n".join(lines))
+    return path
