@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Latency and held-out rates of the shipped safety guards.
+
+    python bench/bench_guards.py                 # prints and writes bench/results/guards.md
+
+For each guard head: per-request latency (p50 / p99 / max, milliseconds) of ``score`` on the
+held-out test texts of that head, once with a cold word cache (first pass, right after loading)
+and warm (per text the best of three further passes, which removes most pauses caused by other
+processes on a shared machine), then TPR / FPR at the shipped thresholds on the same texts, and
+the latency of ``check_messages`` on a user turn and on a tool turn. Single thread, numpy only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from qlorakit.safety import (
+    InjectionGuard,
+    ModerationGuard,
+    check_messages,
+    injection_examples,
+    moderation_examples,
+    rate_report,
+)
+from qlorakit.safety.datasets import Example, default_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "bench" / "results" / "guards.md"
+
+
+def latencies_ms(fn: Callable[[str], object], texts: Sequence[str]) -> np.ndarray:
+    out = np.empty(len(texts))
+    for i, t in enumerate(texts):
+        t0 = time.perf_counter()
+        fn(t)
+        out[i] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
+def fmt_lat(x: np.ndarray) -> str:
+    return f"{np.percentile(x, 50):.3f} | {np.percentile(x, 99):.3f} | {x.max():.3f}"
+
+
+def fmt_rate(r: dict) -> str:
+    return f"{r['rate']:.3f} ({r['flagged']}/{r['n']})" if r["n"] else "—"
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--data-dir", type=Path, default=None, help="shared data folder")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown report to write")
+    args = ap.parse_args(argv)
+    data_dir = args.data_dir or default_data_dir()
+
+    t0 = time.perf_counter()
+    inj, mod = InjectionGuard.load(), ModerationGuard.load()
+    load_ms = (time.perf_counter() - t0) * 1e3
+
+    examples: list[Example] = injection_examples(data_dir, splits=["test"]) + moderation_examples(
+        data_dir, splits=["test"]
+    )
+    heads: dict[str, tuple[Callable[[str], float], float]] = {
+        "injection.prompt": (lambda t: inj.score(t, source="prompt"), inj.threshold("prompt")),
+        "injection.document": (lambda t: inj.score(t, source="document"), inj.threshold("document")),
+        "moderation.request": (lambda t: mod.score(t, kind="request"), mod.threshold("request")),
+        "moderation.content": (lambda t: mod.score(t, kind="content"), mod.threshold("content")),
+    }
+    lat_rows, rate_rows = [], []
+    for name, (fn, thr) in heads.items():
+        head = name.split(".")[1]
+        exs = [e for e in examples if e.head == head]
+        texts = [e.text for e in exs]
+        cold = latencies_ms(fn, texts)
+        warm = np.minimum.reduce([latencies_ms(fn, texts) for _ in range(3)])
+        chars = np.array([len(t) for t in texts])
+        per_kchar = float(np.median(warm / np.maximum(chars, 1) * 1000))
+        lat_rows.append(
+            f"| {name} | {len(texts)} | {int(np.median(chars))} / {chars.max()} | {fmt_lat(cold)} "
+            f"| {fmt_lat(warm)} | {per_kchar:.3f} |"
+        )
+        rep = rate_report(exs, [fn(t) for t in texts], thr, by=())
+        rate_rows.append(f"| {name} | {thr:.4f} | {fmt_rate(rep['tpr'])} | {fmt_rate(rep['fpr'])} |")
+
+    user_turn = [{"role": "user", "content": "Can you summarize the attached quarterly report in five bullet points?"}]
+    tool_doc = next(e.text for e in examples if e.head == "document" and e.label == 0 and len(e.text) > 1000)
+    tool_turn = user_turn + [{"role": "tool", "tool_call_id": "1", "content": tool_doc}]
+    cm_user = latencies_ms(lambda _: check_messages(user_turn, injection=inj, moderation=mod), ["x"] * 300)
+    cm_tool = latencies_ms(lambda _: check_messages(tool_turn, injection=inj, moderation=mod), ["x"] * 300)
+
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *(argv or sys.argv[1:])])
+    report = "\n".join(
+        [
+            "# Safety guard benchmark",
+            "",
+            f"Command: `{command}` (from the repository root)",
+            "",
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared), Python {platform.python_version()}, "
+            f"numpy {np.__version__}; single thread, no scikit-learn. Guards loaded in {load_ms:.0f} ms.",
+            "",
+            "## Latency per request (ms) on the held-out test texts of each head",
+            "",
+            "Cold: first pass after loading (empty word cache), one measurement per text. Warm: per text the "
+            "best of three further passes (removes most pauses caused by other processes on the shared machine).",
+            "",
+            "| guard head | texts | chars median / max | cold p50 | cold p99 | cold max | warm p50 | warm p99 | warm max | warm ms per 1000 chars (median) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *lat_rows,
+            "",
+            f"`check_messages` (warm, 300 calls): one user turn ({len(user_turn[0]['content'])} chars, 2 checks) "
+            f"p50 {np.percentile(cm_user, 50):.3f} ms, p99 {np.percentile(cm_user, 99):.3f} ms; user turn + tool turn "
+            f"({len(tool_doc)} chars, 4 checks) p50 {np.percentile(cm_tool, 50):.3f} ms, p99 {np.percentile(cm_tool, 99):.3f} ms. "
+            "The same input every call, so the spread between p50 and p99 is scheduling on the shared machine.",
+            "",
+            "## Rates at the shipped thresholds (held-out test split)",
+            "",
+            "Targets: TPR >= 0.90 at FPR <= 0.05. Per-set numbers and the reasons for the misses are in "
+            "`src/qlorakit/safety/models/MODEL_CARD.md`.",
+            "",
+            "| guard head | threshold | TPR | FPR |",
+            "|---|---|---|---|",
+            *rate_rows,
+            "",
+        ]
+    )
+    print(report)
+    atomic_write(args.out, report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Cut a text into short windows so that one injected sentence is not diluted by a long document.
+
+A guard scores every window and keeps the maximum. Windows are whole pieces (lines and sentences)
+merged greedily up to ``max_chars``; they are substrings of the text and always start and end at
+whitespace, so word and character n-grams inside a window are the same as in the full text. A text
+no longer than ``max_chars`` is a single window: the text itself.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["window_spans", "text_windows"]
+
+# A piece ends at a run of newlines, or at whitespace after sentence-final punctuation.
+_PIECE_BREAK = re.compile(r"\s*\n\s*|(?<=[.!?])\s+")
+
+
+def _pieces(text: str) -> list[tuple[int, int]]:
+    spans: list[tuple[int, int]] = []
+    start = 0
+    for m in _PIECE_BREAK.finditer(text):
+        if m.start() > start:
+            spans.append((start, m.start()))
+        start = m.end()
+    if start < len(text):
+        spans.append((start, len(text)))
+    # strip leading/trailing spaces of the first/last piece (the regex eats the inner ones)
+    out = []
+    for a, b in spans:
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        if b > a:
+            out.append((a, b))
+    return out
+
+
+def _chunk(text: str, a: int, b: int, max_chars: int) -> list[tuple[int, int]]:
+    """Split the piece ``text[a:b]`` into chunks of at most ``max_chars``, at spaces where possible."""
+    chunks = []
+    while b - a > max_chars:
+        cut = -1
+        for i in range(a + max_chars, a, -1):
+            if text[i].isspace():
+                cut = i
+                break
+        if cut <= a:
+            cut = a + max_chars
+        chunks.append((a, cut))
+        a = cut
+        while a < b and text[a].isspace():
+            a += 1
+    if b > a:
+        chunks.append((a, b))
+    return chunks
+
+
+def window_spans(text: str, max_chars: int = 320) -> list[tuple[int, int]]:
+    """Character spans ``(start, end)`` of the windows of ``text``; at least one span.
+
+    Raises:
+        TypeError: ``text`` is not a string.
+        ValueError: ``max_chars`` is below 16.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if max_chars < 16:
+        raise ValueError(f"max_chars must be at least 16, got {max_chars}")
+    if len(text) <= max_chars:
+        return [(0, len(text))]
+    windows: list[tuple[int, int]] = []
+    cur: tuple[int, int] | None = None
+    for a, b in _pieces(text):
+        for ca, cb in _chunk(text, a, b, max_chars):
+            if cur is not None and cb - cur[0] <= max_chars:
+                cur = (cur[0], cb)
+            else:
+                if cur is not None:
+                    windows.append(cur)
+                cur = (ca, cb)
+    if cur is not None:
+        windows.append(cur)
+    return windows or [(0, len(text))]
+
+
+def text_windows(text: str, max_chars: int = 320) -> list[str]:
+    """The windows of ``text`` as strings (see :func:`window_spans`)."""
+    return [text[a:b] for a, b in window_spans(text, max_chars)]
