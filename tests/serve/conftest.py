@@ -2,8 +2,8 @@
 
 The run folders are made directly (recipe.yaml + a PEFT adapter with random, non-zero LoRA
 weights), so each adapter visibly changes the base's answers and the fixtures take seconds. The
-server runs in a thread on a free loopback port, with three keys: ``alice`` and ``bob`` (ordinary
-limits) and ``flood`` (5 requests per minute).
+server runs in a thread on a free loopback port, with four keys: ``alice`` and ``bob`` (ordinary
+limits), ``flood`` (5 requests per minute) and ``frugal`` (120 tokens per minute).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-KEYS = {"alice": "sk-alice-0123456789", "bob": "sk-bob-0123456789", "flood": "sk-flood-0123456789"}
+KEYS = {"alice": "sk-alice-0123456789", "bob": "sk-bob-0123456789", "flood": "sk-flood-0123456789",
+        "frugal": "sk-frugal-0123456789"}
 
 
 def make_run(run_dir: Path, base_dir: Path, *, r: int = 4, alpha: float = 8.0, seed: int = 0,
@@ -79,12 +80,15 @@ def start_server(cfg: Any, hub: Any) -> LiveServer:
     return LiveServer(f"http://127.0.0.1:{port}", app, cfg, cfg.default_db(), thread, server)
 
 
-def server_config(runs: dict[str, Path], db: Path, **limits: int) -> Any:
-    from qlorakit.serve import ApiKey, ServeConfig, key_digest
+def server_config(runs: dict[str, Path], db: Path, guards: str = "flag", **limits: int) -> Any:
+    """Test settings: small limits; every guard set to ``guards`` ('flag' records verdicts only, so
+    that tests about other things do not depend on where the guards draw their lines)."""
+    from qlorakit.serve import ApiKey, Guards, ServeConfig, key_digest
 
-    cfg = ServeConfig(adapters={k: str(v) for k, v in runs.items()}, db=str(db), base_id="base")
+    cfg = ServeConfig(adapters={k: str(v) for k, v in runs.items()}, db=str(db), base_id="base",
+                      guards=Guards(guards, guards, guards))
     cfg.keys = [ApiKey("alice", key_digest(KEYS["alice"])), ApiKey("bob", key_digest(KEYS["bob"])),
-                ApiKey("flood", key_digest(KEYS["flood"]), rpm=5)]
+                ApiKey("flood", key_digest(KEYS["flood"]), rpm=5), ApiKey("frugal", key_digest(KEYS["frugal"]), tpm=120)]
     cfg.limits.max_tokens = 24
     cfg.limits.default_max_tokens = 6
     cfg.limits.max_prompt_tokens = 300
@@ -97,3 +101,20 @@ def server_config(runs: dict[str, Path], db: Path, **limits: int) -> Any:
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[key]}"}
+
+
+def audit_rows(db: Path, sql: str, args: tuple = (), *, expect: int = 1, timeout: float = 10.0) -> list[tuple]:
+    """Rows of the audit database, waiting until ``expect`` rows are there: a request's row is written
+    just after its response has gone out, so it may lag the client by a moment."""
+    import sqlite3
+
+    deadline = time.monotonic() + timeout
+    while True:
+        con = sqlite3.connect(str(db))
+        try:
+            rows = con.execute(sql, args).fetchall()
+        finally:
+            con.close()
+        if len(rows) >= expect or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)

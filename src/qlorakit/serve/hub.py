@@ -110,35 +110,40 @@ class ModelHub:
         for n, d in runs.items():
             if not d.is_dir():
                 raise ServeError(f"adapter {n!r}: {d} is not a folder; expected a run folder (--adapter NAME=RUN_DIR)")
-        infos: dict[str, AdapterInfo] = {}
+        if base_id is not None and base_id in runs:
+            raise ServeError(f"the base model id {base_id!r} is also an adapter name; rename the adapter or set base_id")
+        # every run folder is read and checked against the first before the base is loaded
+        read = {n: _read_run_adapter(n, d) for n, d in runs.items()}
+        first_name = ""
         try:
-            if runs:
-                first_name, first_dir = next(iter(runs.items()))
-                loaded, first_recipe = load_run(first_dir)
+            if read:
+                first_name = next(iter(read))
+                first_dir, first_recipe = runs[first_name], read[first_name][0]
                 identity = _base_identity(first_recipe.model)
+                for n, (recipe, _, _) in read.items():
+                    if _base_identity(recipe.model) != identity:
+                        raise ServeError(
+                            f"adapter {n!r} ({runs[n]}) was trained on base {recipe.model.base!r} "
+                            f"({recipe.model.quant_type}, double_quant={recipe.model.double_quant}), but adapter "
+                            f"{first_name!r} ({first_dir}) on {first_recipe.model.base!r} "
+                            f"({first_recipe.model.quant_type}, double_quant={first_recipe.model.double_quant}); "
+                            "all adapters must share one base")
                 if base is not None:
                     given = ModelConfig(base=base, quant_type=first_recipe.model.quant_type,
                                         double_quant=first_recipe.model.double_quant)
                     if _base_identity(given) != identity:
                         raise ServeError(f"--base {base!r} is not the base of adapter {first_name!r} "
                                          f"({first_recipe.model.base!r} in {first_dir / 'recipe.yaml'})")
+                loaded, _ = load_run(first_dir)
             else:
                 loaded = load_base_model(ModelConfig(base=base or "default"))
                 loaded.model.eval()
         except (RunError, ModelError) as e:
             raise ServeError(str(e)) from e
         hub_layers = cls._layer_shapes(loaded.model)
-        read: dict[str, tuple[Any, dict[str, torch.Tensor], dict[str, Any]]] = {}
-        for n, d in runs.items():
-            recipe, state, conf = _read_run_adapter(n, d)
-            if _base_identity(recipe.model) != identity:
-                raise ServeError(
-                    f"adapter {n!r} ({d}) was trained on base {recipe.model.base!r} "
-                    f"({recipe.model.quant_type}, double_quant={recipe.model.double_quant}), but adapter "
-                    f"{first_name!r} ({first_dir}) on {first_recipe.model.base!r} ({first_recipe.model.quant_type}, "
-                    f"double_quant={first_recipe.model.double_quant}); all adapters must share one base")
-            cls._check_fits(n, d, state, hub_layers, first_name)
-            read[n] = (recipe, state, conf)
+        for n, (_, state, _) in read.items():
+            cls._check_fits(n, runs[n], state, hub_layers, first_name)
+        infos: dict[str, AdapterInfo] = {}
         r_max = max((int(c["r"]) for _, _, c in read.values()), default=0)
         if r_max:
             cls._grow_rank(loaded.model, r_max)
