@@ -74,13 +74,17 @@ def greedy_generate(
     add_special_tokens: bool = False,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (already rendered text), cut at ``stop`` strings and
-    at the end-of-sequence token; special tokens are removed from the returned text."""
+    at the end-of-sequence token; special tokens are removed from the returned text.
+
+    ``precision="auto"`` decodes in fp32: autocast re-casts every weight at every call, which at
+    one new token per row costs more than bf16 saves (measured about 2x slower on the default
+    model). ``"bf16"`` forces autocast."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = model_device(model)
-    resolved = resolve_precision(precision, device)
+    resolved = "fp32" if precision == "auto" else resolve_precision(precision, device)
     encoded = [list(tokenizer.encode(p, add_special_tokens=add_special_tokens)) for p in prompts]
     outputs: list[str] = [""] * len(prompts)
     has_generate = callable(getattr(model, "generate", None))
