@@ -25,7 +25,7 @@ import torch
 from ..config import Recipe, dump_recipe, load_recipe
 from ..data import BatchSchedule, PreparedData, Row, collate, no_pack, prepare_data
 from ..lora import attach_lora, lora_parameters, save_adapter
-from ..models import LoadedModel, load_base_model
+from ..models import LoadedModel, load_base_model, load_tokenizer, resolve_base
 from .checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -185,9 +185,11 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
         saved = load_recipe(rpath)
         if dump_recipe(saved) != dump_recipe(recipe):
             log.warning("resuming %s with a recipe that differs from the one it started with", run_dir)
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
-        if ckpt is None and (run_dir / "adapter" / "adapter_model.safetensors").is_file():
+        if (run_dir / "adapter" / "adapter_model.safetensors").is_file():
             raise TrainError(f"--resume {run_dir}: the run already finished (adapter/ exists); nothing to resume")
+        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        if ckpt is None:
+            raise TrainError(f"--resume {run_dir}: no checkpoint yet (checkpoints/LATEST is missing); start it again")
     else:
         recipe = recipe or load_recipe(None, overrides)
         run_dir = None
@@ -195,15 +197,17 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
 
     _set_threads(recipe)
     _seed_all(recipe.seed)
-    loaded = load_base_model(recipe.model)
-    model = loaded.model
-    torch.manual_seed(recipe.seed)  # LoRA initialisation depends on the seed only
-    targets = attach_lora(model, recipe.lora)
-    data = prepare_data(recipe.data, loaded.tokenizer, recipe.seed)
+    # data first: bad data or a blocking licence fails in seconds, before the model loads
+    folder, _ = resolve_base(recipe.model.base)
+    data = prepare_data(recipe.data, load_tokenizer(folder), recipe.seed)
 
     from ..data.ledger_hook import build_run_ledger
 
     ledger = build_run_ledger(recipe, data)  # raises when the licence policy blocks the run
+    loaded = load_base_model(recipe.model)
+    model = loaded.model
+    torch.manual_seed(recipe.seed)  # LoRA initialisation depends on the seed only
+    targets = attach_lora(model, recipe.lora)
 
     if run_dir is None:
         run_dir = Path(recipe.output_dir) / _run_name(recipe, loaded.name)

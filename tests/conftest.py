@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny Llama model with the real SmolLM2 tokenizer, saved as a local HF folder.
+
+The tiny model keeps tests fast on 2 cores; the tokenizer and chat template are the default
+model's, so templating and generation behave as in real runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+
+try:  # loading bars of every test model would bury the test output
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.disable_progress_bar()
+except ImportError:
+    pass
+
+
+def make_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """A random LlamaForCausalLM (vocab of SmolLM2) plus the SmolLM2 tokenizer, in ``out``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlorakit.models import load_tokenizer, resolve_base
+
+    tok = load_tokenizer(resolve_base("default")[0])
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    env = os.environ.get("QLORAKIT_SHARED_DATA")
+    p = Path(env) if env else REPO.parent / "shared" / "data"
+    if not p.is_dir():
+        pytest.skip("the shared data folder (../shared/data or $QLORAKIT_SHARED_DATA) is absent")
+    return p

@@ -1,0 +1,57 @@
+"""The recipe schema: defaults in one place, strict keys and types, every problem reported at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlorakit.config import Recipe, RecipeError, describe_recipe, dump_recipe, load_recipe
+
+
+def test_defaults_and_overrides():
+    r = load_recipe(None, ["train.lr=1e-4", "lora.r=8", "lora.targets=[q_proj,v_proj]", "data.eval=null"])
+    assert r.train.lr == 1e-4 and r.lora.r == 8 and r.lora.targets == ["q_proj", "v_proj"]
+    assert r.data.eval is None
+    assert r.train.max_grad_norm == 0.3  # the QLoRA paper's clipping
+    assert r.model.quant_type == "nf4" and r.model.double_quant is True
+    assert load_recipe(None).lora.targets == ["all-linear"]
+
+
+def test_yaml_round_trip(tmp_path):
+    r = load_recipe(None, ["train.epochs=2", "name=x"])
+    p = tmp_path / "r.yaml"
+    p.write_text(dump_recipe(r))
+    assert load_recipe(p) == r
+
+
+def test_unknown_key_names_the_nearest_valid_one(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  learning_rat: 3e-4\nlora:\n  rank: 8\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert str(p) in msg and "2 problem" in msg
+    assert "train.learning_rat: unknown key; did you mean 'train.lr'?" in msg
+    assert "lora.rank: unknown key; did you mean 'lora.r'?" in msg
+
+
+def test_wrong_types_and_values_all_reported():
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, ["lora.r=abc", "model.compute_dtype=bf61", "train.epochs=-1", "data.packing=maybe"])
+    msg = str(e.value)
+    assert "lora.r: expected an integer, got 'abc'" in msg
+    assert "model.compute_dtype: expected one of 'auto', 'bf16', 'fp32', got 'bf61' (did you mean 'bf16'?)" in msg
+    assert "data.packing: expected true or false" in msg
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  lr: [1, 2\n")
+    with pytest.raises(RecipeError, match=r"r\.yaml: line \d+ is not valid YAML"):
+        load_recipe(p)
+
+
+def test_every_setting_has_help():
+    rows = describe_recipe()
+    assert len(rows) > 30
+    assert all(help_ for _, _, help_ in rows), [k for k, _, h in rows if not h]
+    assert Recipe().train.max_grad_norm == 0.3
