@@ -72,7 +72,6 @@ def _train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="qlorakit train", description="Fine-tune a LoRA adapter on a 4-bit base.")
     p.add_argument("items", nargs="*", help="an optional RECIPE.yaml, then key=value overrides (e.g. train.lr=1e-4)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
-    p.add_argument("--nproc", type=int, default=1, help="data-parallel processes (through torchrun)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     _quiet_libraries(a.verbose)
@@ -86,10 +85,6 @@ def _train(argv: list[str]) -> int:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         p.error(f"expected key=value overrides after the recipe, got {bad}")
-    if a.nproc > 1:
-        from .train.distributed import launch
-
-        return launch(a.nproc, argv)
     if a.resume:
         if path:
             p.error("--resume takes the recipe from the run folder; give only key=value overrides")
