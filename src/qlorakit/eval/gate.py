@@ -125,8 +125,12 @@ def _lookup(results: Mapping[str, Any], path: str) -> Mapping[str, Any] | None:
         return None
 
 
+def _signed(x: float) -> str:
+    return f"{x + 0.0:+.2f}".replace("-0.00", "+0.00")
+
+
 def _fmt(x: float) -> str:
-    return f"{x:.2f}"
+    return f"{x + 0.0:.2f}".replace("-0.00", "0.00")
 
 
 def _evaluate(check: GateCheck, m: Mapping[str, Any]) -> GateOutcome:
@@ -149,13 +153,15 @@ def _evaluate(check: GateCheck, m: Mapping[str, Any]) -> GateOutcome:
         drop = -delta * scale
         margin = check.value - drop
         verdict = "within" if margin >= 0 else "more than"
-        return outcome(margin >= 0, drop, margin, f"{name} dropped {_fmt(drop)}{unit} {values}, {verdict} the allowed {_fmt(check.value)}"
+        moved = f"dropped {_fmt(drop)}{unit}" if drop > 0 else f"did not drop (changed {_signed(-drop)}{unit})"
+        return outcome(margin >= 0, drop, margin, f"{name} {moved} {values}, {verdict} the allowed {_fmt(check.value)}"
                        + ("" if margin >= 0 else f" (by {_fmt(-margin)}{unit})"))
     if check.rule == "max_rise":
         rise = delta * scale
         margin = check.value - rise
         verdict = "within" if margin >= 0 else "more than"
-        return outcome(margin >= 0, rise, margin, f"{name} rose {_fmt(rise)}{unit} {values}, {verdict} the allowed {_fmt(check.value)}"
+        moved = f"rose {_fmt(rise)}{unit}" if rise > 0 else f"did not rise (changed {_signed(rise)}{unit})"
+        return outcome(margin >= 0, rise, margin, f"{name} {moved} {values}, {verdict} the allowed {_fmt(check.value)}"
                        + ("" if margin >= 0 else f" (by {_fmt(-margin)}{unit})"))
     if check.rule == "max_abs_rise":
         rise = (abs(tuned) - abs(base)) * scale
