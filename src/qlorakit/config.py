@@ -153,6 +153,14 @@ class EvalConfig:
 class ExportConfig:
     max_token_disagreement: float = _f(0.05, "Parity check: share of greedy tokens that may differ from the source.")
     max_loss_increase: float = _f(0.05, "Parity check: held-out loss may rise at most this much (nats).")
+    lossy_max_token_disagreement: float = _f(
+        0.5, "Parity check for 4- and 5-bit exports (GGUF q4_*/q5_*, merged nf4): share of greedy tokens that may differ."
+    )
+    lossy_max_loss_increase: float = _f(0.25, "Parity check for 4- and 5-bit exports: held-out loss rise allowed (nats).")
+    golden_prompts: int = _f(8, "Parity check: held-out prompts answered greedily by the source and the export.")
+    agreement_tokens: int = _f(32, "Parity check: leading answer tokens compared per golden prompt.")
+    max_new_tokens: int = _f(96, "Parity check: tokens generated per golden prompt (to see where answers stop).")
+    loss_examples: int = _f(32, "Parity check: held-out examples the loss is measured on (0: all of them).")
 
 
 @dataclass

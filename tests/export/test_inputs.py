@@ -1,0 +1,89 @@
+"""Bad input: a clear error (exit 2), and nothing existing is overwritten without --force."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from qlorakit.cli import main
+
+
+def _run(args, capsys):
+    rc = main(["export", *args])
+    return rc, capsys.readouterr().err
+
+
+def test_run_without_adapter(export_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(export_run, run)
+    shutil.rmtree(run / "adapter")
+    rc, err = _run([str(run), "--format", "peft", "-o", str(tmp_path / "out")], capsys)
+    assert rc == 2
+    assert "no trained adapter" in err and "adapter/adapter_model.safetensors" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_run_folder(tmp_path, capsys):
+    rc, err = _run([str(tmp_path), "--format", "peft", "-o", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "no recipe.yaml" in err
+    rc, err = _run([str(tmp_path / "nope"), "--format", "peft", "-o", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "no such run folder" in err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--format", "gguff", "-o", "OUT"], "unknown format (did you mean 'gguf'?)"),
+    (["--format", "gguf", "--quant", "q4_k_m", "-o", "OUT"], "unknown or unsupported quant type"),
+    (["--format", "gguf", "--quant", "Q8_0", "-o", "OUT"], "did you mean 'q8_0'?"),
+    (["--format", "merged", "--dtype", "int8", "-o", "OUT"], "--dtype 'int8': unknown type"),
+    (["--format", "merged", "--quant", "q8_0", "-o", "OUT"], "takes --dtype"),
+    (["--format", "gguf", "--dtype", "bf16", "-o", "OUT"], "takes --quant"),
+    (["--format", "merged", "--dtype", "nf4", "--no-check", "-o", "OUT"], "needs the parity check"),
+    (["--format", "peft"], "-o OUT is required"),
+    (["-o", "OUT"], "--format is required"),
+])
+def test_bad_options(export_run, tmp_path, capsys, args, needle):
+    out = tmp_path / "out"
+    rc, err = _run([str(export_run), *[str(out) if a == "OUT" else a for a in args]], capsys)
+    assert rc == 2, err
+    assert needle in err
+    assert not out.exists()
+
+
+def test_bad_override(export_run, tmp_path, capsys):
+    rc, err = _run([str(export_run), "--format", "peft", "-o", str(tmp_path / "o"), "train.lr=1"], capsys)
+    assert rc == 2 and "only export.* keys" in err
+    rc, err = _run([str(export_run), "--format", "peft", "-o", str(tmp_path / "o"),
+                    "export.max_token_disagreement=2"], capsys)
+    assert rc == 2 and "expected a share between 0 and 1" in err
+
+
+def test_existing_output_is_not_overwritten_without_force(run_copy, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    rc, err = _run([str(run_copy), "--format", "peft", "-o", str(out), "--no-measure"], capsys)
+    assert rc == 2 and "exists" in err and "--force" in err
+    assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    f = tmp_path / "file.bin"
+    f.write_text("data")
+    rc, err = _run([str(run_copy), "--format", "peft", "-o", str(f)], capsys)
+    assert rc == 2 and f.read_text() == "data"
+
+    rc, err = _run([str(run_copy), "--format", "peft", "-o", str(out), "--force", "--no-measure"], capsys)
+    assert rc == 0, err
+    assert not (out / "keep.txt").exists()
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_output_inside_the_run_is_refused_even_with_force(export_run, capsys):
+    rc, err = _run([str(export_run), "--format", "peft", "-o", str(export_run / "adapter"), "--force"], capsys)
+    assert rc == 2 and "would overwrite the run folder" in err
+    assert (export_run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_check_of_a_folder_that_is_not_an_export(tmp_path, capsys):
+    rc, err = _run(["--check", str(tmp_path)], capsys)
+    assert rc == 2 and "export_report.json" in err
