@@ -88,7 +88,8 @@ def server_config(runs: dict[str, Path], db: Path, guards: str = "flag", **limit
     cfg = ServeConfig(adapters={k: str(v) for k, v in runs.items()}, db=str(db), base_id="base",
                       guards=Guards(guards, guards, guards))
     cfg.keys = [ApiKey("alice", key_digest(KEYS["alice"])), ApiKey("bob", key_digest(KEYS["bob"])),
-                ApiKey("flood", key_digest(KEYS["flood"]), rpm=5), ApiKey("frugal", key_digest(KEYS["frugal"]), tpm=120)]
+                ApiKey("flood", key_digest(KEYS["flood"]), rpm=5),
+                ApiKey("frugal", key_digest(KEYS["frugal"]), tpm=120)]
     cfg.limits.max_tokens = 24
     cfg.limits.default_max_tokens = 6
     cfg.limits.max_prompt_tokens = 300

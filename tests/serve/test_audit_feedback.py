@@ -36,9 +36,9 @@ def test_audit_row_per_request_with_key_hash_tokens_latency_and_verdicts(live, a
     r = http.post("/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
                   headers=auth("bob"))
     assert r.status_code == 404
-    rows = audit_rows(live.db, "SELECT key_id, key_sha256, model, status, prompt_tokens, completion_tokens, latency_ms, "
-                          "guard_verdicts, guard_action, completion_id, endpoint FROM requests WHERE completion_id=?",
-                 (out.id,))
+    rows = audit_rows(live.db, "SELECT key_id, key_sha256, model, status, prompt_tokens, completion_tokens, "
+                               "latency_ms, guard_verdicts, guard_action, completion_id, endpoint FROM requests "
+                               "WHERE completion_id=?", (out.id,))
     assert len(rows) == 1
     key_id, sha, model, status, pt, ct, latency, verdicts, action, cid, endpoint = rows[0]
     assert (key_id, sha, model, status) == ("alice", hashlib.sha256(KEYS["alice"].encode()).hexdigest(), "tone", 200)

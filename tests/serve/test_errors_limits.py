@@ -136,7 +136,9 @@ def test_malformed_json_unknown_model_unsupported_params_and_routes(http):
     e = _err(http.post("/v1/chat/completions", json=dict(CHAT, model="gpt-4"), headers=auth("alice")), 404)
     assert e["code"] == "model_not_found" and "base, support, tone" in e["message"]
     e = _err(http.post("/v1/chat/completions", json=dict(CHAT, n=2), headers=auth("alice")), 400)
-    assert e["param"] == "n" and e["code"] == "unsupported_parameter"
+    assert e["param"] == "n"
+    e = _err(http.post("/v1/chat/completions", json=dict(CHAT, logprobs=True), headers=auth("alice")), 400)
+    assert e["param"] == "logprobs" and e["code"] == "unsupported_parameter"
     e = _err(http.post("/v1/completions", json={"model": "tone", "prompt": "hi", "echo": True}, headers=auth("alice")),
              400)
     assert e["param"] == "echo"

@@ -260,6 +260,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--include-flagged", action="store_true", help="keep requests that a guard flagged")
     p.add_argument("--no-completions", action="store_true", help="leave out /v1/completions answers")
     p.add_argument("--licence", "--license", dest="licence", default="other", metavar="SPDX",
-                   help="licence id written to OUT.licence for the training ledger (default 'other': the owner's terms)")
+                   help="licence id written to OUT.licence for the training ledger "
+                        "(default 'other': the owner's terms)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_run)

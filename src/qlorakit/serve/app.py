@@ -73,11 +73,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse, "description": d}
     for s, d in ((400, "invalid request, prompt too long, or blocked by a guard"), (401, "missing or wrong API key"),
                  (404, "unknown model or completion"), (413, "request body too large"),
-                 (429, "rate limit or per-key queue limit; see Retry-After"), (503, "server queue full; see Retry-After"))
+                 (429, "rate limit or per-key queue limit; see Retry-After"),
+                 (503, "server queue full; see Retry-After"))
 }
 # request fields that would change the answer and are not supported: name -> "is it set?" test
 _UNSUPPORTED = {
-    "n": lambda v: v not in (None, 1),
     "logprobs": lambda v: v not in (None, False, 0),
     "top_logprobs": lambda v: v not in (None, 0),
     "tools": lambda v: bool(v),
@@ -246,9 +246,19 @@ class Gate:
 # request checks shared by both generation endpoints
 
 
+def _one_branch(errs: list[dict[str, Any]], body: Any) -> list[dict[str, Any]]:
+    """Errors of a union body (the feedback forms) as if the body had only the form it chose by
+    its ``scale``; without the form's name in ``loc``."""
+    forms = {str(e["loc"][1]) for e in errs if len(e.get("loc", ())) > 1 and str(e["loc"][1]).endswith("Feedback")}
+    if not forms:
+        return errs
+    chosen = "StarsFeedback" if isinstance(body, dict) and body.get("scale") == "stars" else "ThumbsFeedback"
+    mine = [e for e in errs if len(e.get("loc", ())) > 1 and e["loc"][1] == chosen]
+    return [{**e, "loc": (e["loc"][0], *e["loc"][2:])} for e in mine] or errs
+
+
 def _check_unsupported(body: Any) -> None:
     fields = dict(body.model_extra or {})
-    fields["n"] = body.n
     for name, is_set in _UNSUPPORTED.items():
         if name in fields and is_set(fields[name]):
             raise bad_request(f"'{name}' is not supported by this server (value {fields[name]!r}).", param=name,
@@ -273,13 +283,7 @@ def _flatten_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
         elif isinstance(m.content, str):
             text = m.content
         else:
-            parts = []
-            for j, p in enumerate(m.content):
-                if p.type != "text" or p.text is None:
-                    raise bad_request(f"{where}[{j}]: only text content parts ({{'type': 'text', 'text': ...}}) are "
-                                      f"supported, got type {p.type!r}.", param=f"{where}[{j}]")
-                parts.append(p.text)
-            text = "\n".join(parts)
+            text = "\n".join(p.text for p in m.content)  # the schema admits text parts only
         role = "system" if m.role == "developer" else m.role
         out.append({"role": role, "content": _utf8(text, where)})
     return out
@@ -295,13 +299,13 @@ def _sampling(body: Any, st: ServerState, max_tokens: int) -> dict[str, Any]:
             "top_p": 1.0 if body.top_p is None else float(body.top_p), "stop": stop or None, "seed": body.seed}
 
 
-def _max_tokens(requested: int | None, st: ServerState) -> int:
+def _max_tokens(requested: int | None, st: ServerState, param: str = "max_tokens") -> int:
     lim = st.cfg.limits
     if requested is None:
         return lim.default_max_tokens
     if requested > lim.max_tokens:
-        raise bad_request(f"max_tokens is {requested}, above this server's limit of {lim.max_tokens}.",
-                          param="max_tokens", code="max_tokens_exceeded")
+        raise bad_request(f"{param} is {requested}, above this server's limit of {lim.max_tokens}.",
+                          param=param, code="max_tokens_exceeded")
     return requested
 
 
@@ -378,7 +382,7 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
+        errs = _one_branch(list(exc.errors()), exc.body)
         first = errs[0] if errs else {}
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
@@ -443,24 +447,25 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
         if kind == "chat":
             messages = _flatten_messages(body)
             stored_prompt: Any = messages
-            outcome = st.guards.check_messages(messages)
+            outcome = await asyncio.to_thread(st.guards.check_messages, messages)
             try:
                 prompt = hub.chat_prompt(messages)
             except Exception as e:  # jinja's TemplateError and friends: the template refused these messages
                 raise bad_request(f"messages: the model's chat template cannot render them ({e}).",
                                   param="messages") from e
-            requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            _max_tokens(body.max_tokens, st)  # both fields are checked; the newer one wins
+            max_tokens = _max_tokens(body.max_completion_tokens, st, "max_completion_tokens") \
+                if body.max_completion_tokens is not None else _max_tokens(body.max_tokens, st)
         else:
             prompt = _utf8(body.prompt if isinstance(body.prompt, str) else body.prompt[0], "prompt")
             stored_prompt = prompt
-            outcome = st.guards.check_prompt(prompt)
-            requested = body.max_tokens
+            outcome = await asyncio.to_thread(st.guards.check_prompt, prompt)
+            max_tokens = _max_tokens(body.max_tokens, st)
         ctx.audit.guard_verdicts = list(outcome.verdicts)
         ctx.audit.guard_action = outcome.action
         if outcome.blocked:
             raise policy_violation(f"The request was blocked by the input guard ({', '.join(outcome.blocked)}).",
                                    [v for v in outcome.verdicts if v["action"] == "block"])
-        max_tokens = _max_tokens(requested, st)
         n_prompt = hub.count_tokens(prompt)
         _admit_tokens(ctx, st, n_prompt, max_tokens)
         params = _sampling(body, st, max_tokens)
@@ -480,7 +485,7 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
         result = await asyncio.wrap_future(_submit(st, ctx, work))
         ctx.audit.queue_ms = (started[0] - t_queued) * 1000 if started else None
         text, finish = result.text, result.finish_reason
-        out = st.guards.check_output(text)
+        out = await asyncio.to_thread(st.guards.check_output, text)
         total = outcome.merge(out)
         if out.blocked:
             text, finish = OUTPUT_REFUSAL, "content_filter"
@@ -548,20 +553,27 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
                 if kind == "chat":
                     yield chunk("", None, role=True)
                 while not done:
-                    what, val = await pieces.get()
-                    if what == "piece":
-                        held += val
-                        # with output blocking on, text is released only after the output guard has
-                        # seen it, checked every _HOLD_CHARS characters
-                        if blocking and len(held) < _HOLD_CHARS:
-                            continue
-                    else:
-                        done = True
-                        if val.exception() is not None:
-                            raise val.exception()
+                    batch = [await pieces.get()]
+                    while not pieces.empty():  # everything that arrived meanwhile: one check for all
+                        batch.append(pieces.get_nowait())
+                    for what, val in batch:
+                        if what == "piece" and not blocking:
+                            if not cancel.is_set():
+                                yield chunk(val, None)  # one chunk per piece, as generated
+                                sent += val
+                        elif what == "piece":
+                            held += val
+                        else:
+                            done = True
+                            if val.exception() is not None:
+                                raise val.exception()
+                    # with output blocking on, text is released only after the output guard has seen
+                    # it, checked every _HOLD_CHARS characters
+                    if blocking and not done and len(held) < _HOLD_CHARS:
+                        continue
                     if held and not cancel.is_set():
                         if blocking:
-                            verdict_out = st.guards.check_output(sent + held)
+                            verdict_out = await asyncio.to_thread(st.guards.check_output, sent + held)
                         if verdict_out.blocked:
                             cancel.set()
                             finish = "content_filter"
@@ -572,7 +584,8 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
                         held = ""
                 text = fut.result()
                 if not blocking:
-                    verdict_out = st.guards.check_output(text)  # 'flag' (or 'off'): recorded only
+                    # 'flag' (or 'off'): checked once at the end, recorded only
+                    verdict_out = await asyncio.to_thread(st.guards.check_output, text)
                 ctx.audit.queue_ms = (started[0] - t_queued) * 1000 if started else None
                 n_completion = hub.count_tokens(text)
                 if finish is None:
@@ -585,7 +598,9 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
                 if include_usage:
                     usage = {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
                              "total_tokens": n_prompt + n_completion}
-                    yield f"data: {json.dumps({'id': cid, 'object': obj, 'created': created, 'model': model_id, 'choices': [], 'usage': usage})}\n\n"
+                    last = {"id": cid, "object": obj, "created": created, "model": model_id, "choices": [],
+                            "usage": usage}
+                    yield f"data: {json.dumps(last)}\n\n"
                 yield "data: [DONE]\n\n"
             except asyncio.CancelledError:
                 ctx.audit.error_code = "client_disconnected"
@@ -620,7 +635,11 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
                                   endpoint="chat" if kind == "chat" else "completions", prompt=prompt,
                                   answer=answer, finish_reason=finish, params=params)
 
-    stream_doc = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+    # one server-sent event: 'data' holds a JSON chunk (or the literal [DONE] at the end)
+    sse_event = {"type": "object", "required": ["data"],
+                 "properties": {"data": {"type": "string", "contentMediaType": "application/json"},
+                                "event": {"type": "string"}, "id": {"type": "string"}}}
+    stream_doc = {200: {"content": {"text/event-stream": {"schema": sse_event}},
                         "description": "JSON, or server-sent events when stream is true"}}
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**stream_doc, **_ERRORS},
@@ -638,15 +657,8 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
               dependencies=[_security(bearer)])
     async def feedback(body: FeedbackRequest, request: Request) -> dict[str, Any]:
         ctx: RequestContext = request.scope["state"]["ctx"]
-        if body.scale == "thumbs":
-            if body.rating not in (-1, 0, 1):
-                raise bad_request(f"rating {body.rating:g} is not -1, 0 or 1; for 1-5 ratings send scale 'stars'.",
-                                  param="rating")
-            score = float(body.rating)
-        else:
-            if not 1 <= body.rating <= 5:
-                raise bad_request(f"rating {body.rating:g} is outside 1..5 (scale 'stars').", param="rating")
-            score = (float(body.rating) - 3.0) / 2.0
+        # -1..1 as given; stars 1..5 -> -1..1 (3 stars is neutral)
+        score = float(body.rating) if body.scale == "thumbs" else (float(body.rating) - 3.0) / 2.0
         correction = body.correction if body.correction and body.correction.strip() else None
         comment = body.comment if body.comment and body.comment.strip() else None
         for name, text in (("correction", correction), ("comment", comment), ("completion_id", body.completion_id)):
@@ -664,7 +676,7 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
         ctx.audit.completion_id = body.completion_id
         return {"id": fid, "object": "feedback", "completion_id": body.completion_id, "score": score}
 
-    _patch_openapi(app, hub)
+    _patch_openapi(app, hub, cfg.limits.max_tokens)
     app.add_middleware(Gate, state=st)
     return app
 
@@ -676,8 +688,9 @@ def _security(bearer: HTTPBearer) -> Any:
     return Security(bearer)
 
 
-def _patch_openapi(app: FastAPI, hub: Any) -> None:
-    """List the served model ids as the ``model`` field's enum (for clients and API fuzzers)."""
+def _patch_openapi(app: FastAPI, hub: Any, max_tokens: int) -> None:
+    """Put this server's facts into the spec: the served model ids as the ``model`` enum, and the
+    ``max_tokens`` cap as its maximum (for clients and API fuzzers)."""
     original = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -686,9 +699,13 @@ def _patch_openapi(app: FastAPI, hub: Any) -> None:
         spec = original()
         schemas = spec.get("components", {}).get("schemas", {})
         for name in ("ChatCompletionRequest", "CompletionRequest"):
-            prop = schemas.get(name, {}).get("properties", {}).get("model")
-            if prop is not None:
-                prop["enum"] = hub.model_ids()
+            props = schemas.get(name, {}).get("properties", {})
+            if "model" in props:
+                props["model"]["enum"] = hub.model_ids()
+            for field_name in ("max_tokens", "max_completion_tokens"):
+                for alt in props.get(field_name, {}).get("anyOf", []):
+                    if alt.get("type") == "integer":
+                        alt["maximum"] = max_tokens
         app.openapi_schema = spec
         return spec
 

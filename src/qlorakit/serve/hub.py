@@ -111,7 +111,8 @@ class ModelHub:
             if not d.is_dir():
                 raise ServeError(f"adapter {n!r}: {d} is not a folder; expected a run folder (--adapter NAME=RUN_DIR)")
         if base_id is not None and base_id in runs:
-            raise ServeError(f"the base model id {base_id!r} is also an adapter name; rename the adapter or set base_id")
+            raise ServeError(f"the base model id {base_id!r} is also an adapter name; rename the adapter or "
+                             "set base_id")
         # every run folder is read and checked against the first before the base is loaded
         read = {n: _read_run_adapter(n, d) for n, d in runs.items()}
         first_name = ""

@@ -9,28 +9,39 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 __all__ = [
     "ContentPart", "ChatMessage", "StreamOptions", "ChatCompletionRequest", "CompletionRequest",
-    "FeedbackRequest", "Usage", "ChatCompletion", "Completion", "ModelCard", "ModelList", "FeedbackReceipt",
+    "FeedbackRequest", "ThumbsFeedback", "StarsFeedback", "Usage", "ChatCompletion", "Completion", "ModelCard",
+    "ModelList", "FeedbackReceipt",
     "ErrorDetail", "ErrorResponse", "Health", "SEED_MIN", "SEED_MAX",
 ]
 
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.manual_seed accepts
+# the integers every JSON client reads exactly (JavaScript's safe range); torch.manual_seed takes them all
+SEED_MIN, SEED_MAX = -(2**53 - 1), 2**53 - 1
+
+
+def _integral(v: Any) -> Any:
+    """JSON Schema counts 8.0 as an integer; so does this server (strict mode would refuse it)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Count = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 is greedy decoding")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Stop = str | Annotated[list[str], Field(max_length=4)]
-Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)]
+Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX), BeforeValidator(_integral)]
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # strict: no silent coercion ("1" -> 1, 0 -> False); unknown fields allowed (see the module docstring)
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class ContentPart(_Lenient):
-    type: str = Field(description="only 'text' parts are supported")
-    text: str | None = None
+    type: Literal["text"] = Field(description="only text parts are supported")
+    text: str
 
 
 class ChatMessage(_Lenient):
@@ -45,34 +56,48 @@ class StreamOptions(_Lenient):
 
 class _Sampling(_Lenient):
     model: str = Field(min_length=1, description="the base model id or an adapter name (see /v1/models)")
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Count | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     stop: Stop | None = None
     seed: Seed | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=1, description="one answer per request"), BeforeValidator(_integral)] | None = None
     user: str | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Count | None = None
+
+
+Prompt = Annotated[str, Field(min_length=1)]
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=1)]
 
 
-class FeedbackRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Feedback(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     completion_id: str = Field(min_length=1, max_length=200, description="the 'id' of a chat or text completion")
-    rating: float = Field(description="-1, 0 or 1 (scale 'thumbs'), or 1 to 5 (scale 'stars')")
-    scale: Literal["thumbs", "stars"] = "thumbs"
     correction: str | None = Field(default=None, max_length=100_000, description="what the answer should have been")
     comment: str | None = Field(default=None, max_length=10_000)
+
+
+class ThumbsFeedback(_Feedback):
+    scale: Literal["thumbs"] = "thumbs"
+    rating: float = Field(ge=-1.0, le=1.0, description="-1 (thumbs down) .. 1 (thumbs up)")
+
+
+class StarsFeedback(_Feedback):
+    scale: Literal["stars"]
+    rating: float = Field(ge=1.0, le=5.0, description="1 .. 5 stars")
+
+
+FeedbackRequest = ThumbsFeedback | StarsFeedback
 
 
 # ---------------------------------------------------------------------------------------------
