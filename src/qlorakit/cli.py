@@ -43,7 +43,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errs: list[type[BaseException]] = [RecipeError, DataError, ModelError, AdapterError, TrainError, RunError,
                                        CheckpointError]
-    for mod, name in (("qlorakit.export", "ExportError"), ("qlorakit.eval", "EvalError")):
+    for mod, name in (("qlorakit.export", "ExportError"), ("qlorakit.eval.cli", "EvalError")):
         try:
             errs.append(getattr(importlib.import_module(mod), name))
         except (ImportError, AttributeError):
@@ -207,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     cmd, rest = argv[0], argv[1:]
+    # bitsandbytes warns at import about an optional CPU kernel package that is not needed here
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if cmd not in commands:
         import difflib
 

@@ -236,6 +236,10 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
     fingerprint = data_fingerprint(data.train_rows)
     metrics_path = run_dir / "metrics.jsonl"
     loss_fn = loss_fn_for(recipe)
+    if t.fast:  # the fast CPU path (train/fast.py); it falls back to loss_fn_for's choice where unsupported
+        from .fast import prepare_fast
+
+        loss_fn = prepare_fast(model, recipe, loaded, checkpointing=use_gc)
 
     if ckpt is not None:
         from ..lora import load_lora_state_dict
@@ -273,7 +277,7 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
                 with autocast_ctx(loaded):
                     s, _ = loss_fn(model, batch)
                 (s / max(1, n_loss)).backward()
-                step_loss += float(s)
+                step_loss += float(s.detach())
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")))
             opt.step()
             sched.step()

@@ -60,10 +60,30 @@ def finish_run(run_dir: Path, recipe: Recipe, loaded: LoadedModel, model: torch.
         "eval_seconds": round(time.perf_counter() - t0, 1),
     }
     (run_dir / "eval").mkdir(exist_ok=True)
-    write_atomic(run_dir / "eval" / "results.json", json.dumps(results, indent=2) + "\n")
+    if recipe.eval.suites and recipe.eval.gate.enabled:
+        results["gate_run"] = _short_gate(run_dir, recipe, loaded, model, data)
+    path = run_dir / "eval" / "results.json"
+    suite_results = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    write_atomic(path, json.dumps(suite_results | results, indent=2, default=str) + "\n")
     write_model_card(run_dir, recipe, loaded, data, ledger, results, targets)
     _print_summary(run_dir, results)
     return results
+
+
+def _short_gate(run_dir: Path, recipe: Recipe, loaded: LoadedModel, model: torch.nn.Module,
+                data: PreparedData) -> dict[str, Any]:
+    """The recipe's evaluation suites (by default the quality suite alone) with the release gate."""
+    from ..eval.api import run_eval
+    from ..eval.cli import thresholds_from_recipe
+
+    records = [{"messages": ex.messages} for ex in data.val_examples if ex.messages]
+    limits = {"*": recipe.eval.limit} if recipe.eval.limit else {"quality/heldout_generation": 8}
+    out = run_eval(model, loaded.tokenizer, suites=list(recipe.eval.suites), heldout_records=records,
+                   base_context=lambda: adapters_disabled(model), limits=limits, out_dir=run_dir / "eval",
+                   thresholds=thresholds_from_recipe(recipe.eval.gate), loss_curve=run_dir / "metrics.jsonl")
+    gate = out.get("gate", {})
+    return {"suites": list(recipe.eval.suites), "passed": gate.get("passed"), "checks": gate.get("checks", []),
+            "report": "eval/report.md"}
 
 
 def _print_summary(run_dir: Path, results: dict[str, Any]) -> None:
@@ -72,6 +92,13 @@ def _print_summary(run_dir: Path, results: dict[str, Any]) -> None:
           f"(perplexity {h['base_ppl']:.2f} -> {h['tuned_ppl']:.2f}) on {h['examples']} examples")
     for s in results["samples"]:
         print(f"\n> {s['prompt']}\n  base : {s['base'][:300]}\n  tuned: {s['tuned'][:300]}")
+    g = results.get("gate_run")
+    if g:
+        print(f"\ngate ({', '.join(g['suites'])}): {'passed' if g['passed'] else 'FAILED'}")
+        for c in g["checks"]:
+            if c.get("status") != "skipped":
+                print(f"  [{c.get('status')}] {c.get('message')}")
+        print("full evaluation against the base model: qlorakit eval " + str(run_dir))
     print(f"\nrun folder: {run_dir}")
 
 
