@@ -1,11 +1,31 @@
-"""Memory estimates used by 'auto' choices (gradient checkpointing) and by ``qlorakit plan``."""
+"""Memory estimates used by 'auto' choices (gradient checkpointing, the fast path's weight mode)
+and by ``qlorakit plan``.
+
+The fast path's numbers are counted from what it actually keeps: per token and layer, the tensors
+its autograd functions save (see :mod:`qlorakit.train.fast`), plus the transients of one layer's
+backward pass and of one output-head chunk. The plain path's numbers are a rougher per-layer
+count of what the Hugging Face forward keeps under autocast.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["activation_bytes", "memory_budget_bytes", "available_memory_bytes"]
+__all__ = [
+    "activation_bytes",
+    "memory_budget_bytes",
+    "available_memory_bytes",
+    "current_rss_bytes",
+    "ModelShape",
+    "MemoryEstimate",
+    "estimate_memory",
+    "NF4_BYTES_PER_PARAM",
+]
+
+# 4 bits per weight + one 8-bit absmax per 64 weights + one fp32 per 256 absmax (double quantization)
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
 def available_memory_bytes() -> int:
@@ -19,13 +39,23 @@ def available_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def current_rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def memory_budget_bytes(recipe: Any) -> float:
     gb = recipe.train.memory_budget_gb
     return gb * 2**30 if gb else 0.8 * available_memory_bytes()
 
 
 def activation_bytes(config: Any, micro_batch: int, seq_len: int, bytes_per: int = 2) -> float:
-    """Activations kept for the backward pass of one micro-batch without recomputation.
+    """Activations the plain (Hugging Face) forward keeps for the backward of one micro-batch.
 
     Per layer and token, a Llama-style block keeps about 16 hidden-sized and 3 intermediate-sized
     tensors (norm inputs, q/k/v/o, attention output, gate/up/act products); attention with an
@@ -38,3 +68,147 @@ def activation_bytes(config: Any, micro_batch: int, seq_len: int, bytes_per: int
     tokens = micro_batch * seq_len
     per_layer = tokens * (16 * h + 3 * inter) * bytes_per + micro_batch * heads * seq_len * seq_len * bytes_per
     return float(layers * per_layer)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Llama-style decoder that memory and time depend on."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ModelShape:
+        heads = cfg.num_attention_heads
+        return cls(
+            hidden=cfg.hidden_size,
+            layers=cfg.num_hidden_layers,
+            heads=heads,
+            kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            inter=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
+            vocab=cfg.vocab_size,
+            tied=bool(getattr(cfg, "tie_word_embeddings", False)),
+        )
+
+    @property
+    def q_out(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_out(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def layer_linear_params(self) -> int:
+        h = self.hidden
+        return h * self.q_out * 2 + h * self.kv_out * 2 + 3 * h * self.inter
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters of the quantized linears (the decoder's; the output head stays unquantized)."""
+        return self.layers * self.layer_linear_params
+
+    @property
+    def matmul_params(self) -> int:
+        """Parameters taking part in a matmul per token: the decoder's linears and the output head."""
+        return self.linear_params + self.vocab * self.hidden
+
+    @property
+    def other_params(self) -> int:
+        """Unquantized parameters: embeddings, the untied head, norms."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+    def lora_params(self, r: int) -> int:
+        h = self.hidden
+        per_layer = r * ((h + self.q_out) + 2 * (h + self.kv_out) + (self.q_out + h) + 2 * (h + self.inter) + (self.inter + h))
+        return self.layers * per_layer
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted resident memory of a training process, in bytes, by part."""
+
+    parts: dict[str, float] = field(default_factory=dict)
+    load_peak: float = 0.0  # while the base loads and quantizes
+
+    @property
+    def train_peak(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def peak(self) -> float:
+        return max(self.train_peak, self.load_peak)
+
+
+def _fast_saved_per_token_layer(s: ModelShape, r: int, dropout: float) -> float:
+    """Bytes the fast path's autograd functions keep per token and layer (no recomputation)."""
+    h, i = s.hidden, s.inter
+    saved = 0.0
+    saved += 4 * h + 4  # RMSNorm 1: the fp32 residual and 1/rms
+    saved += 2 * h + 2 * 3 * r  # q/k/v group: its bf16 input and the (N, 3r) LoRA activations
+    saved += 2 * (s.q_out + 2 * s.kv_out)  # attention: rotated q, k and v (bf16)
+    saved += 2 * s.q_out  # attention output (also the o group's input)
+    saved += 2 * r  # o group LoRA activations
+    saved += 4 * h + 4  # RMSNorm 2: the new residual and 1/rms
+    saved += 2 * h + 2 * 2 * r  # gate/up group input and LoRA activations
+    saved += 2 * 2 * i  # [gate | up] kept by the SiLU gate
+    saved += 2 * i + 2 * r  # down group input and LoRA activations
+    if dropout > 0:  # one bool mask per adapted linear's input
+        saved += 3 * h + s.q_out + 2 * h + i
+    return saved
+
+
+def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int, dropout: float = 0.0,
+                    checkpointing: bool = False, weights: str = "cache", fast: bool = True,
+                    loss_chunk: int = 1024, baseline: float = 0.0, file_bytes: float = 0.0,
+                    compiled: bool = True) -> MemoryEstimate:
+    """Peak resident memory of a training run; ``baseline`` is the process before the model loads
+    (interpreter and libraries), ``file_bytes`` the size of the base model's weight files."""
+    s = shape
+    tokens = micro_batch * seq_len
+    est = MemoryEstimate()
+    p = est.parts
+    p["process (interpreter, libraries)"] = baseline
+    p["base weights, NF4"] = s.linear_params * NF4_BYTES_PER_PARAM
+    p["embeddings, norms, head (fp32)"] = s.other_params * 4
+    lora = s.lora_params(r)
+    p["LoRA weights, gradients, AdamW state"] = lora * 4 * 4
+    if fast:
+        if weights == "cache":
+            p["bf16 copy of the base weights"] = s.linear_params * 2
+        p["bf16 copy of the output head"] = s.vocab * s.hidden * 2
+        if checkpointing:
+            kept = s.layers * tokens * 4 * s.hidden + tokens * _fast_saved_per_token_layer(s, r, dropout)
+        else:
+            kept = s.layers * tokens * _fast_saved_per_token_layer(s, r, dropout)
+        p["activations kept for the backward"] = kept
+        # one layer's backward at a time: gradients of its activations, attention scores of the
+        # longest segment, a per-use dequantized weight group
+        grad_tr = tokens * (4 * s.hidden * 3 + 2 * 2 * s.inter * 2 + 2 * (s.q_out + 2 * s.kv_out) * 2)
+        attn_tr = s.heads * seq_len * seq_len * (4 + 4 + 2 + 2 + 2)
+        deq_tr = 2 * max(s.hidden * (s.q_out + 2 * s.kv_out), 2 * s.hidden * s.inter) if weights == "per-use" else 0
+        chunk = min(loss_chunk, tokens)
+        head_tr = chunk * s.vocab * (4 if compiled else 16) + tokens * s.hidden * 2 * 2
+        p["transients (one layer's backward, one head chunk)"] = max(grad_tr + attn_tr + deq_tr, head_tr)
+    else:
+        p["activations kept for the backward"] = (activation_bytes(_Cfg(s), micro_batch, seq_len)
+                                                  if not checkpointing else s.layers * tokens * 4 * s.hidden)
+        p["transients (full logits and their gradient)"] = tokens * s.vocab * (2 + 4 + 4 + 4)
+    # loading: the weight files are memory-mapped and read while each tensor is quantized
+    est.load_peak = baseline + file_bytes + p["base weights, NF4"] + p["embeddings, norms, head (fp32)"]
+    return est
+
+
+class _Cfg:
+    def __init__(self, s: ModelShape):
+        self.hidden_size = s.hidden
+        self.intermediate_size = s.inter
+        self.num_hidden_layers = s.layers
+        self.num_attention_heads = s.heads

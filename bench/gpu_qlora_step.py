@@ -1,0 +1,226 @@
+"""One QLoRA training step on a GPU, side by side: the Hugging Face stack (transformers + peft +
+bitsandbytes) and qlorakit (its CUDA path, and its fast path run on CUDA), on random-initialised
+Llama models of real shapes with an NF4 (double-quantized, bf16 compute) base and LoRA r=16 on
+every linear layer.
+
+Each side runs in its own process (peak memory is its own). Every side builds the same seeded
+random model, quantizes its linears with bitsandbytes, and runs warmup steps (not timed) and then
+timed steps of forward, backward, clipping and AdamW on the same token batch.
+
+    python bench/gpu_qlora_step.py --out OUTDIR              # the shapes below, on CUDA
+    python bench/gpu_qlora_step.py --device cpu --shapes tiny --out /tmp/x   # a check on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "src"))
+
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=512),
+    "1.7B": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+                 intermediate_size=8192, vocab_size=49152),  # SmolLM2-1.7B
+    "8B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256),  # Llama-3-8B
+}
+SIDES = ("hf", "qlorakit", "qlorakit-fast")
+
+
+def _build(shape: str, device: str, seed: int = 0) -> Any:
+    """A seeded random Llama of ``shape`` with bitsandbytes NF4 linears, built on ``device`` layer by
+    layer (a full-precision copy of the whole model never exists)."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(shape_: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape_, generator=g, device=device, dtype=torch.float32).mul_(0.02)
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if isinstance(lin, torch.nn.Linear):
+                    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                          compress_statistics=True, quant_type="nf4", device="meta")
+                    w = rand((lin.out_features, lin.in_features)).to(torch.bfloat16).float()
+                    q.weight = bnb.nn.Params4bit(w.cpu() if device == "cpu" else w, requires_grad=False,
+                                                 compress_statistics=True, quant_type="nf4")
+                    q = q.to(device)  # quantizes
+                    if device == "cpu":
+                        q.support_avx512bf16_for_cpu = False
+                    setattr(parent, name, q)
+    # what is left on the meta device: embeddings, the head, norms (fp32), rotary buffers
+    for mod in model.modules():
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            if p.is_meta:
+                data = torch.ones(p.shape, device=device) if p.dim() == 1 else rand(tuple(p.shape))
+                setattr(mod, pname, torch.nn.Parameter(data, requires_grad=False))
+    with torch.device(device):
+        model.model.rotary_emb = type(model.model.rotary_emb)(cfg)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model
+
+
+def _batch(vocab: int, batch: int, seq: int, device: str) -> dict[str, Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (batch, seq), generator=g)
+    pos = torch.arange(seq).repeat(batch, 1)
+    labels = ids.clone()
+    labels[:, 0] = -100
+    return {k: v.to(device) for k, v in {"input_ids": ids, "labels": labels, "position_ids": pos}.items()}
+
+
+def worker(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    dev = a.device
+    cuda = dev.startswith("cuda")
+    t0 = time.perf_counter()
+    model = _build(a.shape, dev)
+    build_s = time.perf_counter() - t0
+    batch = _batch(SHAPES[a.shape]["vocab_size"], a.batch, a.seq, dev)
+    if a.side == "hf":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                           target_modules="all-linear", task_type="CAUSAL_LM"))
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def loss_of() -> Any:
+            with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16):
+                return model(**batch).loss
+    else:
+        from qlorakit.config import LoraConfig
+        from qlorakit.lora import attach_lora, lora_parameters
+        from qlorakit.train.loss import chunked_loss
+
+        torch.manual_seed(0)
+        attach_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0))
+        params = lora_parameters(model)
+        for p in params:
+            p.requires_grad_(True)
+        if a.side == "qlorakit-fast":
+            from qlorakit.train.fast import FastModel, FastOptions
+
+            fn: Any = FastModel(model, FastOptions(weights="cache", compile=False), pad_token_id=None)
+        else:
+            fn = chunked_loss
+
+        def loss_of() -> Any:
+            with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16):
+                s, n = fn(model, batch)
+            return s / n
+    model.train()
+    opt = torch.optim.AdamW(params, lr=2e-4)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def step() -> float:
+        sync()
+        t = time.perf_counter()
+        loss = loss_of()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - t
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    warm = [step() for _ in range(a.warmup)]
+    times = [step() for _ in range(a.steps)]
+    tokens = a.batch * a.seq
+    best = min(times)
+    import resource
+
+    return {"side": a.side, "shape": a.shape, "batch": a.batch, "seq": a.seq, "build_s": round(build_s, 1),
+            "warmup_s": [round(t, 3) for t in warm], "step_s": [round(t, 4) for t in times],
+            "step_s_median": sorted(times)[len(times) // 2], "tokens_per_s": tokens / (sum(times) / len(times)),
+            "tokens_per_s_best": tokens / best,
+            "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="folder for results.json and results.md")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--shapes", default="1.7B,8B")
+    ap.add_argument("--sides", default=",".join(SIDES))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--timeout", type=float, default=240, help="seconds allowed per side and shape")
+    ap.add_argument("--side", help=argparse.SUPPRESS)
+    ap.add_argument("--shape", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.side:
+        res = worker(a)
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for shape in a.shapes.split(","):
+        for side in a.sides.split(","):
+            args = [sys.executable, str(Path(__file__).resolve()), "--out", a.out, "--device", a.device, "--side", side,
+                    "--shape", shape, "--batch", str(a.batch), "--seq", str(a.seq), "--warmup", str(a.warmup),
+                    "--steps", str(a.steps)]
+            t = time.perf_counter()
+            try:
+                p = subprocess.run(args, capture_output=True, text=True, timeout=a.timeout, env=env)
+                line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+                if p.returncode == 0 and line:
+                    r = json.loads(line[-1][7:])
+                else:
+                    r = {"side": side, "shape": shape, "error": (p.stderr or p.stdout)[-1500:]}
+            except subprocess.TimeoutExpired:
+                r = {"side": side, "shape": shape, "error": f"timed out after {a.timeout:.0f} s"}
+            r["wall_s"] = round(time.perf_counter() - t, 1)
+            results.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k != "error"} | ({"error": r["error"][-300:]} if "error" in r else {})),
+                  flush=True)
+            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    rows = ["| shape | side | batch x seq | step (s, median) | tokens/s | vs HF | peak GPU memory (MB) | note |",
+            "|---|---|---|---:|---:|---:|---:|---|"]
+    for shape in a.shapes.split(","):
+        hf = next((r for r in results if r["shape"] == shape and r["side"] == "hf" and "error" not in r), None)
+        for r in (x for x in results if x["shape"] == shape):
+            if "error" in r:
+                rows.append(f"| {shape} | {r['side']} | {a.batch} x {a.seq} | - | - | - | - | failed: "
+                            f"{r['error'].strip().splitlines()[-1][:120] if r['error'].strip() else '?'} |")
+                continue
+            ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
+            rows.append(f"| {shape} | {r['side']} | {r['batch']} x {r['seq']} | {r['step_s_median']:.3f} | "
+                        f"{r['tokens_per_s']:.0f} | {ratio} | {r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '-'} | |")
+    (out / "results.md").write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

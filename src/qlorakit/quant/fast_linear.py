@@ -1,0 +1,250 @@
+"""Frozen 4-bit linears with LoRA for the fast path: bf16 matmuls without autocast, and several
+linears that read the same input (q/k/v, gate/up) fused into one matmul.
+
+A frozen base weight reaches the matmul as bf16 in one of two ways (:class:`FrozenWeight`):
+
+- ``cache``: dequantized once, when the fast path is prepared, and held as bf16 for the run. The
+  base never changes, so every later forward and backward reads the same bf16 copy: no
+  dequantization and no dtype cast per step, at 2 bytes per base parameter of memory.
+- ``per-use``: the NF4 weight stays the only copy; it is dequantized straight to bf16 in the
+  forward and again in the backward, so the bf16 copy lives only while one layer computes.
+
+The values are those the plain path multiplies with: under bf16 autocast it dequantizes to fp32
+and autocast rounds that to bf16, which is what both modes hold.
+
+:class:`LoraGroup` computes ``y_i = x W_i^T + s_i dropout_i(x) A_i^T B_i^T`` for every member ``i``
+of a group in one base matmul and one low-rank matmul pair, with a hand-written backward that
+computes no gradient for the frozen weights and saves only the input and the (N, r) LoRA
+activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .nf4 import dequantize, is_linear4bit
+
+__all__ = ["FrozenWeight", "LoraMember", "LoraGroup", "lora_group_matmul", "WeightMode", "cache_bf16_weights",
+           "drop_bf16_weights"]
+
+BF16 = torch.bfloat16
+WeightMode = Literal["cache", "per-use"]
+
+
+class FrozenWeight:
+    """The bf16 weight of one or more frozen linears stacked along the output dimension."""
+
+    def __init__(self, linears: Sequence[nn.Module], mode: WeightMode):
+        if mode not in ("cache", "per-use"):
+            raise ValueError(f"weight mode must be 'cache' or 'per-use', got {mode!r}")
+        self.linears = list(linears)
+        self.mode = mode
+        self.out_features = sum(m.out_features for m in self.linears)
+        self.in_features = self.linears[0].in_features
+        bias = [getattr(m, "bias", None) for m in self.linears]
+        self.bias = (torch.cat([b.detach().to(BF16) if b is not None else torch.zeros(m.out_features, dtype=BF16, device=m.weight.device)
+                                for b, m in zip(bias, self.linears)]) if any(b is not None for b in bias) else None)
+        self._cached = self._dequantize() if mode == "cache" else None
+
+    def _dequantize(self) -> torch.Tensor:
+        parts = [dequantize(m).to(BF16) if is_linear4bit(m) else m.weight.detach().to(BF16) for m in self.linears]
+        return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def get(self) -> torch.Tensor:
+        """(out_features, in_features) bf16."""
+        return self._cached if self._cached is not None else self._dequantize()
+
+    def nbytes_cached(self) -> int:
+        return 0 if self._cached is None else self._cached.numel() * self._cached.element_size()
+
+
+@dataclass
+class LoraMember:
+    """One linear of a group: its output width and, when adapted, its LoRA factors."""
+
+    out_features: int
+    a: nn.Parameter | None = None  # (r, in) fp32
+    b: nn.Parameter | None = None  # (out, r) fp32
+    scaling: float = 1.0
+    dropout: float = 0.0
+    source: object | None = None  # the adapter module; its ``enabled`` flag switches the member off
+
+    @property
+    def active(self) -> bool:
+        return self.a is not None and bool(getattr(self.source, "enabled", True))
+
+
+@dataclass
+class LoraGroup:
+    weight: FrozenWeight
+    members: list[LoraMember]
+    offsets: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.offsets = [0]
+        for m in self.members:
+            self.offsets.append(self.offsets[-1] + m.out_features)
+        if self.offsets[-1] != self.weight.out_features:
+            raise ValueError(f"group members give {self.offsets[-1]} outputs, the weight has {self.weight.out_features}")
+
+    @property
+    def adapted(self) -> list[int]:
+        return [i for i, m in enumerate(self.members) if m.active]
+
+    def params(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for i in self.adapted:
+            out += [self.members[i].a, self.members[i].b]
+        return out
+
+
+def _factors(group: LoraGroup, idx: list[int], params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Stacked A (R, in) and the block matrix B (out_total, R) holding s_i B_i, both bf16."""
+    ranks = [int(params[2 * j].shape[0]) for j in range(len(idx))]
+    a_cat = torch.cat([params[2 * j].detach() for j in range(len(idx))], dim=0).to(BF16)
+    b_full = torch.zeros(group.weight.out_features, sum(ranks), dtype=BF16, device=a_cat.device)
+    col = 0
+    for j, i in enumerate(idx):
+        b_full[group.offsets[i]:group.offsets[i + 1], col:col + ranks[j]] = params[2 * j + 1].detach() * group.members[i].scaling
+        col += ranks[j]
+    return a_cat, b_full, ranks
+
+
+class _LoraGroupFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: LoraGroup, training: bool, *params: torch.Tensor) -> torch.Tensor:
+        w = group.weight.get()
+        y = x @ w.t()  # (N, out) bf16
+        if group.weight.bias is not None:
+            y += group.weight.bias
+        idx = group.adapted
+        if len(params) != 2 * len(idx):
+            raise ValueError(f"expected {2 * len(idx)} LoRA tensors for this group, got {len(params)}")
+        ctx.group, ctx.idx = group, idx
+        drop = [group.members[i].dropout if training else 0.0 for i in idx]
+        ctx.drop = drop
+        if not idx:
+            ctx.save_for_backward(x)
+            return y
+        a_cat, b_full, ranks = _factors(group, idx, params)
+        ctx.ranks = ranks
+        if not any(drop):
+            xa = x @ a_cat.t()  # (N, R): one matmul for every member
+            y.addmm_(xa, b_full.t())
+            ctx.masks = None
+            ctx.save_for_backward(x, xa)
+            return y
+        # dropout: each member sees its own mask, drawn as nn.Dropout draws it for an fp32 input
+        masks, parts, col = [], [], 0
+        for j, p in enumerate(drop):
+            a_j = a_cat[col:col + ranks[j]]
+            col += ranks[j]
+            if p > 0:
+                keep = torch.empty(x.shape, dtype=torch.float32, device=x.device).bernoulli_(1.0 - p)
+                parts.append((x.float() * keep.div_(1.0 - p)).to(BF16) @ a_j.t())
+                masks.append(keep.ne(0))
+            else:
+                parts.append(x @ a_j.t())
+                masks.append(None)
+        xa = torch.cat(parts, dim=1)
+        y.addmm_(xa, b_full.t())
+        ctx.masks = masks
+        ctx.save_for_backward(x, xa)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        group: LoraGroup = ctx.group
+        idx: list[int] = ctx.idx
+        dy = dy.to(BF16).contiguous()
+        dx = dy @ group.weight.get() if ctx.needs_input_grad[0] else None
+        if not idx:
+            return (dx, None, None)
+        x, xa = ctx.saved_tensors
+        params = [t for i in idx for t in (group.members[i].a, group.members[i].b)]
+        a_cat, b_full, ranks = _factors(group, idx, params)
+        g = dy @ b_full  # (N, R): s_i dy_i B_i side by side
+        db_full = dy.t() @ xa  # (out_total, R); only the diagonal blocks are used
+        grads: list[torch.Tensor] = []
+        col = 0
+        for j, i in enumerate(idx):
+            m = group.members[i]
+            r = ranks[j]
+            gj = g[:, col:col + r]
+            mask = None if ctx.masks is None else ctx.masks[j]
+            p = ctx.drop[j]
+            xd = x if mask is None else (x.float() * mask / (1.0 - p)).to(BF16)
+            da = (gj.t() @ xd).float()
+            db = db_full[group.offsets[i]:group.offsets[i + 1], col:col + r].float() * m.scaling
+            if dx is not None and mask is not None:
+                dx += ((gj @ a_cat[col:col + r]).float() * mask / (1.0 - p)).to(BF16)
+            grads += [da, db]
+            col += r
+        if dx is not None and ctx.masks is None:
+            dx.addmm_(g, a_cat)
+        elif dx is not None:
+            plain = [j for j, mk in enumerate(ctx.masks) if mk is None]
+            col = 0
+            for j in range(len(idx)):
+                if j in plain:
+                    dx.addmm_(g[:, col:col + ranks[j]], a_cat[col:col + ranks[j]])
+                col += ranks[j]
+        return (dx, None, None, *grads)
+
+
+def lora_group_matmul(x: torch.Tensor, group: LoraGroup, training: bool) -> torch.Tensor:
+    """x (N, in) bf16 -> (N, sum of the members' out_features) bf16; see the module docstring."""
+    return _LoraGroupFn.apply(x, group, training, *group.params())
+
+
+# --------------------------------------------------------------------------------------------
+# inference: a bf16 copy of each 4-bit weight, used by its no-grad forward
+
+
+def _cached_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``Linear4bit.forward`` with the dequantized bf16 weight read from the cache (no-grad only).
+
+    The values are those of bitsandbytes' own dequantize-then-matmul path: input rounded to the
+    compute dtype, weight dequantized and rounded to it, output cast back to the input's dtype.
+    """
+    w16 = getattr(self, "_qlk_w16", None)
+    if w16 is None or (torch.is_grad_enabled() and x.requires_grad):
+        return type(self).forward(self, x)
+    dt = w16.dtype
+    bias = self.bias.to(dt) if self.bias is not None else None
+    return torch.nn.functional.linear(x.to(dt), w16, bias).to(x.dtype)
+
+
+def cache_bf16_weights(model: nn.Module, max_bytes: float | None = None) -> int:
+    """Give every 4-bit linear of ``model`` a bf16 copy of its weight for no-grad forwards.
+
+    Generation then reads each weight once per token as bf16 instead of dequantizing it per token.
+    The 4-bit weight stays the stored format (state dicts, exports and training are unchanged; a
+    forward that needs gradients takes bitsandbytes' own path). Skips the cache, returning 0, when
+    it would take more than ``max_bytes``. Returns the bytes cached (0 if already cached).
+    """
+    mods = [m for m in model.modules() if is_linear4bit(m) and getattr(m, "_qlk_w16", None) is None]
+    dts = [m.compute_dtype if m.compute_dtype in (torch.bfloat16, torch.float16, torch.float32) else BF16 for m in mods]
+    need = sum(torch.finfo(dt).bits // 8 * m.in_features * m.out_features for m, dt in zip(mods, dts))
+    if not mods or (max_bytes is not None and need > max_bytes):
+        return 0
+    import types
+
+    for m, dt in zip(mods, dts):
+        m.register_buffer("_qlk_w16", dequantize(m).to(dt).contiguous(), persistent=False)
+        m.forward = types.MethodType(_cached_forward, m)
+    return need
+
+
+def drop_bf16_weights(model: nn.Module) -> None:
+    """Undo :func:`cache_bf16_weights`."""
+    for m in model.modules():
+        if getattr(m, "_qlk_w16", None) is not None:
+            del m._buffers["_qlk_w16"]
+            if "forward" in m.__dict__:
+                del m.__dict__["forward"]

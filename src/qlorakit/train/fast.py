@@ -1,0 +1,331 @@
+"""The fast CPU training path for Llama-style decoders (Llama, SmolLM2, Mistral, Qwen2).
+
+Same maths as the plain path (a test compares losses and gradients), computed differently:
+
+- **bf16 matmuls without autocast.** Each frozen base weight is dequantized to bf16 once and
+  held (or dequantized per use when memory is short, see :mod:`qlorakit.quant.fast_linear`);
+  q/k/v and gate/up are one matmul each; LoRA runs in the same bf16 matmuls with a hand-written
+  backward that never computes a gradient for a frozen weight.
+- **No padding.** The batch is one flat stream of tokens; the padding tail of a packed row is
+  dropped before the first layer, and attention runs per packed example (causal, no mask tensor).
+- **Fused elementwise chains** (RMSNorm, rotary embedding, SiLU gate, attention softmax and its
+  backward, cross-entropy), compiled with inductor when a C++ compiler is there.
+- **The output head and cross-entropy in chunks**, only at positions with a label, with the
+  gradient computed in the same pass, so the (tokens, vocab) logits never exist at once.
+- **Activation recomputation only when asked** (the planner turns it on when memory requires it).
+
+The HF model is left as it is (no module is replaced): :class:`FastModel` reads its weights and
+its LoRA parameters, so saving, evaluation, generation and resume see the same model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..data.templating import IGNORE_INDEX
+from ..quant.fast_linear import FrozenWeight, LoraGroup, LoraMember, WeightMode, lora_group_matmul
+from .attention import segment_attention, segments_from_positions
+from .kernels import kernel
+from .loss import shift_labels
+
+__all__ = ["FastOptions", "FastModel", "FastUnsupported", "fast_supported", "prepare_fast", "fused_head_loss"]
+
+log = logging.getLogger(__name__)
+BF16 = torch.bfloat16
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+LOSS_CHUNK = 1024
+
+
+class FastUnsupported(ValueError):
+    """The model's architecture is not one the fast path implements; the plain path is used."""
+
+
+@dataclass
+class FastOptions:
+    weights: WeightMode = "cache"  # bf16 copy of the base held for the run, or dequantized per use
+    checkpointing: bool = False  # recompute each layer's activations in the backward pass
+    compile: bool = True  # fuse the elementwise chains with inductor
+    loss_chunk: int = LOSS_CHUNK  # positions per output-head chunk
+
+
+# --------------------------------------------------------------------------------------------
+# autograd functions around the elementwise kernels
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, compiled: bool) -> torch.Tensor:
+        y, rstd = kernel("rms_fwd", compiled)(x, w, eps)
+        ctx.compiled = compiled
+        ctx.save_for_backward(x, w, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w, rstd = ctx.saved_tensors
+        return kernel("rms_bwd", ctx.compiled)(dy, x, w, rstd), None, None, None
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int,
+                compiled: bool):
+        q, k, v = kernel("rope_fwd", compiled)(qkv, cos, sin, n_q, n_kv)
+        ctx.compiled = compiled
+        ctx.save_for_backward(cos, sin)
+        return q, k, v
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        dqkv = kernel("rope_bwd", ctx.compiled)(dq.contiguous(), dk.contiguous(), dv.contiguous(), cos, sin)
+        return dqkv, None, None, None, None, None
+
+
+class _SiluMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gu: torch.Tensor, compiled: bool) -> torch.Tensor:
+        ctx.compiled = compiled
+        ctx.save_for_backward(gu)
+        return kernel("silu_mul_fwd", compiled)(gu)
+
+    @staticmethod
+    def backward(ctx, dm: torch.Tensor):
+        (gu,) = ctx.saved_tensors
+        dg, du = kernel("silu_mul_bwd", ctx.compiled)(dm.contiguous(), gu)
+        return torch.cat((dg, du), dim=1), None
+
+
+class _HeadLoss(torch.autograd.Function):
+    """Summed cross-entropy of ``h W^T`` in chunks; the gradient is computed in the same pass."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, chunk: int,
+                compiled: bool) -> torch.Tensor:
+        want_grad = h.requires_grad
+        fn = kernel("ce_fwd_bwd" if want_grad else "ce_fwd", compiled)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        dh = torch.empty_like(h) if want_grad else None
+        for s in range(0, h.shape[0], chunk):
+            logits = h[s:s + chunk] @ w.t()  # (c, V) bf16
+            if want_grad:
+                loss, dlogits = fn(logits, target[s:s + chunk])
+                dh[s:s + chunk] = dlogits @ w
+            else:
+                loss = fn(logits, target[s:s + chunk])
+            total += loss
+        ctx.save_for_backward(dh if dh is not None else torch.empty(0))
+        return total
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (dh,) = ctx.saved_tensors
+        return (dh * g.to(dh.dtype)), None, None, None, None
+
+
+def fused_head_loss(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, chunk: int = LOSS_CHUNK,
+                    compiled: bool = False) -> torch.Tensor:
+    """Sum over rows of cross_entropy(h @ w^T, target); h (n, H) bf16, w (V, H) bf16."""
+    return _HeadLoss.apply(h, w, target, chunk, compiled)
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+
+
+def fast_supported(model: nn.Module) -> str | None:
+    """None when the fast path can run ``model``; otherwise the reason it cannot."""
+    cfg = getattr(model, "config", None)
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in SUPPORTED_TYPES:
+        return f"model type {mtype!r} (the fast path implements {', '.join(SUPPORTED_TYPES)})"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r} (expected 'silu')"
+    if getattr(cfg, "attention_dropout", 0.0):
+        return "attention dropout"
+    if getattr(cfg, "use_sliding_window", False) or (mtype == "mistral" and getattr(cfg, "sliding_window", None)):
+        return "sliding-window attention"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb"):
+        return "no decoder stack at model.model.layers"
+    layer = inner.layers[0]
+    for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"):
+        try:
+            layer.get_submodule(path)
+        except AttributeError:
+            return f"decoder layer has no {path}"
+    if hasattr(layer.self_attn, "q_norm"):
+        return "q/k norms in attention"
+    return None
+
+
+def _member(mod: nn.Module) -> tuple[nn.Module, LoraMember]:
+    from ..lora import LoraLinear
+
+    if isinstance(mod, LoraLinear):
+        drop = mod.dropout.p if isinstance(mod.dropout, nn.Dropout) else 0.0
+        return mod.base, LoraMember(mod.out_features, mod.lora_A.weight, mod.lora_B.weight, mod.scaling, drop, mod)
+    return mod, LoraMember(mod.out_features)
+
+
+def _group(mods: list[nn.Module], mode: WeightMode) -> LoraGroup:
+    bases, members = zip(*(_member(m) for m in mods))
+    return LoraGroup(FrozenWeight(list(bases), mode), list(members))
+
+
+@dataclass
+class _Layer:
+    in_w: torch.Tensor
+    post_w: torch.Tensor
+    eps: float
+    qkv: LoraGroup
+    o: LoraGroup
+    gu: LoraGroup
+    down: LoraGroup
+
+
+class FastModel:
+    """The fast forward of a Llama-style HF model (with LoRA layers attached), read in place."""
+
+    def __init__(self, model: nn.Module, options: FastOptions | None = None, pad_token_id: int | None = None):
+        why = fast_supported(model)
+        if why is not None:
+            raise FastUnsupported(f"the fast path does not support this model: {why}")
+        self.model = model
+        self.options = options or FastOptions()
+        self.pad_token_id = pad_token_id
+        cfg = model.config
+        self.n_q = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_q
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q
+        self.scale = self.head_dim ** -0.5
+        inner = model.model
+        mode = self.options.weights
+        self.layers: list[_Layer] = []
+        for layer in inner.layers:
+            at, mlp = layer.self_attn, layer.mlp
+            self.layers.append(_Layer(
+                in_w=layer.input_layernorm.weight.detach().float(),
+                post_w=layer.post_attention_layernorm.weight.detach().float(),
+                eps=float(getattr(layer.input_layernorm, "variance_epsilon", getattr(layer.input_layernorm, "eps", 1e-6))),
+                qkv=_group([at.q_proj, at.k_proj, at.v_proj], mode),
+                o=_group([at.o_proj], mode),
+                gu=_group([mlp.gate_proj, mlp.up_proj], mode),
+                down=_group([mlp.down_proj], mode),
+            ))
+        self.norm_w = inner.norm.weight.detach().float()
+        self.norm_eps = float(getattr(inner.norm, "variance_epsilon", getattr(inner.norm, "eps", 1e-6)))
+        self.embed = model.get_input_embeddings().weight
+        self.head = FrozenWeight([model.get_output_embeddings()], "cache")
+        self.rotary = inner.rotary_emb
+
+    # -- sizes, for the planner -------------------------------------------------------------
+    def cached_weight_bytes(self) -> int:
+        n = self.head.nbytes_cached()
+        for L in self.layers:
+            n += sum(g.weight.nbytes_cached() for g in (L.qkv, L.o, L.gu, L.down))
+        return n
+
+    # -- forward -------------------------------------------------------------------------------
+    def _keep(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Flat indices of the tokens to run: all but the padding tail of each row (None: all)."""
+        if self.pad_token_id is None:
+            return None
+        ids, pos, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
+        b, t = ids.shape
+        keep = torch.ones(b, t, dtype=torch.bool, device=ids.device)
+        dropped = False
+        for r in range(b):
+            starts = (pos[r] == 0).nonzero().squeeze(1)
+            if starts.numel() < 2:
+                continue
+            s = int(starts[-1])
+            if bool((ids[r, s:] == self.pad_token_id).all()) and bool((labels[r, s:] == IGNORE_INDEX).all()):
+                keep[r, s:] = False
+                dropped = True
+        return keep.reshape(-1).nonzero().squeeze(1) if dropped else None
+
+    def _layer(self, x: torch.Tensor, i: int, cos: torch.Tensor, sin: torch.Tensor,
+               segments: list[tuple[int, int]]) -> torch.Tensor:
+        L, c, tr = self.layers[i], self.options.compile, self.model.training
+        h = _RMSNorm.apply(x, L.in_w, L.eps, c)
+        q, k, v = _Rope.apply(lora_group_matmul(h, L.qkv, tr), cos, sin, self.n_q, self.n_kv, c)
+        a = segment_attention(q, k, v, segments, self.scale, c)
+        x = x + lora_group_matmul(a, L.o, tr)
+        h = _RMSNorm.apply(x, L.post_w, L.eps, c)
+        m = _SiluMul.apply(lora_group_matmul(h, L.gu, tr), c)
+        return x + lora_group_matmul(m, L.down, tr)
+
+    def hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-normed hidden states (N, H) bf16 of the kept tokens, and their shifted targets (N,)."""
+        ids, pos = batch["input_ids"], batch["position_ids"]
+        target = shift_labels(batch["labels"]).reshape(-1)
+        keep = self._keep(batch)
+        flat_ids, flat_pos = ids.reshape(-1), pos.reshape(-1)
+        if keep is not None:
+            flat_ids, flat_pos, target = flat_ids[keep], flat_pos[keep], target[keep]
+        segments = segments_from_positions(flat_pos)
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            x = F.embedding(flat_ids, self.embed).float()  # (N, H) fp32 residual stream
+            cos, sin = self.rotary(x[None], flat_pos[None])
+            cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()  # (N, D)
+            use_ckpt = self.options.checkpointing and torch.is_grad_enabled()
+            for i in range(len(self.layers)):
+                if use_ckpt:
+                    x = checkpoint(self._layer, x, i, cos, sin, segments, use_reentrant=False)
+                else:
+                    x = self._layer(x, i, cos, sin, segments)
+            h = _RMSNorm.apply(x, self.norm_w, self.norm_eps, self.options.compile)
+        return h, target
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(sum of token losses, number of loss tokens), as :func:`qlorakit.train.loss.plain_loss`."""
+        h, target = self.hidden(batch)
+        sel = (target != IGNORE_INDEX).nonzero().squeeze(1)
+        n = int(sel.numel())
+        if n == 0:
+            return h.float().sum() * 0.0, 0
+        with torch.autocast("cpu", enabled=False):
+            total = fused_head_loss(h.index_select(0, sel), self.head.get(), target.index_select(0, sel),
+                                    self.options.loss_chunk, self.options.compile)
+        return total, n
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """The loss-function signature the training loop uses: ``loss_fn(model, batch)``."""
+        if model is not self.model:
+            raise ValueError("this fast path was prepared for another model")
+        return self.loss(batch)
+
+
+def prepare_fast(model: nn.Module, recipe: Any, loaded: Any, *, checkpointing: bool = False,
+                 options: FastOptions | None = None) -> Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]:
+    """A loss function ``(model, batch) -> (loss sum, n tokens)`` on the fast path for ``model``.
+
+    Falls back to :func:`qlorakit.train.loss.chunked_loss` (and says why in the log) for models
+    the fast path does not implement or devices other than the CPU.
+    """
+    from .loss import chunked_loss
+
+    if loaded.device.type != "cpu" or loaded.compute_dtype != BF16:
+        log.info("fast path: CPU with bf16 only; using the chunked loss on %s/%s", loaded.device, loaded.compute_dtype)
+        return chunked_loss
+    why = fast_supported(model)
+    if why is not None:
+        log.warning("fast path unavailable (%s); using the plain forward with the chunked loss", why)
+        return chunked_loss
+    if options is None:
+        from .plan import choose_fast_options
+
+        options = choose_fast_options(recipe, model, checkpointing=checkpointing)
+    fm = FastModel(model, options, pad_token_id=loaded.tokenizer.pad_token_id)
+    log.info("fast path: weights=%s checkpointing=%s compile=%s", options.weights, options.checkpointing, options.compile)
+    return fm

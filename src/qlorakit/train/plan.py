@@ -1,0 +1,465 @@
+"""``qlorakit plan``: the predicted peak memory, step time, tokens/s and total time of a run on
+this machine, and the settings that fit a memory budget, before the run starts.
+
+Memory comes from the model's configuration and counts what the fast path keeps
+(:func:`qlorakit.train.memory.estimate_memory`), plus this machine's process baseline measured
+here. Time comes from a short calibration on this machine: one and two decoder layers of the
+model's exact shape (random weights, quantized to NF4, LoRA attached as the recipe says) run
+forward and backward on micro-batches taken from the recipe's own data, so packing and segment
+lengths are the real ones; the output head with the real vocabulary and the optimizer step are
+timed on their own. The step time is ``fixed + layers x per-layer + head + optimizer``.
+
+Settings are tried from the fastest to the leanest until the predicted peak fits the budget:
+keep every activation, then recompute them (checkpointing), then dequantize the base weights per
+use instead of holding a bf16 copy, then smaller micro-batches (more accumulation, same tokens per
+step), then shorter sequences.
+
+    qlorakit plan                                   # the default recipe
+    qlorakit plan my.yaml train.micro_batch_size=8 --budget-gb 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .memory import ModelShape, MemoryEstimate, current_rss_bytes, estimate_memory, memory_budget_bytes
+
+__all__ = [
+    "Settings",
+    "Calibration",
+    "Plan",
+    "choose_fast_options",
+    "calibrate",
+    "predict_step_time",
+    "plan_run",
+    "plan_recipe",
+    "plan_main",
+    "compile_pays",
+    "release_freed_memory",
+]
+
+log = logging.getLogger(__name__)
+GB = 2**30
+COMPILE_SECONDS = 60.0  # first-time inductor compile of the fast path's kernels on a 2-core CPU
+
+
+@dataclass(frozen=True)
+class Settings:
+    micro_batch: int
+    grad_accum: int
+    seq_len: int
+    checkpointing: bool
+    weights: str  # "cache" | "per-use"
+    compile: bool
+
+    def describe(self) -> str:
+        return (f"micro-batch {self.micro_batch} x {self.seq_len} tokens, grad-accum {self.grad_accum}, "
+                f"checkpointing {'on' if self.checkpointing else 'off'}, base weights "
+                f"{'bf16 copy' if self.weights == 'cache' else 'dequantized per use'}, "
+                f"compile {'on' if self.compile else 'off'}")
+
+
+@dataclass
+class Calibration:
+    """Measured seconds per micro-batch on this machine for one set of shapes and settings."""
+
+    fixed_s: float  # embedding, rotary tables, segments, final norm (per micro-batch)
+    layer_s: float  # one decoder layer, forward and backward
+    head_s: float  # output head and cross-entropy, forward and backward
+    optimizer_s: float  # clipping and one AdamW step over every LoRA parameter
+    tokens: int  # tokens per micro-batch measured
+    loss_tokens: int
+    compile_s: float = 0.0  # first-call overhead seen in the calibration (compiling)
+
+
+@dataclass
+class Plan:
+    model: str
+    shape: dict[str, Any]
+    settings: Settings
+    budget_bytes: float
+    memory: dict[str, float]
+    peak_bytes: float
+    load_peak_bytes: float
+    fits: bool
+    step_s: float | None = None
+    tokens_per_step: float = 0.0
+    tokens_per_s: float | None = None
+    total_steps: int = 0
+    total_s: float | None = None
+    calibration: dict[str, Any] | None = None
+    tried: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["settings"] = asdict(self.settings)
+        return d
+
+
+# --------------------------------------------------------------------------------------------
+# memory housekeeping
+
+
+def release_freed_memory(mmap_threshold: int = 1 << 20) -> bool:
+    """Make freed large blocks go back to the OS (glibc): fixed mmap threshold, then trim.
+
+    glibc raises its mmap threshold each time a large block is freed, after which blocks of that
+    size come from the heap and stay resident once freed: a training loop that allocates and frees
+    its activations every step then grows its RSS step after step. A fixed threshold stops that.
+    Returns False where glibc is not the allocator.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        ok = bool(libc.mallopt(m_mmap_threshold, int(mmap_threshold)))
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# calibration
+
+
+def _calibration_model(shape: ModelShape, layers: int, r: int, alpha: float, dropout: float, seed: int = 0):
+    """A random ``layers``-layer Llama of ``shape`` with an NF4 base and LoRA on every linear."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..config import LoraConfig
+    from ..lora import attach_lora, lora_parameters
+    from ..quant import quantize_linear
+
+    cfg = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.inter, num_hidden_layers=layers,
+                      num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
+                      vocab_size=256, tie_word_embeddings=True, max_position_embeddings=1 << 16)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)  # fp32, as the loader leaves norms and embeddings
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, quantize_linear(child, compute_dtype=torch.bfloat16))
+    model.config.use_cache = False
+    attach_lora(model, LoraConfig(r=r, alpha=alpha, dropout=dropout))
+    params = lora_parameters(model)
+    for p in params:
+        torch.nn.init.normal_(p, std=0.02)
+        p.requires_grad_(True)
+    model.train()
+    return model, params
+
+
+def _time(fn: Any, repeats: int) -> tuple[float, float]:
+    """(first call seconds, best of ``repeats`` further calls)."""
+    t = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return first, best
+
+
+def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: int, alpha: float, dropout: float,
+              settings: Settings, repeats: int = 2) -> Calibration:
+    """Time the fast path's pieces for ``shape`` on ``batches`` (one micro-batch each, real data)."""
+    from ..data.templating import IGNORE_INDEX
+    from .fast import FastModel, FastOptions, fused_head_loss
+    from .loss import shift_labels
+
+    opts = FastOptions(weights=settings.weights, checkpointing=settings.checkpointing, compile=settings.compile)
+    batch = batches[0]
+    per: dict[int, float] = {}
+    compile_s = 0.0
+    for n_layers in (1, 2):
+        model, _ = _calibration_model(shape, n_layers, r, alpha, dropout)
+        fm = FastModel(model, opts, pad_token_id=None)
+        vocab_batch = dict(batch, input_ids=batch["input_ids"] % 256)  # the calibration model's vocabulary
+
+        def run() -> None:
+            h, _ = fm.hidden(vocab_batch)
+            h.float().sum().backward()
+
+        first, best = _time(run, repeats)
+        compile_s = max(compile_s, first - best)
+        per[n_layers] = best
+        del fm, model
+    layer_s = max(0.0, per[2] - per[1])
+    fixed_s = max(0.0, per[1] - layer_s)
+
+    # the output head: the real vocabulary, the real number of loss positions
+    target = shift_labels(batch["labels"]).reshape(-1)
+    n_loss = int((target != IGNORE_INDEX).sum())
+    torch.manual_seed(0)
+    w = (torch.randn(shape.vocab, shape.hidden) * 0.02).to(torch.bfloat16)
+    h = torch.randn(max(1, n_loss), shape.hidden).to(torch.bfloat16).requires_grad_(True)
+    tgt = torch.randint(0, shape.vocab, (max(1, n_loss),))
+
+    def head() -> None:
+        fused_head_loss(h, w, tgt, compiled=settings.compile).backward()
+
+    _, head_s = _time(head, repeats)
+    del w, h
+
+    # the optimizer: clipping and AdamW over every LoRA parameter of the full model
+    n = shape.lora_params(r)
+    p = torch.nn.Parameter(torch.zeros(n))
+    p.grad = torch.randn(n) * 1e-3
+    opt = torch.optim.AdamW([p], lr=1e-4)
+
+    def step() -> None:
+        torch.nn.utils.clip_grad_norm_([p], 0.3)
+        opt.step()
+
+    _, opt_s = _time(step, repeats)
+    del p, opt
+    tokens = int(batch["input_ids"].numel())
+    return Calibration(fixed_s, layer_s, head_s, opt_s, tokens, n_loss, compile_s)
+
+
+def predict_step_time(shape: ModelShape, cal: Calibration, grad_accum: int) -> float:
+    """Seconds per optimizer step: ``grad_accum`` micro-batches and one optimizer step."""
+    micro = cal.fixed_s + shape.layers * cal.layer_s + cal.head_s
+    return grad_accum * micro + cal.optimizer_s
+
+
+# --------------------------------------------------------------------------------------------
+# choosing settings
+
+
+def _candidates(mbs: int, seq: int, accum: int, gc_mode: str, compile_: bool) -> list[Settings]:
+    """From the fastest to the leanest."""
+    out: list[Settings] = []
+    gcs = {"on": [True], "off": [False]}.get(gc_mode, [False, True])
+    m, a = mbs, accum
+    s = seq
+    while True:
+        for weights in ("cache", "per-use"):
+            for gc in gcs:
+                out.append(Settings(m, a, s, gc, weights, compile_))
+        if m > 1:  # smaller micro-batches, more of them: the same tokens per optimizer step
+            m, a = (m // 2, a * 2) if m % 2 == 0 else (1, a * m)
+        elif s > 128:
+            s //= 2
+        else:
+            return out
+
+
+def compile_pays(shape: ModelShape, tokens_total: float) -> bool:
+    """Compiling the elementwise kernels (about a minute once, cached on disk afterwards) pays when
+    the run does enough work: about 15% of a run of at least ``COMPILE_SECONDS`` / 0.15 seconds."""
+    from .kernels import compile_available
+
+    if not compile_available():
+        return False
+    # eager work per token, roughly: 4 x matmul parameters at ~1 TFLOP/s
+    seconds = tokens_total * 4 * shape.matmul_params / 1e12
+    return seconds * 0.15 > COMPILE_SECONDS
+
+
+def choose_fast_options(recipe: Any, model: Any, *, checkpointing: bool) -> Any:
+    """The fast path's settings for a run that is about to start (used by :func:`prepare_fast`).
+
+    Weights are held as a bf16 copy when the budget allows it, else dequantized per use; the
+    elementwise kernels are compiled when the run is long enough to pay for it.
+    """
+    from .fast import FastOptions
+
+    shape = ModelShape.from_config(model.config)
+    t = recipe.train
+    tokens_step = t.micro_batch_size * recipe.data.max_seq_len * t.grad_accum
+    steps = t.max_steps or 100
+    est = estimate_memory(shape, micro_batch=t.micro_batch_size, seq_len=recipe.data.max_seq_len, r=recipe.lora.r,
+                          dropout=recipe.lora.dropout, checkpointing=checkpointing, weights="cache",
+                          baseline=current_rss_bytes())
+    weights = "cache" if est.train_peak <= memory_budget_bytes(recipe) else "per-use"
+    return FastOptions(weights=weights, checkpointing=checkpointing, compile=compile_pays(shape, steps * tokens_step))
+
+
+# --------------------------------------------------------------------------------------------
+# the plan
+
+
+def _file_bytes(folder: Path) -> float:
+    return float(sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+                 or sum(p.stat().st_size for p in folder.glob("*.bin")))
+
+
+def _baseline_bytes() -> float:
+    """The process before the base model loads: interpreter, torch, transformers, peft, bitsandbytes."""
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    return float(current_rss_bytes())
+
+
+def _memory(shape: ModelShape, s: Settings, r: int, dropout: float, baseline: float, file_bytes: float) -> MemoryEstimate:
+    return estimate_memory(shape, micro_batch=s.micro_batch, seq_len=s.seq_len, r=r, dropout=dropout,
+                           checkpointing=s.checkpointing, weights=s.weights, baseline=baseline,
+                           file_bytes=file_bytes, compiled=s.compile)
+
+
+def _trim(batch: dict[str, torch.Tensor], micro_batch: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """A calibration micro-batch of the chosen shape from a larger or longer real one."""
+    out = {}
+    for k, v in batch.items():
+        v = v[:micro_batch, :seq_len]
+        if v.shape[0] < micro_batch:  # repeat rows to reach the micro-batch
+            reps = math.ceil(micro_batch / v.shape[0])
+            v = v.repeat(reps, 1)[:micro_batch]
+        out[k] = v.contiguous()
+    return out
+
+
+def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: int, grad_accum: int, r: int,
+             alpha: float, dropout: float, budget_bytes: float, sample: dict[str, torch.Tensor] | None,
+             total_steps: int = 0, tokens_per_step: float | None = None, gradient_checkpointing: str = "auto",
+             compile_: bool | None = None, calibrate_time: bool = True, file_bytes: float = 0.0,
+             baseline: float | None = None) -> Plan:
+    """Choose settings that fit ``budget_bytes`` and predict memory and time for them.
+
+    ``sample`` is one real micro-batch (input_ids, labels, position_ids) at the requested size,
+    used for the time calibration; ``tokens_per_step`` is the real (non-padding) tokens of one
+    optimizer step at the requested size (default: every position).
+    """
+    base = _baseline_bytes() if baseline is None else baseline
+    want_tokens = micro_batch * seq_len * grad_accum
+    real_step = float(tokens_per_step if tokens_per_step is not None else want_tokens)
+    if compile_ is None:
+        compile_ = compile_pays(shape, max(1, total_steps or 100) * want_tokens)
+    tried: list[str] = []
+    chosen: Settings | None = None
+    est: MemoryEstimate | None = None
+    for s in _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_):
+        e = _memory(shape, s, r, dropout, base, file_bytes)
+        tried.append(f"{s.describe()}: {e.peak / GB:.2f} GB")
+        if e.peak <= budget_bytes:
+            chosen, est = s, e
+            break
+    fits = chosen is not None
+    if chosen is None:  # nothing fits: report the leanest
+        chosen = _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_)[-1]
+        est = _memory(shape, chosen, r, dropout, base, file_bytes)
+    plan = Plan(model=model_name, shape=asdict(shape), settings=chosen, budget_bytes=budget_bytes,
+                memory=dict(est.parts), peak_bytes=est.peak, load_peak_bytes=est.load_peak, fits=fits,
+                total_steps=total_steps, tried=tried)
+    # tokens per optimizer step stay what was asked for, unless the sequence had to be shortened
+    plan.tokens_per_step = real_step * (chosen.seq_len / seq_len)
+    if calibrate_time and sample is not None:
+        cal_batch = _trim(sample, chosen.micro_batch, chosen.seq_len)
+        cal = calibrate(shape, [cal_batch], r=r, alpha=alpha, dropout=dropout, settings=chosen)
+        if chosen.checkpointing:  # recomputation adds one more forward per layer: about a third
+            cal.layer_s *= 4.0 / 3.0
+        plan.step_s = predict_step_time(shape, cal, chosen.grad_accum)
+        plan.tokens_per_s = plan.tokens_per_step / plan.step_s
+        plan.total_s = plan.step_s * total_steps if total_steps else None
+        plan.calibration = asdict(cal)
+    return plan
+
+
+def plan_recipe(recipe: Any, *, budget_bytes: float | None = None, calibrate_time: bool = True) -> Plan:
+    """Plan the run ``recipe`` describes: its model, its data, its settings."""
+    from transformers import AutoConfig
+
+    from ..data import prepare_data
+    from ..data.packing import BatchSchedule, collate
+    from ..models import load_tokenizer, resolve_base
+    from .loop import TrainError
+
+    folder, name = resolve_base(recipe.model.base)
+    cfg = AutoConfig.from_pretrained(str(folder))
+    shape = ModelShape.from_config(cfg)
+    tok = load_tokenizer(folder)
+    data = prepare_data(recipe.data, tok, recipe.seed)
+    rows = data.train_rows
+    if not rows:
+        raise TrainError(f"data.train: no training rows after preparation; nothing to plan")
+    t = recipe.train
+    sched = BatchSchedule(len(rows), t.micro_batch_size, recipe.seed)
+    total = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(sched.batches_per_epoch / t.grad_accum)))
+    real_per_row = sum(r.n_real for r in rows) / len(rows)
+    tokens_per_step = real_per_row * t.micro_batch_size * t.grad_accum
+    # the calibration batch: the longest rows, as the run's slowest micro-batches
+    longest = sorted(rows, key=lambda r: -len(r.input_ids))[:t.micro_batch_size]
+    sample = collate(longest, tok.pad_token_id)
+    seq = sample["input_ids"].shape[1]
+    budget = budget_bytes if budget_bytes is not None else memory_budget_bytes(recipe)
+    return plan_run(shape, model_name=name, micro_batch=t.micro_batch_size, seq_len=max(seq, 1),
+                    grad_accum=t.grad_accum, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
+                    budget_bytes=budget, sample=sample, total_steps=total, tokens_per_step=tokens_per_step,
+                    gradient_checkpointing=t.gradient_checkpointing, calibrate_time=calibrate_time,
+                    file_bytes=_file_bytes(folder))
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def format_plan(p: Plan) -> str:
+    lines = [f"plan for {p.model} ({p.shape['layers']} layers, hidden {p.shape['hidden']}, vocab {p.shape['vocab']})",
+             f"  settings      {p.settings.describe()}",
+             f"  memory        predicted peak {p.peak_bytes / GB:.2f} GB (training {sum(p.memory.values()) / GB:.2f} GB, "
+             f"loading {p.load_peak_bytes / GB:.2f} GB), budget {p.budget_bytes / GB:.2f} GB"
+             + ("" if p.fits else "  -- DOES NOT FIT even with the leanest settings")]
+    for k, v in p.memory.items():
+        lines.append(f"      {v / 2**20:9.0f} MB  {k}")
+    if p.step_s is not None:
+        lines += [f"  step time     {p.step_s:.2f} s ({p.tokens_per_step:.0f} tokens per step)",
+                  f"  throughput    {p.tokens_per_s:.0f} tokens/s",
+                  f"  total         {_fmt_s(p.total_s)} for {p.total_steps} steps"
+                  + (f" (+ about {_fmt_s(p.calibration['compile_s'])} compiling once)"
+                     if p.calibration and p.calibration.get("compile_s", 0) > 5 else "")]
+    else:
+        lines.append(f"  time          not calibrated ({p.total_steps} steps)")
+    return "\n".join(lines)
+
+
+def plan_main(argv: list[str]) -> int:
+    """``qlorakit plan [RECIPE.yaml] [key=value ...] [--budget-gb X] [--no-calibrate] [--json FILE]``."""
+    from ..config import load_recipe
+
+    ap = argparse.ArgumentParser(prog="qlorakit plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("args", nargs="*", help="a recipe file and/or key=value overrides")
+    ap.add_argument("--budget-gb", type=float, help="memory budget in GB (default: train.memory_budget_gb, else 80%% of available RAM)")
+    ap.add_argument("--no-calibrate", action="store_true", help="skip the time calibration (memory only)")
+    ap.add_argument("--json", help="also write the plan as JSON to this file")
+    a = ap.parse_args(argv)
+    path = next((x for x in a.args if "=" not in x), None)
+    overrides = [x for x in a.args if "=" in x]
+    if sum(1 for x in a.args if "=" not in x) > 1:
+        print("qlorakit plan: at most one recipe file; other arguments must be key=value", file=sys.stderr)
+        return 2
+    if a.budget_gb is not None and a.budget_gb <= 0:
+        print(f"qlorakit plan: --budget-gb must be positive, got {a.budget_gb}", file=sys.stderr)
+        return 2
+    recipe = load_recipe(path, overrides)
+    p = plan_recipe(recipe, budget_bytes=a.budget_gb * GB if a.budget_gb else None, calibrate_time=not a.no_calibrate)
+    print(format_plan(p))
+    if a.json:
+        from .checkpoint import write_atomic
+
+        write_atomic(Path(a.json), json.dumps(p.to_json(), indent=2) + "\n")
+    return 0 if p.fits else 1
