@@ -1,0 +1,123 @@
+"""The planner: its memory model counts what the fast path really keeps, its choices fit the budget,
+and ``qlorakit plan`` runs end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qlorakit.train.memory import ModelShape, _fast_saved_per_token_layer, estimate_memory
+from qlorakit.train.plan import GB, Settings, _candidates, choose_fast_options, plan_main, plan_run
+
+SHAPE_135M = ModelShape(hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, inter=1536, vocab=49152, tied=True)
+
+
+def test_parameter_counts_match_the_real_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    s = ModelShape.from_config(cfg)
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    assert s.linear_params == linear
+    assert s.linear_params + s.other_params == sum(p.numel() for p in model.parameters())
+    from qlorakit.config import LoraConfig
+    from qlorakit.lora import attach_lora, lora_parameters
+
+    attach_lora(model, LoraConfig(r=8))
+    assert s.lora_params(8) == sum(p.numel() for p in lora_parameters(model))
+
+
+def test_activation_model_counts_what_the_fast_path_saves():
+    """Sum the bytes of every tensor autograd keeps during a fast forward; the formula must agree."""
+    from test_fast_path import PAD, _batch, _tiny
+
+    from qlorakit.train.fast import FastModel, FastOptions
+
+    model = _tiny()
+    batch = _batch(pad_tail=False)
+    fm = FastModel(model, FastOptions(compile=False), pad_token_id=PAD)
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    base_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    base_ptrs |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    for L in fm.layers:  # frozen weights and norm vectors are not activations
+        base_ptrs |= {L.in_w.untyped_storage().data_ptr(), L.post_w.untyped_storage().data_ptr()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.manual_seed(0)
+        h, _ = fm.hidden(batch)
+    kept = sum(n for p, n in seen.items() if p not in base_ptrs)
+    s = ModelShape.from_config(model.config)
+    tokens = int(batch["input_ids"].numel())
+    want = s.layers * tokens * _fast_saved_per_token_layer(s, 8, 0.0)
+    # the final norm's input and the rotary tables are kept once per batch
+    extra = tokens * (4 * s.hidden + 4) + 2 * tokens * s.head_dim * 4
+    assert abs(kept - (want + extra)) <= 0.1 * want, (kept, want + extra)
+
+
+def test_leaner_settings_need_less_memory():
+    base = dict(micro_batch=4, seq_len=512, r=16, baseline=0.5 * GB)
+    full = estimate_memory(SHAPE_135M, **base)
+    ckpt = estimate_memory(SHAPE_135M, **base, checkpointing=True)
+    per_use = estimate_memory(SHAPE_135M, **base, weights="per-use")
+    small = estimate_memory(SHAPE_135M, **{**base, "micro_batch": 2})
+    assert ckpt.peak < full.peak and per_use.peak < full.peak and small.peak < full.peak
+    assert full.parts["bf16 copy of the base weights"] == SHAPE_135M.linear_params * 2
+    assert "bf16 copy of the base weights" not in per_use.parts
+
+
+def test_candidates_go_from_fastest_to_leanest_and_keep_tokens_per_step():
+    c = _candidates(4, 512, 1, "auto", False)
+    assert c[0] == Settings(4, 1, 512, False, "cache", False)
+    assert c[1] == Settings(4, 1, 512, True, "cache", False)
+    assert all(s.micro_batch * s.grad_accum == 4 for s in c if s.seq_len == 512)
+    assert c[-1].micro_batch == 1 and c[-1].seq_len == 128
+    assert all(s.checkpointing for s in _candidates(4, 512, 1, "on", False))
+
+
+def test_plan_picks_the_first_setting_that_fits_the_budget():
+    common = dict(model_name="x", micro_batch=4, seq_len=512, grad_accum=1, r=16, alpha=32, dropout=0.0,
+                  sample=None, calibrate_time=False, baseline=0.5 * GB, compile_=True)
+    roomy = plan_run(SHAPE_135M, budget_bytes=64 * GB, **common)
+    assert roomy.fits and roomy.settings == Settings(4, 1, 512, False, "cache", True)
+    need_full = roomy.peak_bytes
+    tight = plan_run(SHAPE_135M, budget_bytes=need_full * 0.9, **common)
+    assert tight.fits and tight.peak_bytes <= need_full * 0.9
+    assert tight.settings.checkpointing or tight.settings.weights == "per-use" or tight.settings.micro_batch < 4
+    impossible = plan_run(SHAPE_135M, budget_bytes=0.1 * GB, **common)
+    assert not impossible.fits
+
+
+def test_fast_options_dequantize_per_use_when_the_budget_is_small():
+    from test_fast_path import _tiny
+
+    from qlorakit.config import load_recipe
+
+    model = _tiny()
+    roomy = choose_fast_options(load_recipe(None, ["train.memory_budget_gb=64"]), model, checkpointing=False)
+    tight = choose_fast_options(load_recipe(None, ["train.memory_budget_gb=0.01"]), model, checkpointing=False)
+    assert roomy.weights == "cache" and tight.weights == "per-use"
+    assert not roomy.compile  # a tiny model never pays for compiling
+
+
+def test_plan_command_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = plan_main([f"model.base={tiny_model_dir}", "train.max_steps=3", "data.max_seq_len=128",
+                    "train.micro_batch_size=2", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "predicted peak" in text and "tokens/s" in text
+    p = json.loads(out.read_text())
+    assert p["fits"] and p["step_s"] > 0 and p["total_steps"] == 3
+    assert p["calibration"]["layer_s"] >= 0
+    rc = plan_main([f"model.base={tiny_model_dir}", "--budget-gb", "0.01", "--no-calibrate"])
+    assert rc == 1 and "DOES NOT FIT" in capsys.readouterr().out
