@@ -173,7 +173,12 @@ def random_model_folder(shape: str, seed: int = 0) -> Path:
     cfg = LlamaConfig(**{**base_cfg.to_dict(), **SMOLLM2_SHAPES[shape], "head_dim": None})
     cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # never a full fp32 copy of a large model
+    try:
+        model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
     tmp = folder.with_name(f".{folder.name}.tmp")
     model.save_pretrained(str(tmp))
     AutoTokenizer.from_pretrained(str(default)).save_pretrained(str(tmp))

@@ -1,0 +1,163 @@
+"""Generation speed with an adapter, side by side: ``qlorakit.models.generate`` and ``generate`` on
+the Hugging Face stack (transformers + peft + bitsandbytes NF4), same base, same adapter, same
+prompts, greedy, the same number of new tokens; the texts are compared.
+
+The adapter is a fixed random one (seeded, B non-zero, so it changes the output) saved in the PEFT
+format; both sides load that folder. Each side runs in its own process; a short warm-up generation
+is excluded from the timing on both sides.
+
+    python bench/bench_generate.py            # writes bench/results/generation_speed.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from common import REPO, cpu_name, peak_rss_mb, run_worker, write_atomic  # noqa: E402
+
+PROMPTS = [
+    "How do I return a bike that arrived with a bent wheel?",
+    "Explain in two sentences why the sky is blue.",
+    "Write a short, friendly reply to a customer asking when the shop opens on Sunday.",
+]
+
+
+def make_adapter(folder: Path, model: str, r: int = 16, seed: int = 0, std: float = 0.02) -> Path:
+    """A seeded random LoRA adapter on every linear layer, in the PEFT format (made once)."""
+    if (folder / "adapter_model.safetensors").is_file():
+        return folder
+    from qlorakit.config import load_recipe
+    from qlorakit.lora import attach_lora, lora_parameters, save_adapter
+    from qlorakit.models import load_base_model
+
+    recipe = load_recipe(None, [f"model.base={model}", f"lora.r={r}", f"lora.alpha={2 * r}"])
+    loaded = load_base_model(recipe.model)
+    attach_lora(loaded.model, recipe.lora)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(loaded.model):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    save_adapter(loaded.model, folder, recipe.lora, base_name=loaded.name)
+    return folder
+
+
+def _prompt_text(tok: Any, user: str) -> str:
+    return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+
+
+def worker(a: argparse.Namespace) -> None:
+    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    if a.side == "hf":
+        import peft
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        from qlorakit.models import resolve_base
+
+        folder = resolve_base(a.model)[0]
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.bfloat16)
+        base = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=bnb, dtype=torch.float32,
+                                                    device_map={"": "cpu"})
+        model = peft.PeftModel.from_pretrained(base, a.adapter)
+        model.eval()
+        tok = AutoTokenizer.from_pretrained(str(folder))
+
+        def gen(prompt: str, n: int) -> tuple[str, int]:
+            enc = tok(prompt, return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
+            new = out[0, enc["input_ids"].shape[1]:]
+            return tok.decode(new, skip_special_tokens=True), int(new.numel())
+    else:
+        from qlorakit.config import load_recipe
+        from qlorakit.lora import load_adapter
+        from qlorakit.models import generate, load_base_model
+
+        loaded = load_base_model(load_recipe(None, [f"model.base={a.model}"]).model)
+        load_adapter(loaded.model, a.adapter)
+        model, tok = loaded.model, loaded.tokenizer
+        if a.side == "qlorakit-uncached":  # the generation path before the bf16 weight cache
+            model._qlk_inference_ready = True
+
+        def gen(prompt: str, n: int) -> tuple[str, int]:
+            res = generate(model, tok, prompt, max_new_tokens=n, min_new_tokens=n)
+            return res.text, res.completion_tokens
+    load_s = time.perf_counter() - t0
+    prompts = [_prompt_text(tok, p) for p in PROMPTS[:a.prompts]]
+    t = time.perf_counter()
+    gen(prompts[0], 4)  # warm-up (caches, first-call costs), excluded from the timing
+    warm_s = time.perf_counter() - t
+    texts, secs, tokens = [], 0.0, 0
+    for p in prompts:
+        t = time.perf_counter()
+        text, n = gen(p, a.new_tokens)
+        secs += time.perf_counter() - t
+        tokens += n
+        texts.append(text)
+    print("RESULT " + json.dumps({"side": a.side, "tokens_per_s": tokens / secs, "tokens": tokens, "seconds": secs,
+                                  "texts": texts, "load_s": round(load_s, 1), "warmup_s": round(warm_s, 2),
+                                  "peak_rss_mb": round(peak_rss_mb(), 1), "threads": torch.get_num_threads()}),
+          flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--adapter", default=str(REPO / "bench" / "out" / "gen_adapter"))
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--sides", default="qlorakit,hf")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "generation_speed.md"))
+    ap.add_argument("--side", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.side:
+        worker(a)
+        return 0
+    make_adapter(Path(a.adapter), a.model)
+    common = ["--model", a.model, "--adapter", a.adapter, "--new-tokens", str(a.new_tokens), "--prompts",
+              str(a.prompts), "--threads", str(a.threads)]
+    load_before = os.getloadavg()
+    results = {s: run_worker(Path(__file__), ["--side", s, *common], timeout=3600) for s in a.sides.split(",")}
+    load_after = os.getloadavg()
+    hf = results.get("hf")
+    rows = ["| side | new tokens/s | tokens | seconds | peak RSS (MB) | vs HF | same text as HF |", "|---|---:|---:|---:|---:|---:|---|"]
+    for s, r in results.items():
+        same = "-" if not hf or s == "hf" else f"{sum(x == y for x, y in zip(r['texts'], hf['texts']))}/{len(r['texts'])} prompts"
+        ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
+        rows.append(f"| {s} | {r['tokens_per_s']:.1f} | {r['tokens']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {ratio} | {same} |")
+    cmd = "python bench/bench_generate.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = [f"# Generation speed with an adapter: qlorakit vs the Hugging Face stack\n",
+          f"Command: `{cmd.strip()}`  ",
+          f"CPU: {cpu_name()}; torch {torch.__version__}; load average before/after {load_before[0]:.2f}/{load_after[0]:.2f}  ",
+          f"Model: {a.model}; adapter: seeded random LoRA r=16 on all linear layers (PEFT format); "
+          f"{len(PROMPTS[:a.prompts])} chat prompts, greedy, {a.new_tokens} new tokens each (no early stop).\n",
+          "\n".join(rows), ""]
+    for i, p in enumerate(PROMPTS[:a.prompts]):
+        md.append(f"Prompt {i + 1}: {p}")
+        for s, r in results.items():
+            md.append(f"- {s}: {json.dumps(r['texts'][i])}")
+        md.append("")
+    text = "\n".join(md)
+    write_atomic(Path(a.out), text)
+    write_atomic(REPO / "bench" / "out" / "generation_speed.json", json.dumps(results, indent=2) + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

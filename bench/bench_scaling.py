@@ -1,0 +1,210 @@
+"""Scaling of the fast path, and the planner's predictions against measurement.
+
+For SmolLM2-135M (the packaged model) and random-initialised models of the SmolLM2-360M and -1.7B
+shapes, at sequence lengths 256, 512 and 1024 (2048 tokens per step: 8 x 256, 4 x 512, 2 x 1024),
+each configuration runs twice in fresh processes, as a user would:
+
+1. ``plan``: the planner (:func:`qlorakit.train.plan.plan_run`) with a memory budget, on the
+   first training batch: it chooses the settings and predicts peak RSS and step time;
+2. ``train``: the same packed real text, trained with exactly those settings through the fast
+   path; peak RSS of the process and the median step time are measured.
+
+The table gives trained tokens/s, peak RSS, model FLOPs utilisation against the bf16 matmul rate
+measured in the same run, and each prediction's error.
+
+    python bench/bench_scaling.py                                  # writes bench/results/plan.md
+    python bench/bench_scaling.py --shapes 135M --seq-lens 512 --budget-gb 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from common import (  # noqa: E402
+    REPO,
+    cpu_name,
+    matmul_tflops,
+    model_flops_per_token,
+    packed_text_batches,
+    peak_rss_mb,
+    random_model_folder,
+    run_worker,
+    write_atomic,
+)
+
+TOKENS_PER_STEP = 2048
+
+
+def _base(shape: str) -> str:
+    return "default" if shape == "135M" else str(random_model_folder(shape))
+
+
+def _tokenizer():
+    from qlorakit.models import load_tokenizer, resolve_base
+
+    return load_tokenizer(resolve_base("default")[0])
+
+
+def plan_worker(a: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoConfig
+
+    from qlorakit.models import resolve_base
+    from qlorakit.train.memory import ModelShape
+    from qlorakit.train.plan import _file_bytes, plan_run
+
+    folder = resolve_base(a.base)[0]
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(str(folder)))
+    batch = packed_text_batches(_tokenizer(), a.seq_len, a.batch, 1)[0]
+    t = time.perf_counter()
+    p = plan_run(shape, model_name=a.base, micro_batch=a.batch, seq_len=a.seq_len, grad_accum=1, r=16, alpha=32,
+                 dropout=0.0, budget_bytes=a.budget_gb * 2**30, sample=batch, total_steps=a.steps,
+                 compile_=True, file_bytes=_file_bytes(folder))
+    out = p.to_json()
+    out["plan_s"] = time.perf_counter() - t
+    return out
+
+
+def train_worker(a: argparse.Namespace) -> dict[str, Any]:
+    from qlorakit.config import load_recipe
+    from qlorakit.lora import attach_lora, lora_parameters
+    from qlorakit.models import load_base_model
+    from qlorakit.train.fast import FastModel, FastOptions
+    from qlorakit.train.loop import autocast_ctx
+    from qlorakit.train.plan import release_freed_memory
+
+    s = json.loads(a.settings)
+    recipe = load_recipe(None, [f"model.base={a.base}", "lora.r=16", "lora.alpha=32"])
+    t0 = time.perf_counter()
+    loaded = load_base_model(recipe.model)
+    load_s = time.perf_counter() - t0
+    model = loaded.model
+    torch.manual_seed(0)
+    attach_lora(model, recipe.lora)
+    params = lora_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    fm = FastModel(model, FastOptions(weights=s["weights"], checkpointing=s["checkpointing"], compile=s["compile"]),
+                   pad_token_id=loaded.tokenizer.pad_token_id)
+    release_freed_memory()
+    model.train()
+    mb, accum = s["micro_batch"], s["grad_accum"]
+    batches = packed_text_batches(loaded.tokenizer, s["seq_len"], mb * accum, a.warmup + a.steps)
+    opt = torch.optim.AdamW(params, lr=2e-4)
+
+    def step(batch: dict[str, torch.Tensor]) -> float:
+        t = time.perf_counter()
+        n_loss = int((batch["labels"][:, 1:] != -100).sum())
+        for k in range(accum):
+            micro = {key: v[k * mb:(k + 1) * mb] for key, v in batch.items()}
+            with autocast_ctx(loaded):
+                loss, _ = fm(model, micro)
+            (loss / n_loss).backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    warm = [step(b) for b in batches[:a.warmup]]
+    times = [step(b) for b in batches[a.warmup:]]
+    tokens = mb * accum * s["seq_len"]
+    return {"step_s_median": statistics.median(times), "step_s": [round(x, 3) for x in times],
+            "warmup_s": [round(x, 2) for x in warm], "tokens_per_s": tokens * len(times) / sum(times),
+            "peak_rss_mb": peak_rss_mb(), "load_s": round(load_s, 1), "threads": torch.get_num_threads()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="135M,360M,1.7B")
+    ap.add_argument("--seq-lens", default="256,512,1024")
+    ap.add_argument("--budget-gb", type=float, default=6.0, help="memory budget given to the planner")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "plan.md"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--base", help=argparse.SUPPRESS)
+    ap.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--settings", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        torch.set_num_threads(os.cpu_count() or 1)
+        res = plan_worker(a) if a.worker == "plan" else train_worker(a)
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    load_before = os.getloadavg()
+    peak0 = matmul_tflops()
+    rows = []
+    from transformers import AutoConfig
+
+    from qlorakit.models import resolve_base
+
+    for shape in a.shapes.split(","):
+        base = _base(shape)
+        cfg = AutoConfig.from_pretrained(str(resolve_base(base)[0]))
+        for seq in (int(x) for x in a.seq_lens.split(",")):
+            batch = TOKENS_PER_STEP // seq
+            common = ["--base", base, "--seq-len", str(seq), "--batch", str(batch), "--warmup", str(a.warmup),
+                      "--steps", str(a.steps), "--budget-gb", str(a.budget_gb)]
+            print(f"{shape} seq {seq}: planning ...", file=sys.stderr, flush=True)
+            plan = run_worker(Path(__file__), ["--worker", "plan", *common], timeout=3600)
+            print(f"  settings {plan['settings']}; training ...", file=sys.stderr, flush=True)
+            meas = run_worker(Path(__file__), ["--worker", "train", *common, "--settings", json.dumps(plan["settings"])],
+                              timeout=7200)
+            print(f"  {meas['tokens_per_s']:.0f} tokens/s, peak {meas['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+            rows.append({"shape": shape, "seq": seq, "batch": batch, "plan": plan, "measured": meas,
+                         "flops_per_token": model_flops_per_token(cfg)})
+    peak1 = matmul_tflops()
+    peak = max(peak0, peak1)
+    load_after = os.getloadavg()
+
+    table = ["| model | seq | batch | settings chosen | tokens/s | MFU | peak RSS (MB) | predicted peak (MB) | error | step (s) | predicted step (s) | error | within budget |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        p, m = r["plan"], r["measured"]
+        s = p["settings"]
+        desc = (f"mb {s['micro_batch']}x{s['grad_accum']}, ckpt {'on' if s['checkpointing'] else 'off'}, "
+                f"{'bf16 copy' if s['weights'] == 'cache' else 'per-use'}")
+        pk = p["peak_bytes"] / 2**20
+        st = p["step_s"]
+        mfu = m["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)
+        e_mem = (pk - m["peak_rss_mb"]) / m["peak_rss_mb"]
+        e_t = (st - m["step_s_median"]) / m["step_s_median"]
+        ok = "yes" if m["peak_rss_mb"] <= a.budget_gb * 1024 else "NO"
+        table.append(f"| {r['shape']} | {r['seq']} | {r['batch']} | {desc} | {m['tokens_per_s']:.0f} | {100 * mfu:.1f}% | "
+                     f"{m['peak_rss_mb']:.0f} | {pk:.0f} | {100 * e_mem:+.1f}% | {m['step_s_median']:.2f} | {st:.2f} | "
+                     f"{100 * e_t:+.1f}% | {ok} |")
+    cmd = "python bench/bench_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    md = ["# Scaling and the planner's predictions\n",
+          f"Command: `{cmd.strip()}`  ",
+          f"CPU: {cpu_name()}; torch {torch.__version__}, {rows[0]['measured']['threads'] if rows else '?'} threads; "
+          f"load average before/after {load_before[0]:.2f}/{load_after[0]:.2f}  ",
+          f"bf16 matmul rate measured in this run: {peak:.2f} TFLOP/s. Memory budget given to the planner: "
+          f"{a.budget_gb} GB. {TOKENS_PER_STEP} tokens per step of packed real text, LoRA r=16 on all linear "
+          f"layers, {a.warmup} warmup + {a.steps} timed steps; 360M and 1.7B are random-initialised SmolLM2 shapes.\n",
+          "\n".join(table), "",
+          "Errors are (predicted - measured) / measured. Peak RSS is the whole training process, loading included; "
+          "MFU counts 4 x matmul parameters per token against the measured bf16 matmul rate."]
+    text = "\n".join(md) + "\n"
+    write_atomic(Path(a.out), text)
+    write_atomic(REPO / "bench" / "out" / "plan.json", json.dumps({"rows": rows, "peak_tflops": peak}, indent=2, default=str))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
