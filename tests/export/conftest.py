@@ -56,23 +56,23 @@ def export_tiny_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def export_run(export_tiny_base, tmp_path_factory) -> Path:
+def tiny_run(export_tiny_base, tmp_path_factory) -> Path:
     """A finished tiny run (adapter written). Tests must not modify it; copy it first."""
     return train_tiny_run(export_tiny_base, tmp_path_factory.mktemp("export-runs"), "tiny-run")
 
 
 @pytest.fixture()
-def run_copy(export_run, tmp_path) -> Path:
+def run_copy(tiny_run, tmp_path) -> Path:
     """A private copy of the tiny run, for tests that write into the run folder (card, exports.json)."""
     import shutil
 
     dst = tmp_path / "run"
-    shutil.copytree(export_run, dst)
+    shutil.copytree(tiny_run, dst)
     return dst
 
 
 @pytest.fixture(scope="session")
-def export_source(export_run):
+def export_source(tiny_run):
     from qlorakit.export import open_source
 
-    return open_source(export_run)
+    return open_source(tiny_run)

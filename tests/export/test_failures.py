@@ -12,10 +12,10 @@ from qlorakit.export import REPORT_NAME, export_run
 
 
 @pytest.fixture(scope="module")
-def good_merged(export_run, tmp_path_factory):
+def good_merged(tiny_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("planted")
     run = root / "run"
-    shutil.copytree(export_run, run)
+    shutil.copytree(tiny_run, run)
     out = root / "merged"
     res = export_run(run, "merged", out, dtype="fp32", measure=False)
     assert res.passed, res.reasons
@@ -112,17 +112,13 @@ def test_planted_wrong_stop_token_in_gguf_is_caught(run_copy, tmp_path, monkeypa
 
     real = artifacts.write_model_gguf
 
-    class EosIsEndOfText:
-        def __init__(self, tok):
-            self._tok = tok
-
-        def __getattr__(self, name):
-            return getattr(self._tok, name)
-
-        eos_token_id = 0  # <|endoftext|> instead of <|im_end|>
-
     def wrong_eos(path, state, config, tokenizer, *a, **kw):
-        return real(path, state, config, EosIsEndOfText(tokenizer), *a, **kw)
+        import copy
+
+        tok = copy.deepcopy(tokenizer)
+        tok.eos_token = "<|endoftext|>"  # instead of <|im_end|>
+        assert tok.eos_token_id == 0
+        return real(path, state, config, tok, *a, **kw)
 
     monkeypatch.setattr(artifacts, "write_model_gguf", wrong_eos)
     res = export_run(run_copy, "gguf", tmp_path / "gguf", quant="f16", runtime="transformers", measure=False)

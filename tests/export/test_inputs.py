@@ -14,9 +14,9 @@ def _run(args, capsys):
     return rc, capsys.readouterr().err
 
 
-def test_run_without_adapter(export_run, tmp_path, capsys):
+def test_run_without_adapter(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
-    shutil.copytree(export_run, run)
+    shutil.copytree(tiny_run, run)
     shutil.rmtree(run / "adapter")
     rc, err = _run([str(run), "--format", "peft", "-o", str(tmp_path / "out")], capsys)
     assert rc == 2
@@ -42,18 +42,18 @@ def test_not_a_run_folder(tmp_path, capsys):
     (["--format", "peft"], "-o OUT is required"),
     (["-o", "OUT"], "--format is required"),
 ])
-def test_bad_options(export_run, tmp_path, capsys, args, needle):
+def test_bad_options(tiny_run, tmp_path, capsys, args, needle):
     out = tmp_path / "out"
-    rc, err = _run([str(export_run), *[str(out) if a == "OUT" else a for a in args]], capsys)
+    rc, err = _run([str(tiny_run), *[str(out) if a == "OUT" else a for a in args]], capsys)
     assert rc == 2, err
     assert needle in err
     assert not out.exists()
 
 
-def test_bad_override(export_run, tmp_path, capsys):
-    rc, err = _run([str(export_run), "--format", "peft", "-o", str(tmp_path / "o"), "train.lr=1"], capsys)
+def test_bad_override(tiny_run, tmp_path, capsys):
+    rc, err = _run([str(tiny_run), "--format", "peft", "-o", str(tmp_path / "o"), "train.lr=1"], capsys)
     assert rc == 2 and "only export.* keys" in err
-    rc, err = _run([str(export_run), "--format", "peft", "-o", str(tmp_path / "o"),
+    rc, err = _run([str(tiny_run), "--format", "peft", "-o", str(tmp_path / "o"),
                     "export.max_token_disagreement=2"], capsys)
     assert rc == 2 and "expected a share between 0 and 1" in err
 
@@ -78,10 +78,10 @@ def test_existing_output_is_not_overwritten_without_force(run_copy, tmp_path, ca
     assert leftovers == []
 
 
-def test_output_inside_the_run_is_refused_even_with_force(export_run, capsys):
-    rc, err = _run([str(export_run), "--format", "peft", "-o", str(export_run / "adapter"), "--force"], capsys)
+def test_output_inside_the_run_is_refused_even_with_force(tiny_run, capsys):
+    rc, err = _run([str(tiny_run), "--format", "peft", "-o", str(tiny_run / "adapter"), "--force"], capsys)
     assert rc == 2 and "would overwrite the run folder" in err
-    assert (export_run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tiny_run / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_check_of_a_folder_that_is_not_an_export(tmp_path, capsys):

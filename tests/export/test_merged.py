@@ -55,11 +55,11 @@ def test_merge_works_on_a_copy(export_source):
 
 
 @pytest.fixture(scope="module")
-def merged_fp32(export_run, tmp_path_factory):
+def merged_fp32(tiny_run, tmp_path_factory):
     import shutil
 
     run = tmp_path_factory.mktemp("merged") / "run"
-    shutil.copytree(export_run, run)
+    shutil.copytree(tiny_run, run)
     out = run.parent / "out-fp32"
     res = export_run_fn(run, "merged", out, dtype="fp32")
     return run, out, res
@@ -137,3 +137,19 @@ def test_merge_into_nf4_warns_with_measured_loss(run_copy, tmp_path):
     assert "lossy" in warning and f"{rep.source_loss:.4f}" in warning and f"{rep.export_loss:.4f}" in warning
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+
+
+def test_on_device_figures_are_measured_and_carded(run_copy, tmp_path):
+    out = tmp_path / "out-measured"
+    res = export_run(run_copy, "merged", out, dtype="fp32", measure=True)
+    assert res.passed, res.reasons
+    items = res.report["on_device"]["items"]
+    assert [i["what"] for i in items] == ["exported merged folder", "adapter served by qlorakit (4-bit base + LoRA)"]
+    for item in items:
+        m = item["measured"]
+        assert "error" not in m, m
+        assert m["tokens_per_s"] > 0 and m["peak_rss_mb"] > m["runtime_rss_mb"] > 0
+        assert all(size > 0 for size in item["files"].values())
+    card = (run_copy / "MODEL_CARD.md").read_text()
+    section = card[card.index("## On-device"):]
+    assert f"{items[1]['measured']['tokens_per_s']:.1f}" in section and "adapter served by qlorakit" in section

@@ -238,14 +238,19 @@ def _failed_path(out: Path) -> Path:
 
 
 def _park_failed(staging: Path, out: Path) -> Path:
-    """Move a failed export beside OUT as OUT.failed (replacing only an earlier failed export there)."""
+    """Move a failed export beside OUT as OUT.failed (replacing only an earlier failed export there;
+    anything else of that name is left alone and a dated name is used instead)."""
     target = _failed_path(out)
-    if target.exists():
+    if target.exists() or target.is_symlink():
         rep = target / REPORT_NAME
-        ours = rep.is_file() and json.loads(rep.read_text(encoding="utf-8")).get("status") == "failed"
-        if not ours:
-            raise ExportError(f"{target} exists and is not a failed export; the failed export is left in {staging}")
-        shutil.rmtree(target)
+        try:
+            ours = rep.is_file() and json.loads(rep.read_text(encoding="utf-8")).get("status") == "failed"
+        except (OSError, json.JSONDecodeError):
+            ours = False
+        if ours:
+            shutil.rmtree(target)
+        else:
+            target = out.with_name(f"{out.name}.failed-{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(staging, target)
     return target
 

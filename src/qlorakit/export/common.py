@@ -96,7 +96,7 @@ def commit_output(staging: Path, out: Path, force: bool) -> None:
     """Move the finished staging folder to ``out`` (replacing it only when ``force``)."""
     if out.exists() or out.is_symlink():
         if not force:  # appeared while exporting
-            raise ExportError(f"-o {out}: appeared while exporting; the export is left in {staging}")
+            raise ExportError(f"-o {out}: appeared while the export was being written; not replaced (use --force)")
         old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
         os.replace(out, old)
         try:
