@@ -49,7 +49,10 @@ def main() -> int:
     p.add_argument("--run", default="/tmp/runs/export-src", help="a finished default run")
     p.add_argument("--out-root", default="/tmp/qlorakit-export-bench", help="where the exports are written")
     p.add_argument("--quants", nargs="+", default=["f16", "q8_0", "q4_1", "q4_0"])
+    p.add_argument("--measure", nargs="*", default=["f16", "q8_0", "q4_1"],
+                   help="GGUF types whose exports are measured on this CPU (each also measures the adapter)")
     p.add_argument("--ollama", default="q8_0", help="also export for Ollama with this quant ('' to skip)")
+    p.add_argument("--merged", default="bf16", help="also export merged with this dtype ('' to skip)")
     p.add_argument("--results", default=str(REPO / "bench" / "results" / "export.md"))
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,11 +73,13 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
     rows, device, results = [], [], []
-    jobs = [("gguf", q) for q in a.quants] + ([("ollama", a.ollama)] if a.ollama else [])
+    jobs = ([("merged", a.merged)] if a.merged else []) + [("gguf", q) for q in a.quants] \
+        + ([("ollama", a.ollama)] if a.ollama else [])
     for fmt, quant in jobs:
         t0 = time.perf_counter()
-        res = export_run(run, fmt, root / f"{fmt}-{quant}", quant=quant, force=True, runtime="llama.cpp",
-                         measure=True)
+        kw = {"dtype": quant} if fmt == "merged" else {"quant": quant, "runtime": "llama.cpp"}
+        res = export_run(run, fmt, root / f"{fmt}-{quant}", force=True,
+                         measure=fmt == "gguf" and quant in a.measure, **kw)
         took = time.perf_counter() - t0
         rep = res.report
         results.append({"format": fmt, "quant": quant, "passed": res.passed, "seconds": round(took, 1),
@@ -94,7 +99,7 @@ def main() -> int:
             print(f"  problem: {prob}", flush=True)
     thresholds = results[0]["parity"][0] if results and results[0]["parity"] else {}
     lines = [
-        "# Export parity: the default run in llama.cpp",
+        "# Export parity: the default run in llama.cpp (and the merged export in transformers)",
         "",
         "Command (the run is made once, then exported to each type and checked in llama.cpp):",
         "",

@@ -53,7 +53,11 @@ def test_gguf_agrees_with_the_source_in_llama_cpp(work, tmp_path, quant):
         assert r.runtime == "llama.cpp"
         assert r.tokenizer_ok and r.template_ok
         assert r.token_agreement >= 0.95, r.summary()
-        assert r.stops["source_stopped"] > 0 and r.stops["same"] == r.stops["source_stopped"], r.summary()
+        # every answer the source ended with <|im_end|> ends identically in llama.cpp, unless the two parted
+        # earlier (then the check already counted the disagreement); a run-on answer fails the check itself
+        st = r.stops
+        assert st["source_stopped"] > 0 and st["same"] > 0, r.summary()
+        assert st["same"] + st["diverged_before_stop"] == st["source_stopped"], r.summary()
 
 
 def test_4bit_gguf_agreement_is_measured(work, tmp_path):

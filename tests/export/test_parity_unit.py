@@ -62,7 +62,8 @@ def _check(runner, src_answer=(1, 2, 3, EOT), **kw):
 
 def test_identical_answers_pass():
     rep = _check(FakeRunner([[1, 2, 3, EOT]], template="<X>", ids=[10, 11]))
-    assert rep.passed and rep.token_agreement == 1.0 and rep.stops == {"source_stopped": 1, "same": 1}
+    assert rep.passed and rep.token_agreement == 1.0
+    assert rep.stops == {"source_stopped": 1, "same": 1, "diverged_before_stop": 0, "export_ended_with_eot": 1}
     assert rep.template_ok and rep.tokenizer_ok
 
 
@@ -70,6 +71,13 @@ def test_run_on_answer_fails_with_the_reason():
     rep = _check(FakeRunner([[1, 2, 3, 8, 9, 4, 4, 4, 4, 4, 4, 4]]))
     assert not rep.passed
     assert any("does not end it with '<|im_end|>'" in f for f in rep.failures)
+
+
+def test_answers_that_part_early_are_not_a_stop_failure():
+    rep = _check(FakeRunner([[1, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]]), src_answer=(1, 2, 3, EOT))
+    assert rep.stops["diverged_before_stop"] == 1
+    assert not any(f.startswith("stop:") for f in rep.failures)
+    assert any(f.startswith("token agreement") for f in rep.failures)
 
 
 def test_export_that_cannot_stop_fails():

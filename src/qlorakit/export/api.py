@@ -189,7 +189,7 @@ def _run_parity(fmt: str, folder: Path, info: dict[str, Any], source: Source, ru
 
 
 def _on_device(fmt: str, folder: Path, info: dict[str, Any], source: Source, golden: Golden,
-               n_tokens: int = 64) -> dict[str, Any]:
+               n_tokens: int = 32) -> dict[str, Any]:
     from .ondevice import measure_adapter, measure_gguf, measure_merged
     from .parity import llama_cpp_available
 

@@ -289,7 +289,8 @@ class ParityReport:
     agreement_tokens: int
     token_agreement: float
     prefix_agreement: float
-    stops: dict[str, int]
+    stops: dict[str, int]  # source_stopped, same (identical answer and stop), diverged_before_stop,
+    # export_ended_with_eot (answers of the export that end with the training's end-of-turn token)
     source_loss: float
     export_loss: float
     loss_increase: float
@@ -357,7 +358,7 @@ def check_parity(artifact: str, runner: Runner, src: SourceAnswers, golden: Gold
 
     n = cfg.agreement_tokens
     agree = width = prefix = 0
-    stopped = same_stop = 0
+    stopped = same_stop = diverged = eot_ends = 0
     answers = []
     for k, (ids, s) in enumerate(zip(golden.prompt_ids, src.answers)):
         e = runner.greedy(ids, cfg.max_new_tokens)
@@ -365,6 +366,7 @@ def check_parity(artifact: str, runner: Runner, src: SourceAnswers, golden: Gold
         agree, width, prefix = agree + a, width + w, prefix + min(p, w)
         src_stop = bool(s) and s[-1] in src.stop_ids
         exp_stop = bool(e) and e[-1] in stops
+        eot_ends += bool(e) and e[-1] == golden.end_of_turn
         if src_stop:
             stopped += 1
             if e[:len(s)] == s and exp_stop:
@@ -373,6 +375,8 @@ def check_parity(artifact: str, runner: Runner, src: SourceAnswers, golden: Gold
                 failures.append(f"stop: golden prompt {k}: the export gives the same answer but does not end it "
                                 f"with {golden.end_of_turn_text!r} (source ends with token {s[-1]}, export with "
                                 f"{e[len(s) - 1] if len(e) >= len(s) else 'nothing'})")
+            else:  # the answers parted before the end; where each stops says nothing about the stop token
+                diverged += 1
         answers.append({"prompt": k, "agree": a, "compared": w, "common_prefix": p, "source_len": len(s),
                         "export_len": len(e), "source_stopped": src_stop, "export_stopped": exp_stop})
     agreement = agree / max(1, width)
@@ -389,5 +393,6 @@ def check_parity(artifact: str, runner: Runner, src: SourceAnswers, golden: Gold
         failures.append(f"held-out loss rose by {inc:.4f} nats ({src.loss:.4f} -> {exp_loss:.4f}), more than "
                         f"export.max_loss_increase={max_loss_increase:g}")
     return ParityReport(artifact, runner.name, src.name, len(golden.prompt_ids), n, agreement, prefix_share,
-                        {"source_stopped": stopped, "same": same_stop}, src.loss, exp_loss, inc,
+                        {"source_stopped": stopped, "same": same_stop, "diverged_before_stop": diverged,
+                         "export_ended_with_eot": eot_ends}, src.loss, exp_loss, inc,
                         max_token_disagreement, max_loss_increase, template_ok, tokenizer_ok, failures, answers)
