@@ -20,7 +20,7 @@ import numpy as np
 from qlorakit.eval.bootstrap import bootstrap_interval, paired_bootstrap
 from qlorakit.eval.generation import chat_prompt, greedy_generate
 from qlorakit.eval.loglikelihood import LoglikelihoodScorer, encode_pair
-from qlorakit.eval.suites import SUITE_NAMES, suite_tasks
+from qlorakit.eval.suites import SUITE_NAMES, SUITES, suite_tasks
 from qlorakit.eval.tasks import GenItem, Item, LLItem, LoadContext, MCItem, MCOutput, TaskSpec, apply_limit
 
 __all__ = ["TaskRun", "EvalOptions", "load_items", "run_task", "evaluate", "evaluate_pair", "resolve_limit", "DEFAULT_SUITES"]
@@ -68,7 +68,7 @@ def _check_limit_keys(limits: Mapping[str, int | None]) -> None:
     """Every key must name a known suite, task or ``suite/task`` (also ones not run now, so that
     one limits mapping serves several suite selections); typos fail with the valid keys."""
     valid = {"*"}
-    for s in SUITE_NAMES:
+    for s in SUITES:  # the live registry: suites added at run time count too
         valid.add(s)
         for t in suite_tasks(s):
             valid.update({t.name, f"{s}/{t.name}"})
