@@ -64,11 +64,11 @@ def resolve_limit(suite: str, task: TaskSpec, limits: Mapping[str, int | None]) 
     return task.default_limit
 
 
-def _check_limit_keys(limits: Mapping[str, int | None]) -> None:
+def _check_limit_keys(limits: Mapping[str, int | None], running: Sequence[str] = ()) -> None:
     """Every key must name a known suite, task or ``suite/task`` (also ones not run now, so that
     one limits mapping serves several suite selections); typos fail with the valid keys."""
     valid = {"*"}
-    for s in SUITES:  # the live registry: suites added at run time count too
+    for s in dict.fromkeys([*SUITES, *running]):  # the live registry and the suites run now
         valid.add(s)
         for t in suite_tasks(s):
             valid.update({t.name, f"{s}/{t.name}"})
@@ -197,7 +197,7 @@ def _run_suites(
     suites = list(dict.fromkeys(suites))
     for s in suites:
         suite_tasks(s)  # validates names before any work
-    _check_limit_keys(options.limits)
+    _check_limit_keys(options.limits, suites)
     ctx = LoadContext(data_root, heldout_records)
     paired = base_context is not None
     results: dict[str, Any] = {
