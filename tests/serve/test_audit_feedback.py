@@ -121,7 +121,7 @@ def test_feedback_exports_to_training_records_and_a_fine_tune_runs(live, alice, 
     # qlorakit train accepts the file and records where it came from
     runs = tmp_path / "runs"
     assert cli_main(["train", "name=from-feedback", f"output_dir={runs}", f"model.base={tiny_model_dir}",
-                     f"data.train={out}", "train.max_steps=2", "train.micro_batch_size=2", "eval.samples=0",
+                     f"data.train={out}", "train.max_steps=2", "train.micro_batch_size=2", "eval.samples=0", "eval.suites=[]",
                      "train.progress=false", "train.checkpoint_every=0"]) == 0
     run = runs / "from-feedback"
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
