@@ -16,6 +16,7 @@ Not thread-safe by design: only the scheduler's single worker thread calls :meth
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterator
@@ -90,6 +91,9 @@ class ModelHub:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
+        # a private copy for counting on the server's event loop: a fast tokenizer used from two
+        # threads at once can fail ("Already borrowed") while the worker encodes and decodes
+        self._counter = copy.deepcopy(loaded.tokenizer)
         self.adapters = adapters
         self.base_id = base_id
         self.created = int(time.time())
@@ -240,7 +244,8 @@ class ModelHub:
         self._active = model_id
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Tokens of ``text`` (event-loop thread only; the worker uses :attr:`tokenizer`)."""
+        return len(self._counter(text, add_special_tokens=False)["input_ids"])
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         from ..models import chat_prompt
