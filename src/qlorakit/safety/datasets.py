@@ -41,7 +41,9 @@ __all__ = [
     "attack_splits",
     "inject",
     "injection_examples",
+    "task_injection_examples",
     "moderation_examples",
+    "TASK_CATEGORY",
     "OVERRIDE_TEMPLATES",
     "ATTACKER_PAYLOADS",
     "BENIGN_LOOKALIKES",
@@ -579,6 +581,56 @@ def injection_examples(
                 text, span = inject(h.text, rng.choice(overrides)[0], rng)
                 examples.append(Example(text, 1, h.source, split, "document", "indirect", "override", span, h.group))
             examples.append(Example(h.text, 0, h.source, split, "document", "document", "", None, h.group))
+    return examples
+
+
+# Benign prompts that serve as plain-task payloads: single-line user requests of these sources.
+_TASK_SOURCES = ("oasst1_prompt", "self_instruct_prompt", "xstest_safe")
+_TASK_CHARS = (15, 200)
+TASK_CATEGORY = "user_prompt"
+
+
+def task_injection_examples(
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    seed: int = SEED,
+    splits: Iterable[str] = ("train", "val"),
+    per_host: int = 2,
+) -> list[Example]:
+    """Extra training positives for the document head: benign user prompts of a split (oasst1,
+    self-instruct, XSTest safe; one line of 15-200 characters) put into host documents of the
+    same split, as a plain-task injection would be ("Explain the theory of relativity." inside an
+    e-mail). BIPIA has five plain-task categories of five attacks each; these give the head
+    hundreds of such tasks in many wordings. Category :data:`TASK_CATEGORY`.
+
+    For training only: the measured splits (:func:`injection_examples`) do not contain them.
+    """
+    folder = _resolve(data_dir)
+    wanted = set(splits)
+    unknown = wanted - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; expected some of {SPLITS}")
+    if "test" in wanted:
+        raise ValueError("task injections are training aids; the test split holds only measured examples")
+    if per_host < 0:
+        raise ValueError(f"per_host must be >= 0, got {per_host}")
+    common = _load_common(folder, seed)
+    lo, hi = _TASK_CHARS
+    examples: list[Example] = []
+    for split in SPLITS:
+        if split not in wanted:
+            continue
+        rng = random.Random(f"{seed}:{split}:task_injection")
+        tasks = [
+            p.text for p in common["prompts"]
+            if p.split == split and p.source in _TASK_SOURCES and "\n" not in p.text and lo <= len(p.text) <= hi
+        ]
+        if not tasks:
+            continue
+        for h in (d for d in common["documents"] if d.split == split):
+            for _ in range(per_host):
+                text, span = inject(h.text, rng.choice(tasks), rng)
+                examples.append(Example(text, 1, h.source, split, "document", "indirect", TASK_CATEGORY, span, h.group))
     return examples
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from .datasets import Example
 from .guards import InjectionGuard, ModerationGuard
+from .linear import sigmoid
 
 __all__ = ["Rate", "score_examples", "rates", "rate_report"]
 
@@ -33,19 +34,26 @@ def score_examples(
     injection: InjectionGuard | None = None,
     moderation: ModerationGuard | None = None,
 ) -> list[float]:
-    """Score each example with the guard head named by ``example.head``."""
-    scores = []
+    """Score each example with the guard head named by ``example.head`` (the same numbers as
+    ``guard.score``; the windows of all examples of a head are encoded in one batch)."""
+    by_head: dict[str, list[int]] = {}
     for i, ex in enumerate(examples):
         if ex.head in ("prompt", "document"):
             if injection is None:
                 raise ValueError(f"examples[{i}] needs the injection guard (head {ex.head!r})")
-            scores.append(injection.score(ex.text, source=ex.head))  # type: ignore[arg-type]
         elif ex.head in ("request", "content"):
             if moderation is None:
                 raise ValueError(f"examples[{i}] needs the moderation guard (head {ex.head!r})")
-            scores.append(moderation.score(ex.text, kind=ex.head))  # type: ignore[arg-type]
         else:
             raise ValueError(f"examples[{i}]: unknown head {ex.head!r}")
+        by_head.setdefault(ex.head, []).append(i)
+    scores = [0.0] * len(examples)
+    for head, idx in by_head.items():
+        guard = injection if head in ("prompt", "document") else moderation
+        assert guard is not None  # checked above
+        margins = guard.model.batch_max_margins([examples[i].text for i in idx], head)
+        for i, m in zip(idx, margins):
+            scores[i] = sigmoid(float(m))
     return scores
 
 

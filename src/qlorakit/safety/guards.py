@@ -1,4 +1,4 @@
-"""Prompt-injection and moderation guards: text in, :class:`Verdict` out, numpy only.
+"""Prompt-injection and moderation guards: text in, :class:`Verdict` out.
 
 The injection guard has two heads, because the same sentence means different things in different
 places. "Translate the following sentence to French" is an ordinary request when the user types
@@ -8,7 +8,9 @@ it, and an injected instruction when it sits inside an e-mail that a tool fetche
   instructions ("ignore all previous instructions and ...", fake system tags, role-play jailbreak
   preambles), also when pasted inside a longer text.
 - ``source="document"`` (tool results, retrieved files, e-mails, web pages): flags any instruction
-  addressed to the assistant hidden in the document.
+  addressed to the assistant hidden in the document, also a plain task ("Explain the theory of
+  relativity.") that is out of place there. It scores every line and sentence with n-grams, its
+  sentence embedding and how far that embedding is from the rest of the document.
 
 The moderation guard has two heads as well:
 
@@ -26,7 +28,7 @@ import importlib.resources
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from .linear import LinearTextModel
 from .verdict import Verdict
@@ -45,6 +47,9 @@ Source = Literal["prompt", "document"]
 _SOURCES: tuple[str, ...] = ("prompt", "document")
 Kind = Literal["request", "content"]
 _KINDS: tuple[str, ...] = ("request", "content")
+
+if TYPE_CHECKING:
+    from .embed import SentenceEncoder
 
 
 _G = TypeVar("_G", bound="_LinearGuard")
@@ -72,10 +77,19 @@ class _LinearGuard:
         self.model = model
 
     @classmethod
-    def load(cls: type[_G], directory: str | os.PathLike[str] | None = None) -> _G:
-        """Load ``<name>.json`` and ``<name>.npz`` from ``directory`` (default: the shipped files)."""
+    def load(
+        cls: type[_G],
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        encoder: "SentenceEncoder | None" = None,
+    ) -> _G:
+        """Load ``<name>.json`` and ``<name>.npz`` from ``directory`` (default: the shipped files).
+
+        Heads with sentence-embedding features use ``encoder`` (default: the packaged
+        all-MiniLM-L6-v2, shared by all guards of the process and loaded on first use).
+        """
         folder = Path(directory) if directory is not None else packaged_model_dir()
-        model = LinearTextModel.load(folder / f"{cls.name}.json", folder / f"{cls.name}.npz")
+        model = LinearTextModel.load(folder / f"{cls.name}.json", folder / f"{cls.name}.npz", encoder=encoder)
         return cls(model)
 
     def _threshold(self, head: str) -> float:

