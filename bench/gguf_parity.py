@@ -26,7 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _versions() -> str:
-    import gguf  # noqa: F401
     import llama_cpp
     import torch
     import transformers

@@ -51,7 +51,6 @@ def test_planted_wrong_chat_template_is_caught(good_merged, tmp_path, capsys):
 
 
 def _tamper_tensor(out, how):
-    import torch
     from safetensors.torch import load_file, save_file
 
     path = out / "model.safetensors"

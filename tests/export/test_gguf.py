@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from qlorakit.export import read_gguf
 from qlorakit.export.artifacts import _lora_pairs, write_gguf

@@ -32,7 +32,7 @@ from .common import (
     staging_dir,
     write_atomic,
 )
-from .parity import Golden, HFRunner, ParityReport, check_parity, golden_set, source_answers
+from .parity import Golden, HFRunner, ParityReport, SourceAnswers, check_parity, golden_set, source_answers
 from .source import Source, check_run_dir, end_of_turn_ids, open_source, tuned_full_precision
 
 __all__ = ["ExportResult", "export_run", "check_export", "validate_request", "DEFAULT_QUANT", "DEFAULT_DTYPE"]
@@ -160,6 +160,22 @@ def _source_runner(source: Source) -> HFRunner:
                     stop=end_of_turn_ids(ld.tokenizer), pad_id=ld.tokenizer.pad_token_id or 0)
 
 
+# The source's answers depend only on the adapter, the base and the parity settings; a process that
+# exports one run several times (the benchmark) computes them once.
+_SOURCE_CACHE: dict[tuple[str, str, str], SourceAnswers] = {}
+
+
+def _cached_source_answers(source: Source, golden: Golden, cfg: ExportConfig) -> SourceAnswers:
+    from .common import file_digest
+
+    key = (str(source.run_dir.resolve()), file_digest(source.adapter_dir / "adapter_model.safetensors"),
+           json.dumps(dataclasses.asdict(cfg), sort_keys=True) + source.loaded.name + str(source.loaded.folder))
+    if key not in _SOURCE_CACHE:
+        _SOURCE_CACHE.clear()
+        _SOURCE_CACHE[key] = source_answers(_source_runner(source), golden, cfg)
+    return _SOURCE_CACHE[key]
+
+
 def _run_parity(fmt: str, folder: Path, info: dict[str, Any], source: Source, runtime: str
                 ) -> tuple[list[ParityReport], list[str], list[str], Golden]:
     from .artifacts import open_artifacts
@@ -169,7 +185,7 @@ def _run_parity(fmt: str, folder: Path, info: dict[str, Any], source: Source, ru
     opened = open_artifacts(fmt, folder, info, source, runtime=runtime, conversations=golden.conversations)
     reports: list[ParityReport] = []
     if opened.runners:
-        src = source_answers(_source_runner(source), golden, cfg)
+        src = _cached_source_answers(source, golden, cfg)
         max_dis, max_loss = _thresholds(cfg, opened.lossy)
         for artifact, runner in opened.runners:
             t0 = time.perf_counter()

@@ -180,9 +180,12 @@ class HFRunner:
 
 
 def llama_cpp_available() -> bool:
+    """True when llama-cpp-python imports (its shared library loads) in this environment."""
+    import importlib
+
     try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
+        importlib.import_module("llama_cpp")
+    except (ImportError, OSError):
         return False
     return True
 
