@@ -83,7 +83,6 @@ def train_worker(a: argparse.Namespace) -> dict[str, Any]:
     from qlorakit.models import load_base_model
     from qlorakit.train.fast import FastModel, FastOptions
     from qlorakit.train.loop import autocast_ctx
-    from qlorakit.train.plan import release_freed_memory
 
     s = json.loads(a.settings)
     recipe = load_recipe(None, [f"model.base={a.base}", "lora.r=16", "lora.alpha=32"])
@@ -98,7 +97,6 @@ def train_worker(a: argparse.Namespace) -> dict[str, Any]:
         p.requires_grad_(True)
     fm = FastModel(model, FastOptions(weights=s["weights"], checkpointing=s["checkpointing"], compile=s["compile"]),
                    pad_token_id=loaded.tokenizer.pad_token_id)
-    release_freed_memory()
     model.train()
     mb, accum = s["micro_batch"], s["grad_accum"]
     batches = packed_text_batches(loaded.tokenizer, s["seq_len"], mb * accum, a.warmup + a.steps)

@@ -116,19 +116,37 @@ def silu_mul_bwd(dm: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tensor, torc
     return dg.to(BF16), du.to(BF16)
 
 
-def attn_probs(scores: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
-    """Causal softmax of raw scores (n_kv, L G, L) fp32, row r being query token r // G."""
+def _silu_mul_fwd_eager(gu: torch.Tensor) -> torch.Tensor:
+    i = gu.shape[1] // 2
+    gf = gu.float()  # one contiguous conversion, then in-place fp32 ops
+    return F.silu(gf[:, :i]).mul_(gf[:, i:]).to(BF16)
+
+
+def _silu_mul_bwd_eager(dm: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    i = gu.shape[1] // 2
+    gf = gu.float()
+    g, u = gf[:, :i], gf[:, i:]
+    d = dm.float()
+    sg = torch.sigmoid(g)
+    du = (g * sg).mul_(d)
+    dg = (1.0 - sg).mul_(g).add_(1.0).mul_(sg).mul_(u).mul_(d)
+    return dg.to(BF16), du.to(BF16)
+
+
+def attn_probs(scores: torch.Tensor, lse: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
+    """Attention probabilities recomputed from raw scores (n_kv, L G, L) and the forward's
+    log-sum-exp (n_kv, L G, 1): exp(s * scale - lse) on and below the diagonal, 0 above; bf16.
+    Row r is query token r // G."""
     rows, n = scores.shape[-2], scores.shape[-1]
     qpos = torch.arange(rows, device=scores.device) // groups
     kpos = torch.arange(n, device=scores.device)
-    masked = torch.where(kpos[None, :] <= qpos[:, None], scores * scale, float("-inf"))
-    return torch.softmax(masked, dim=-1)
+    p = torch.exp(scores.float() * scale - lse)
+    return torch.where(kpos[None, :] <= qpos[:, None], p, 0.0).to(BF16)
 
 
-def attn_dscores(p: torch.Tensor, dp: torch.Tensor, do: torch.Tensor, o: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax backward p * (dp - rowsum(do * o)) * scale, as bf16 (n_kv, L G, L)."""
-    delta = (do.float() * o.float()).sum(-1, keepdim=True)
-    return (p * (dp.float() - delta) * scale).to(BF16)
+def attn_dscores(p: torch.Tensor, dp: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax backward p * (dp - delta) * scale, delta = rowsum(do * o); bf16 (n_kv, L G, L)."""
+    return (p.float() * (dp.float() - delta) * scale).to(BF16)
 
 
 def ce_fwd_bwd(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +157,16 @@ def ce_fwd_bwd(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
     picked = torch.where(hit, lf, 0.0).sum(-1, keepdim=True)
     grad = torch.exp(lf - lse) - hit.float()
     return (lse - picked).sum(), grad.to(BF16)
+
+
+def _ce_fwd_bwd_eager(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ce_fwd_bwd` in few eager passes: ATen's fused log-softmax, then exp in place."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    rows = torch.arange(logp.shape[0], device=logp.device)
+    loss = -logp[rows, target].sum()
+    grad = logp.exp_()
+    grad[rows, target] -= 1.0
+    return loss, grad.to(BF16)
 
 
 def ce_fwd(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -159,6 +187,12 @@ _EAGER: dict[str, Callable[..., Any]] = {
     "ce_fwd_bwd": ce_fwd_bwd,
     "ce_fwd": ce_fwd,
 }
+# eager forms where the fused-loop form is slow when run op by op
+_EAGER_ONLY: dict[str, Callable[..., Any]] = {
+    "ce_fwd_bwd": _ce_fwd_bwd_eager,
+    "silu_mul_fwd": _silu_mul_fwd_eager,
+    "silu_mul_bwd": _silu_mul_bwd_eager,
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -178,4 +212,4 @@ def kernel(name: str, compiled: bool) -> Callable[..., Any]:
         raise KeyError(f"unknown kernel {name!r}; known: {sorted(_EAGER)}")
     if compiled and compile_available():
         return _compiled(name)
-    return _EAGER[name]
+    return _EAGER_ONLY.get(name, _EAGER[name])
