@@ -30,7 +30,7 @@ from torch import nn
 from .nf4 import dequantize, is_linear4bit
 
 __all__ = ["FrozenWeight", "LoraMember", "LoraGroup", "lora_group_matmul", "WeightMode", "cache_bf16_weights",
-           "drop_bf16_weights"]
+           "drop_bf16_weights", "GroupSaved", "group_forward", "group_backward"]
 
 BF16 = torch.bfloat16
 WeightMode = Literal["cache", "per-use"]
@@ -115,85 +115,120 @@ def _factors(group: LoraGroup, idx: list[int], params: Sequence[torch.Tensor]) -
     return a_cat, b_full, ranks
 
 
+@dataclass
+class GroupSaved:
+    """What a group's backward needs from its forward."""
+
+    x: torch.Tensor  # (N, in) bf16 input
+    xa: torch.Tensor | None  # (N, R) LoRA activations of the adapted members, side by side
+    idx: list[int]  # the adapted members
+    drop: list[float]  # their dropout rates in this forward
+    masks: list[torch.Tensor | None] | None  # their dropout keep-masks (bool), None without dropout
+    ranks: list[int]
+
+
+def group_forward(x: torch.Tensor, group: LoraGroup, training: bool,
+                  params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, GroupSaved]:
+    """y (N, out_total) bf16 for every member at once, and what the backward needs."""
+    w = group.weight.get()
+    y = x @ w.t()
+    if group.weight.bias is not None:
+        y += group.weight.bias
+    idx = group.adapted
+    if len(params) != 2 * len(idx):
+        raise ValueError(f"expected {2 * len(idx)} LoRA tensors for this group, got {len(params)}")
+    drop = [group.members[i].dropout if training else 0.0 for i in idx]
+    if not idx:
+        return y, GroupSaved(x, None, idx, drop, None, [])
+    a_cat, b_full, ranks = _factors(group, idx, params)
+    if not any(drop):
+        xa = x @ a_cat.t()  # (N, R): one matmul for every member
+        y.addmm_(xa, b_full.t())
+        return y, GroupSaved(x, xa, idx, drop, None, ranks)
+    # dropout: each member sees its own mask, drawn as nn.Dropout draws it for an fp32 input
+    masks: list[torch.Tensor | None] = []
+    parts, col = [], 0
+    for j, p in enumerate(drop):
+        a_j = a_cat[col:col + ranks[j]]
+        col += ranks[j]
+        if p > 0:
+            keep = torch.empty(x.shape, dtype=torch.float32, device=x.device).bernoulli_(1.0 - p)
+            parts.append((x.float() * keep.div_(1.0 - p)).to(BF16) @ a_j.t())
+            masks.append(keep.ne(0))
+        else:
+            parts.append(x @ a_j.t())
+            masks.append(None)
+    xa = torch.cat(parts, dim=1)
+    y.addmm_(xa, b_full.t())
+    return y, GroupSaved(x, xa, idx, drop, masks, ranks)
+
+
+def group_backward(group: LoraGroup, sv: GroupSaved, dy: torch.Tensor | Sequence[torch.Tensor],
+                   need_dx: bool = True) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """(dx, [dA, dB per adapted member]) from the gradient of the group's output.
+
+    ``dy`` is either the whole (N, out_total) gradient or one (N, out_i) gradient per member, so
+    that a caller whose gradients come out per member (the SiLU gate) needs no concatenation.
+    """
+    w = group.weight.get()
+    if isinstance(dy, torch.Tensor):
+        dy = dy.to(BF16).contiguous()
+        parts = [dy[:, group.offsets[i]:group.offsets[i + 1]] for i in range(len(group.members))]
+        dx = dy @ w if need_dx else None
+    else:
+        parts = [d.to(BF16).contiguous() for d in dy]
+        dx = None
+        if need_dx:
+            for i, d in enumerate(parts):
+                wi = w[group.offsets[i]:group.offsets[i + 1]]
+                dx = d @ wi if dx is None else dx.addmm_(d, wi)
+    if not sv.idx:
+        return dx, []
+    params = [t for i in sv.idx for t in (group.members[i].a, group.members[i].b)]
+    a_cat, b_full, ranks = _factors(group, sv.idx, params)
+    x, xa = sv.x, sv.xa
+    if isinstance(dy, torch.Tensor):
+        g = dy @ b_full  # (N, R): s_i dy_i B_i side by side, one matmul
+    else:
+        g = None
+        for i, d in enumerate(parts):
+            bi = b_full[group.offsets[i]:group.offsets[i + 1]]
+            g = d @ bi if g is None else g.addmm_(d, bi)
+    grads: list[torch.Tensor] = []
+    col = 0
+    for j, i in enumerate(sv.idx):
+        m, r = group.members[i], ranks[j]
+        gj = g[:, col:col + r]
+        mask = None if sv.masks is None else sv.masks[j]
+        p = sv.drop[j]
+        xd = x if mask is None else (x.float() * mask / (1.0 - p)).to(BF16)
+        grads.append((gj.t() @ xd).float())
+        grads.append((parts[i].t() @ xa[:, col:col + r]).float() * m.scaling)
+        if dx is not None and mask is not None:
+            dx += ((gj @ a_cat[col:col + r]).float() * mask / (1.0 - p)).to(BF16)
+        elif dx is not None and sv.masks is not None:
+            dx.addmm_(gj, a_cat[col:col + r])
+        col += r
+    if dx is not None and sv.masks is None:
+        dx.addmm_(g, a_cat)
+    return dx, grads
+
+
 class _LoraGroupFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: LoraGroup, training: bool, *params: torch.Tensor) -> torch.Tensor:
-        w = group.weight.get()
-        y = x @ w.t()  # (N, out) bf16
-        if group.weight.bias is not None:
-            y += group.weight.bias
-        idx = group.adapted
-        if len(params) != 2 * len(idx):
-            raise ValueError(f"expected {2 * len(idx)} LoRA tensors for this group, got {len(params)}")
-        ctx.group, ctx.idx = group, idx
-        drop = [group.members[i].dropout if training else 0.0 for i in idx]
-        ctx.drop = drop
-        if not idx:
-            ctx.save_for_backward(x)
-            return y
-        a_cat, b_full, ranks = _factors(group, idx, params)
-        ctx.ranks = ranks
-        if not any(drop):
-            xa = x @ a_cat.t()  # (N, R): one matmul for every member
-            y.addmm_(xa, b_full.t())
-            ctx.masks = None
-            ctx.save_for_backward(x, xa)
-            return y
-        # dropout: each member sees its own mask, drawn as nn.Dropout draws it for an fp32 input
-        masks, parts, col = [], [], 0
-        for j, p in enumerate(drop):
-            a_j = a_cat[col:col + ranks[j]]
-            col += ranks[j]
-            if p > 0:
-                keep = torch.empty(x.shape, dtype=torch.float32, device=x.device).bernoulli_(1.0 - p)
-                parts.append((x.float() * keep.div_(1.0 - p)).to(BF16) @ a_j.t())
-                masks.append(keep.ne(0))
-            else:
-                parts.append(x @ a_j.t())
-                masks.append(None)
-        xa = torch.cat(parts, dim=1)
-        y.addmm_(xa, b_full.t())
-        ctx.masks = masks
-        ctx.save_for_backward(x, xa)
+        y, sv = group_forward(x, group, training, params)
+        ctx.group, ctx.sv = group, sv
+        ctx.save_for_backward(sv.x, *([sv.xa] if sv.xa is not None else []))
+        sv.x = sv.xa = None  # held by save_for_backward (freed with the graph)
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        group: LoraGroup = ctx.group
-        idx: list[int] = ctx.idx
-        dy = dy.to(BF16).contiguous()
-        dx = dy @ group.weight.get() if ctx.needs_input_grad[0] else None
-        if not idx:
-            return (dx, None, None)
-        x, xa = ctx.saved_tensors
-        params = [t for i in idx for t in (group.members[i].a, group.members[i].b)]
-        a_cat, b_full, ranks = _factors(group, idx, params)
-        g = dy @ b_full  # (N, R): s_i dy_i B_i side by side
-        db_full = dy.t() @ xa  # (out_total, R); only the diagonal blocks are used
-        grads: list[torch.Tensor] = []
-        col = 0
-        for j, i in enumerate(idx):
-            m = group.members[i]
-            r = ranks[j]
-            gj = g[:, col:col + r]
-            mask = None if ctx.masks is None else ctx.masks[j]
-            p = ctx.drop[j]
-            xd = x if mask is None else (x.float() * mask / (1.0 - p)).to(BF16)
-            da = (gj.t() @ xd).float()
-            db = db_full[group.offsets[i]:group.offsets[i + 1], col:col + r].float() * m.scaling
-            if dx is not None and mask is not None:
-                dx += ((gj @ a_cat[col:col + r]).float() * mask / (1.0 - p)).to(BF16)
-            grads += [da, db]
-            col += r
-        if dx is not None and ctx.masks is None:
-            dx.addmm_(g, a_cat)
-        elif dx is not None:
-            plain = [j for j, mk in enumerate(ctx.masks) if mk is None]
-            col = 0
-            for j in range(len(idx)):
-                if j in plain:
-                    dx.addmm_(g[:, col:col + ranks[j]], a_cat[col:col + ranks[j]])
-                col += ranks[j]
+        sv: GroupSaved = ctx.sv
+        saved = ctx.saved_tensors
+        sv.x, sv.xa = saved[0], (saved[1] if len(saved) > 1 else None)
+        dx, grads = group_backward(ctx.group, sv, dy, need_dx=ctx.needs_input_grad[0])
         return (dx, None, None, *grads)
 
 

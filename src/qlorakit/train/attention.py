@@ -20,9 +20,10 @@ import torch.nn.functional as F
 
 from .kernels import kernel
 
-__all__ = ["segment_attention", "segments_from_positions"]
+__all__ = ["segment_attention", "segments_from_positions", "Workspace"]
 
 BF16 = torch.bfloat16
+LENGTH_STEP = 32  # segment lengths are rounded up to a multiple of this in the backward
 
 
 def segments_from_positions(position_ids: torch.Tensor) -> list[tuple[int, int]]:
@@ -35,10 +36,36 @@ def segments_from_positions(position_ids: torch.Tensor) -> list[tuple[int, int]]
     return list(zip(starts, ends))
 
 
+class Workspace:
+    """Grow-only flat buffers, one per name and dtype, handed out as views of the needed shape.
+
+    Buffers of the same few sizes reused for every segment and layer: a fresh (L G, L) tensor per
+    segment (sizes vary with every packed example) fragments malloc's heap, and the training
+    process's memory then grows step after step.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def view(self, name: str, dtype: torch.dtype, capacity: int, shape: tuple[int, ...],
+             device: torch.device | str = "cpu") -> torch.Tensor:
+        numel = 1
+        for x in shape:
+            numel *= x
+        buf = self._bufs.get((name, dtype))
+        if buf is None or buf.numel() < max(capacity, numel):
+            buf = torch.empty(max(capacity, numel), dtype=dtype, device=device)
+            self._bufs[(name, dtype)] = buf
+        return buf[:numel].view(shape)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[tuple[int, int]],
-                scale: float, compiled: bool) -> torch.Tensor:
+                scale: float, compiled: bool, workspace: Workspace | None) -> torch.Tensor:
         # q (Hkv, N, G, D), k/v (Hkv, N, D) bf16 -> o (N, Hkv G D) bf16, query head j G + g at [j G + g]
         n_kv, n, groups, d = q.shape
         hq = n_kv * groups
@@ -54,6 +81,7 @@ class _SegmentAttention(torch.autograd.Function):
             lse[:, s:e] = lse_s[0].view(n_kv, groups, length).transpose(1, 2)
         o = o.view(n, hq * d)
         ctx.segments = segments
+        ctx.workspace = workspace
         ctx.scale = scale
         ctx.compiled = compiled
         ctx.save_for_backward(q, k, v, o, lse)
@@ -64,35 +92,59 @@ class _SegmentAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         n_kv, n, groups, d = q.shape
         scale = ctx.scale
-        probs = kernel("attn_probs", ctx.compiled)
-        dscores = kernel("attn_dscores", ctx.compiled)
+        probs = kernel("attn_probs_", ctx.compiled)
+        dscores = kernel("attn_dscores_", ctx.compiled)
+        ws: Workspace = ctx.workspace or Workspace()
+        # every segment is processed at its length rounded up to LENGTH_STEP: the matmul shapes then
+        # take a few values (each new shape costs oneDNN a new cached kernel, ~1 MB, and time). The
+        # extra keys lie beyond the segment, so the causal mask removes them; the extra query rows
+        # get probability 0 and their results are dropped.
+        pad = LENGTH_STEP
+        longest = -(-max(e - s for s, e in ctx.segments) // pad) * pad
+        size = n_kv * longest * groups * longest
         do = do.to(BF16).contiguous()
         # delta = rowsum(do * o) per query token and head, laid out as q is: (Hkv, N, G)
         delta = (do.view(n, n_kv * groups, d).float() * o.view(n, n_kv * groups, d).float()).sum(-1)
-        delta = delta.view(n, n_kv, groups).permute(1, 0, 2).contiguous()
+        delta = F.pad(delta.view(n, n_kv, groups).permute(1, 0, 2), (0, 0, 0, pad))  # (Hkv, N + pad, G)
         # (N, Hkv, G, D) -> (Hkv, N, G, D): a segment of a kv group is then one (L G, D) block
-        do4 = do.view(n, n_kv, groups, d).permute(1, 0, 2, 3).contiguous()
-        qf, kf = q.float(), k.float()  # scores in fp32: bf16-rounded scores cost ~5x the gradient error
+        do4 = F.pad(do.view(n, n_kv, groups, d).permute(1, 0, 2, 3), (0, 0, 0, 0, 0, pad))
+        qb = F.pad(q, (0, 0, 0, 0, 0, pad))
+        qf = qb.float()  # scores in fp32: bf16-rounded scores cost ~5x the gradient error
+        kb = F.pad(k, (0, 0, 0, pad))
+        kf = kb.float()
+        vb = F.pad(v, (0, 0, 0, pad))
+        lseb = F.pad(lse, (0, 0, 0, pad))
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         for s, e in ctx.segments:
             length = e - s
-            qs = q[:, s:e].reshape(n_kv, length * groups, d)
-            dos = do4[:, s:e].reshape(n_kv, length * groups, d)
-            ks, vs = k[:, s:e], v[:, s:e]
-            rows = (n_kv, length * groups, 1)
-            # the large (L G, L) operands are only ever read untransposed; small ones are transposed
-            scores = torch.bmm(qf[:, s:e].reshape(n_kv, length * groups, d), kf[:, s:e].transpose(1, 2))
-            p = probs(scores, lse[:, s:e].reshape(rows), scale, groups)
-            dv[:, s:e] = torch.bmm(dos.transpose(1, 2), p).transpose(1, 2)  # sums over the group
-            ds = dscores(p, torch.bmm(dos, vs.transpose(1, 2)), delta[:, s:e].reshape(rows), scale)
-            dq[:, s:e] = torch.bmm(ds, ks).view(n_kv, length, groups, d)
-            dk[:, s:e] = torch.bmm(qs.transpose(1, 2), ds).transpose(1, 2)
-        return dq, dk, dv, None, None, None
+            lp = -(-length // pad) * pad
+            t = s + lp
+            rows = (n_kv, lp * groups, 1)
+            qs = qb[:, s:t].reshape(n_kv, lp * groups, d)
+            dos = do4[:, s:t].reshape(n_kv, lp * groups, d)
+            ks, vs = kb[:, s:t], vb[:, s:t]
+            # the (L G, L) matrices live in reused buffers, are only ever read untransposed, and are
+            # overwritten in place; small operands are transposed
+            shape = (n_kv, lp * groups, lp)
+            scores = ws.view("scores", torch.float32, size, shape, q.device)
+            p = ws.view("probs", BF16, size, shape, q.device)
+            ds = ws.view("dscores", BF16, size, shape, q.device)
+            torch.bmm(qf[:, s:t].reshape(n_kv, lp * groups, d), kf[:, s:t].transpose(1, 2), out=scores)
+            probs(scores, lseb[:, s:t].reshape(rows), scale, groups, length, p)
+            dv[:, s:e] = torch.bmm(dos.transpose(1, 2), p)[:, :, :length].transpose(1, 2)  # sums over the group
+            torch.bmm(dos, vs.transpose(1, 2), out=ds)  # d probs, then d scores in place
+            dscores(p, ds, delta[:, s:t].reshape(rows), scale)
+            dq[:, s:e] = torch.bmm(ds, ks).view(n_kv, lp, groups, d)[:, :length]
+            dk[:, s:e] = torch.bmm(qs.transpose(1, 2), ds)[:, :, :length].transpose(1, 2)
+        return dq, dk, dv, None, None, None, None
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[tuple[int, int]],
-                      scale: float, compiled: bool = False) -> torch.Tensor:
-    """Causal attention within each segment: q (Hkv, N, G, D), k/v (Hkv, N, D) bf16 -> (N, Hkv G D) bf16."""
-    return _SegmentAttention.apply(q, k, v, segments, scale, compiled)
+                      scale: float, compiled: bool = False, workspace: Workspace | None = None) -> torch.Tensor:
+    """Causal attention within each segment: q (Hkv, N, G, D), k/v (Hkv, N, D) bf16 -> (N, Hkv G D) bf16.
+
+    ``workspace`` holds the backward's score-sized buffers across calls (one per model is enough).
+    """
+    return _SegmentAttention.apply(q, k, v, segments, scale, compiled, workspace)

@@ -32,7 +32,10 @@ __all__ = [
     "silu_mul_bwd",
     "attn_probs",
     "attn_dscores",
+    "attn_probs_",
+    "attn_dscores_",
     "ce_fwd_bwd",
+    "ce_fwd_bwd_",
     "ce_fwd",
 ]
 
@@ -133,20 +136,32 @@ def _silu_mul_bwd_eager(dm: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tenso
     return dg.to(BF16), du.to(BF16)
 
 
-def attn_probs(scores: torch.Tensor, lse: torch.Tensor, scale: float, groups: int) -> torch.Tensor:
+def attn_probs(scores: torch.Tensor, lse: torch.Tensor, scale: float, groups: int, valid: int) -> torch.Tensor:
     """Attention probabilities recomputed from raw scores (n_kv, L G, L) and the forward's
-    log-sum-exp (n_kv, L G, 1): exp(s * scale - lse) on and below the diagonal, 0 above; bf16.
-    Row r is query token r // G."""
+    log-sum-exp (n_kv, L G, 1): exp(s * scale - lse) on and below the diagonal, 0 above and on the
+    rows of query tokens at or past ``valid`` (padding); bf16. Row r is query token r // G."""
     rows, n = scores.shape[-2], scores.shape[-1]
     qpos = torch.arange(rows, device=scores.device) // groups
     kpos = torch.arange(n, device=scores.device)
     p = torch.exp(scores.float() * scale - lse)
-    return torch.where(kpos[None, :] <= qpos[:, None], p, 0.0).to(BF16)
+    keep = (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] < valid)
+    return torch.where(keep, p, 0.0).to(BF16)
 
 
 def attn_dscores(p: torch.Tensor, dp: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
     """Softmax backward p * (dp - delta) * scale, delta = rowsum(do * o); bf16 (n_kv, L G, L)."""
     return (p.float() * (dp.float() - delta) * scale).to(BF16)
+
+
+def attn_probs_(scores: torch.Tensor, lse: torch.Tensor, scale: float, groups: int, valid: int,
+                out: torch.Tensor) -> None:
+    """:func:`attn_probs` written into ``out`` (bf16, the shape of ``scores``)."""
+    out.copy_(attn_probs(scores, lse, scale, groups, valid))
+
+
+def attn_dscores_(p: torch.Tensor, dp: torch.Tensor, delta: torch.Tensor, scale: float) -> None:
+    """:func:`attn_dscores` written over ``dp`` in place."""
+    dp.copy_(attn_dscores(p, dp, delta, scale))
 
 
 def ce_fwd_bwd(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,6 +172,27 @@ def ce_fwd_bwd(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
     picked = torch.where(hit, lf, 0.0).sum(-1, keepdim=True)
     grad = torch.exp(lf - lse) - hit.float()
     return (lse - picked).sum(), grad.to(BF16)
+
+
+def ce_fwd_bwd_(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """:func:`ce_fwd_bwd` writing the gradient over ``logits`` in place; returns the summed loss.
+
+    A reused logits buffer costs no fresh pages: a new (chunk, vocabulary) tensor per chunk is
+    mapped and zero-filled by the kernel page by page every time (measured: a third of the head's
+    time on a 2-core VM).
+    """
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1, keepdim=True)
+    hit = torch.arange(lf.shape[1], device=lf.device)[None, :] == target[:, None]
+    picked = torch.where(hit, lf, 0.0).sum(-1, keepdim=True)
+    logits.copy_((torch.exp(lf - lse) - hit.float()).to(BF16))
+    return (lse - picked).sum()
+
+
+def _ce_fwd_bwd_inplace_eager(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    loss, grad = _ce_fwd_bwd_eager(logits, target)
+    logits.copy_(grad)
+    return loss
 
 
 def _ce_fwd_bwd_eager(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,12 +220,16 @@ _EAGER: dict[str, Callable[..., Any]] = {
     "silu_mul_bwd": silu_mul_bwd,
     "attn_probs": attn_probs,
     "attn_dscores": attn_dscores,
+    "attn_probs_": attn_probs_,
+    "attn_dscores_": attn_dscores_,
     "ce_fwd_bwd": ce_fwd_bwd,
+    "ce_fwd_bwd_": ce_fwd_bwd_,
     "ce_fwd": ce_fwd,
 }
 # eager forms where the fused-loop form is slow when run op by op
 _EAGER_ONLY: dict[str, Callable[..., Any]] = {
     "ce_fwd_bwd": _ce_fwd_bwd_eager,
+    "ce_fwd_bwd_": _ce_fwd_bwd_inplace_eager,
     "silu_mul_fwd": _silu_mul_fwd_eager,
     "silu_mul_bwd": _silu_mul_bwd_eager,
 }

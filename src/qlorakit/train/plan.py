@@ -267,8 +267,10 @@ def choose_fast_options(recipe: Any, model: Any, *, checkpointing: bool) -> Any:
     est = estimate_memory(shape, micro_batch=t.micro_batch_size, seq_len=recipe.data.max_seq_len, r=recipe.lora.r,
                           dropout=recipe.lora.dropout, checkpointing=checkpointing, weights="cache",
                           baseline=current_rss_bytes())
-    weights = "cache" if est.train_peak <= memory_budget_bytes(recipe) else "per-use"
-    return FastOptions(weights=weights, checkpointing=checkpointing, compile=compile_pays(shape, steps * tokens_step))
+    budget = memory_budget_bytes(recipe)
+    weights = "cache" if est.train_peak <= budget else "per-use"
+    return FastOptions(weights=weights, checkpointing=checkpointing, compile=compile_pays(shape, steps * tokens_step),
+                       trim_above=0.9 * budget)
 
 
 # --------------------------------------------------------------------------------------------
