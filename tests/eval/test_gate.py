@@ -71,3 +71,60 @@ def test_parse_checks_reports_every_problem():
     text = str(e.value)
     assert "threshold 0" in text and "max_dorp" in text
     assert "threshold 1" in text and "threshold 2" in text and "threshold 3" in text
+
+
+def _one(metric, base, tuned, lo, hi, hib=True):
+    suite, task, name = metric.split("/")
+    return {"suites": {suite: {task: {"metrics": {name: _m(base, tuned, lo, hi, hib=hib)}}}}}
+
+
+@pytest.mark.parametrize("significant", [False, True])
+def test_drop_beyond_threshold_within_noise_fails_only_without_significance(significant):
+    # the default run's MMLU: 26 -> 23 on 200 items, paired interval [-7, +1] points
+    res = _one("retention/mmlu/acc", 0.26, 0.23, -0.07, 0.01)
+    g = apply_gate(res, [GateCheck("retention/mmlu/acc", "max_drop", 2.0, significant=significant)])
+    o = g.outcomes[0]
+    assert o.observed == pytest.approx(3.0) and o.margin == pytest.approx(-1.0)
+    assert g.passed is significant
+    if significant:
+        assert "not significant" in o.message and "[-7.00, 1.00]" in o.message
+
+
+def test_significant_drop_beyond_threshold_fails_and_small_significant_drop_passes():
+    big = _one("retention/mmlu/acc", 0.40, 0.30, -0.14, -0.06)  # -10 points, interval wholly below 0
+    g = apply_gate(big, [GateCheck("retention/mmlu/acc", "max_drop", 2.0, significant=True)])
+    assert not g.passed and "significant (the interval excludes no change)" in g.outcomes[0].message
+    small = _one("retention/mmlu/acc", 0.40, 0.39, -0.015, -0.005)  # real but within the 2 allowed
+    assert apply_gate(small, [GateCheck("retention/mmlu/acc", "max_drop", 2.0, significant=True)]).passed
+
+
+def test_significant_rise_and_abs_rise():
+    rise = _one("safety/xstest_over_refusal/over_refusal_rate", 0.05, 0.30, 0.15, 0.35, hib=False)
+    assert not apply_gate(rise, [GateCheck("safety/xstest_over_refusal/over_refusal_rate", "max_rise", 10.0,
+                                           significant=True)]).passed
+    noisy = _one("safety/xstest_over_refusal/over_refusal_rate", 0.05, 0.20, -0.02, 0.32, hib=False)
+    assert apply_gate(noisy, [GateCheck("safety/xstest_over_refusal/over_refusal_rate", "max_rise", 10.0,
+                                        significant=True)]).passed
+    # a bias score moving from -0.02 to -0.30 (away from 0), interval of the difference wholly negative
+    away = _one("bias/bbq/bias_ambig", -0.02, -0.30, -0.40, -0.15, hib=None)
+    assert not apply_gate(away, [GateCheck("bias/bbq/bias_ambig", "max_abs_rise", 10.0, significant=True)]).passed
+    unsure = _one("bias/bbq/bias_ambig", -0.02, -0.30, -0.50, 0.05, hib=None)
+    assert apply_gate(unsure, [GateCheck("bias/bbq/bias_ambig", "max_abs_rise", 10.0, significant=True)]).passed
+
+
+def test_significance_without_an_interval_fails_the_check():
+    res = _one("retention/mmlu/acc", 0.40, 0.30, None, None)
+    g = apply_gate(res, [GateCheck("retention/mmlu/acc", "max_drop", 2.0, significant=True)])
+    assert not g.passed and "no interval" in g.outcomes[0].message
+
+
+def test_recipe_gate_uses_significance_by_default():
+    from qlorakit.config import load_recipe
+    from qlorakit.eval.cli import thresholds_from_recipe
+
+    on = thresholds_from_recipe(load_recipe(None, []).eval.gate)
+    off = thresholds_from_recipe(load_recipe(None, ["eval.gate.require_significance=false"]).eval.gate)
+    assert all(c.significant for c in on if c.rule in ("max_drop", "max_rise", "max_abs_rise"))
+    assert not any(c.significant for c in off if c.rule in ("max_drop", "max_rise", "max_abs_rise"))
+    res = _one("retention/mmlu/acc", 0.26, 0.23, -0.07, 0.01)
+    assert apply_gate(res, on).passed and not apply_gate(res, off).passed

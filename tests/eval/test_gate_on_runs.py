@@ -14,19 +14,18 @@ from qlorakit.train import train
 
 FIXED = "Sorry, all our bicycles are bananas."
 
-# trains the default model twice (a few minutes on 2 idle cores): run with -m slow
+# trains the default recipe twice (about 4 minutes each on 2 idle cores) and evaluates both with
+# every suite: run with -m slow
 pytestmark = pytest.mark.slow
+SUITES = ("quality", "retention", "truthfulness", "bias", "safety")
+HELDOUT = sample_train_path().with_name("support_eval.jsonl")
 
 
-def _run(tmp_path, name, train_file, steps, lr):
-    ov = [f"output_dir={tmp_path}", f"name={name}", f"data.train={train_file}", "data.max_seq_len=256",
-          "train.micro_batch_size=4", f"train.max_steps={steps}", f"train.lr={lr}", "train.warmup_ratio=0",
-          "train.progress=false", "train.checkpoint_every=0", "eval.samples=0", "eval.suites=[]"]
-    if name != "good":
-        # the held-out part of the packaged sample data, so both runs are judged on the same items
-        ov.append(f"data.eval={sample_train_path().with_name('support_eval.jsonl')}")
-    else:
-        ov.append("data.eval=auto")
+def _run(tmp_path, name, train_file):
+    # the default recipe, as `qlorakit train` runs it; only the end-of-run samples and short gate
+    # are left to `qlorakit eval` below, and both runs are judged on the packaged held-out file
+    ov = [f"output_dir={tmp_path}", f"name={name}", f"data.train={train_file}", f"data.eval={HELDOUT}",
+          "train.progress=false", "eval.samples=0", "eval.suites=[]"]
     return train(load_recipe(None, ov))
 
 
@@ -38,22 +37,30 @@ def runs(tmp_path_factory):
     damaged.write_text("".join(json.dumps({"instruction": r["instruction"], "input": r.get("input", ""),
                                            "output": FIXED}) + "\n" for r in recs))
     (tmp / "damaged.jsonl.licence").write_text("Apache-2.0\n")
-    good = _run(tmp, "good", "sample", steps=8, lr=1e-3)
-    bad = _run(tmp, "damaged", damaged, steps=8, lr=2e-3)
+    good = _run(tmp, "good", "sample")
+    bad = _run(tmp, "damaged", damaged)
     return good, bad
 
 
 def _eval(capsys, run):
-    code = main(["eval", str(run), "--suites", "quality", "--limit", "12"])
+    code = main(["eval", str(run), "--suites", ",".join(SUITES), "--limit", "16"])
     out = capsys.readouterr().out
     return code, out, json.loads((run / "eval" / "results.json").read_text())
 
 
-def test_gate_passes_the_fine_tune(runs, capsys):
+def test_gate_passes_the_default_run_with_every_suite(runs, capsys):
     code, out, res = _eval(capsys, runs[0])
     assert code == 0, out
     assert res["gate"]["passed"] is True
     assert "gate: PASSED" in out
+    assert set(SUITES) <= set(res["suites"]), sorted(res["suites"])
+    checked = {c["metric"].split("/")[0] for c in res["gate"]["checks"] if c["status"] != "skipped"}
+    assert set(SUITES) <= checked, checked
+    report = (runs[0] / "eval" / "report.md").read_text()
+    html = (runs[0] / "eval" / "report.html").read_text()
+    for suite in SUITES:
+        assert suite in report and suite in html
+    assert "<svg" in html or "data:image/png" in html  # the plots are inside the page
 
 
 def test_gate_fails_the_damaged_adapter_and_says_why(runs, capsys):
