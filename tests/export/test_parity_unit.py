@@ -21,14 +21,19 @@ def test_token_agreement_counts_positions_up_to_the_longer_answer():
 class FakeRunner:
     name = "fake"
 
-    def __init__(self, answers, stops=(EOT,), loss=1.0, template=None, ids=None):
+    def __init__(self, answers, stops=(EOT,), loss=1.0, template=None, ids=None, forced=None):
         self.answers, self._stops, self._loss, self._template, self._ids = answers, set(stops), loss, template, ids
+        self._forced = forced  # the choice at each position of the source's answer (default: its own answer)
         self.i = 0
 
     def greedy(self, ids, max_new):
         a = self.answers[self.i % len(self.answers)]
         self.i += 1
         return a[:max_new]
+
+    def forced(self, ids, answer):
+        a = self._forced if self._forced is not None else self.answers[self.i % len(self.answers)]
+        return [a[i] if i < len(a) else -1 for i in range(len(answer))]
 
     def loss(self, rows):
         return self._loss
@@ -74,10 +79,29 @@ def test_run_on_answer_fails_with_the_reason():
 
 
 def test_answers_that_part_early_are_not_a_stop_failure():
-    rep = _check(FakeRunner([[1, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]]), src_answer=(1, 2, 3, EOT))
+    # free-running it goes elsewhere after token 1; fed the source's answer it differs at one of 4
+    rep = _check(FakeRunner([[1, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7]], forced=[1, 7, 3, EOT]), src_answer=(1, 2, 3, EOT))
     assert rep.stops["diverged_before_stop"] == 1
     assert not any(f.startswith("stop:") for f in rep.failures)
-    assert any(f.startswith("token agreement") for f in rep.failures)
+    assert rep.forced_agreement == 0.75 and rep.token_agreement == 1 / 8  # of the first 8 positions
+    assert any(f.startswith("next-token agreement 75.0%") for f in rep.failures)
+
+
+def test_a_near_tie_that_flips_free_running_is_judged_by_next_token_agreement():
+    # one flipped near-tie sends the free-running answer elsewhere, but at every position of the
+    # source's answer the export picks the source's token: the weights agree, the check passes
+    src = (1, 2, 3, 4, 5, 6, 7, EOT)
+    rep = _check(FakeRunner([[1, 2, 9, 9, 9, 9, 9, EOT]], forced=list(src)), src_answer=src)
+    assert rep.token_agreement < 0.5 and rep.forced_agreement == 1.0
+    assert rep.forced_stops == {"source_stopped": 1, "export_stops_there": 1}
+    assert rep.passed, rep.failures
+
+
+def test_export_that_would_not_end_where_the_source_ends_fails():
+    src = (1, 2, 3, EOT)
+    rep = _check(FakeRunner([[1, 2, 3, 4, 4, 4]], forced=[1, 2, 3, 4]), src_answer=src)
+    assert rep.forced_stops == {"source_stopped": 1, "export_stops_there": 0}
+    assert any(f.startswith("stop: where the source ends its answer") for f in rep.failures)
 
 
 def test_export_that_cannot_stop_fails():

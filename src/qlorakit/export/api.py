@@ -275,8 +275,8 @@ def _nf4_warning(reports: list[ParityReport]) -> list[str]:
     out = []
     for r in reports:
         out.append(f"merging into 4-bit NF4 weights is lossy: held-out loss {r.source_loss:.4f} (tuned) -> "
-                   f"{r.export_loss:.4f} (merged nf4), {r.loss_increase:+.4f} nats; token agreement "
-                   f"{r.token_agreement:.1%}. A bf16 merge keeps the tuned model's quality.")
+                   f"{r.export_loss:.4f} (merged nf4), {r.loss_increase:+.4f} nats; next-token agreement "
+                   f"{r.forced_agreement:.1%} (free-running {r.token_agreement:.1%}). A bf16 merge keeps the tuned model's quality.")
     return out
 
 

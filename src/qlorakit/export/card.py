@@ -45,15 +45,17 @@ def _speed(m: dict[str, Any] | None) -> tuple[str, str, str]:
 def render_section(entries: list[dict[str, Any]]) -> str:
     lines = ["## Exports", "",
              "Every export is checked against the tuned model it came from (4-bit base + adapter, as qlorakit "
-             "runs it): golden prompts from the held-out data answered greedily by both, token agreement over the "
-             "first answer tokens, the same end-of-turn token, and the held-out loss of both. "
+             "runs it): golden prompts from the held-out data answered greedily by both; next-token agreement "
+             "over the first answer tokens (the export fed the source's answer picks the same token; free-running "
+             "agreement in brackets), the same end-of-turn token, and the held-out loss of both. "
              "`qlorakit export --check OUT` runs the check again.", "",
-             "| export | artifact | runtime | token agreement | held-out loss: tuned -> export | same stop | status |",
+             "| export | artifact | runtime | next-token agreement (free-running) | held-out loss: tuned -> export | same stop | status |",
              "|---|---|---|---|---|---|---|"]
     for e in entries:
         for r in e.get("parity", []):
             lines.append(f"| `{e['out']}` ({e['format']}) | {r['artifact']} | {r['runtime']} | "
-                         f"{r['token_agreement']:.1%} of {r['agreement_tokens']} x {r['prompts']} | "
+                         f"{r.get('forced_agreement', r['token_agreement']):.1%} ({r['token_agreement']:.1%}) of "
+                         f"{r['agreement_tokens']} x {r['prompts']} | "
                          f"{r['source_loss']:.4f} -> {r['export_loss']:.4f} ({r['loss_increase']:+.4f}) | "
                          f"{r['stops']['same']}/{r['stops']['source_stopped']} | "
                          f"{'passed' if r['passed'] else 'FAILED'} |")
