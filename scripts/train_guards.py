@@ -50,7 +50,6 @@ import numpy as np
 from qlorakit.safety.datasets import (
     OVERRIDE_TEMPLATES,
     SEED,
-    TASK_CATEGORY,
     Example,
     default_data_dir,
     injection_examples,
