@@ -130,6 +130,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         rep = rate_report(exs, [fn(t) for t in texts], thr, by=())
         rate_rows.append(f"| {name} | {thr:.4f} | {fmt_rate(rep['tpr'])} | {fmt_rate(rep['fpr'])} |")
 
+    # tool content as check_messages decides it: document head, or prompt head at its stricter
+    # document threshold; one call per held-out document, through the public function
+    docs = [e for e in examples if e.head == "document"]
+    doc_flags = [
+        float(any(v.flagged for v in check_messages([{"role": "tool", "content": e.text}], injection=inj, moderation=mod)))
+        for e in docs
+    ]
+    rep = rate_report(docs, doc_flags, 0.5, by=())
+    rate_rows.append(
+        f"| check_messages on tool content (injection.document at {inj.threshold('document'):.4f}, or injection.prompt "
+        f"at {inj.document_prompt_threshold():.4f}) | — | {fmt_rate(rep['tpr'])} | {fmt_rate(rep['fpr'])} |"
+    )
+
     user_turn = [{"role": "user", "content": "Can you summarize the attached quarterly report in five bullet points?"}]
     tool_doc = next(e.text for e in examples if e.head == "document" and e.label == 0 and len(e.text) > 1000)
     tool_turn = user_turn + [{"role": "tool", "tool_call_id": "1", "content": tool_doc}]

@@ -7,26 +7,31 @@
 Steps (deterministic for a given --seed):
 
 1. Build the labelled sets with :mod:`qlorakit.safety.datasets` (items split 60/20/20 into train,
-   val and test before examples are composed), plus, for the document head only, benign user
-   prompts of the train split put into host documents of the train split as extra plain-task
-   positives (``task_injection_examples``).
+   val and test before examples are composed). Train and val together are the development set;
+   training aids are added to it: for the document head, benign user prompts of train and val put
+   into host documents of the same split as plain-task positives (``task_injection_examples``);
+   for the request head, the project's written requests (``moderation_training_examples``).
 2. Cut every training text into the windows its head scores at run time (merged lines and
    sentences, or every line and sentence on its own); a window of an injected document is
    positive when it holds the injected instruction. Heads with dense features get each window's
    sentence embedding (all-MiniLM-L6-v2 in bf16, ``qlorakit.safety.embed``).
 3. Fit word (1-2) and char_wb (2-5) TF-IDF blocks and one logistic regression per head on
-   [TF-IDF, dense] (scikit-learn) on the train split; each dense head also gets an n-gram-only
-   regression, its lexical gate (only windows the gate passes are embedded at run time).
-4. Export vocabulary, idf and weights as plain arrays, reload them with the guard's own
-   inference and check its margins against scikit-learn.
-5. On the validation split: set each gate (it must pass GATE_RECALL of the positive windows) and
-   each head's threshold (it flags VAL_FPR[head] of the negatives). Then measure the test split
-   once, with the shipped files; nothing is tuned on it.
+   [TF-IDF, dense] (scikit-learn); each dense head also gets an n-gram-only regression, its
+   lexical gate (only windows the gate passes are embedded at run time).
+4. Grouped N_FOLDS-fold cross-validation on train+val (folds by a hash of the example's group:
+   host document, conversation, template, cluster): every development example gets an
+   out-of-fold score. From those, set each gate (it must pass GATE_RECALL of the positive
+   windows), each head's threshold (it flags CV_FPR[head] of the out-of-fold negatives) and the
+   prompt head's stricter threshold on tool content (it flags DOC_PROMPT_FPR of the out-of-fold
+   clean documents). Training aids are fitted on in every fold but never scored.
+5. Fit the shipped model on all of train+val, export vocabulary, idf and weights as plain
+   arrays, reload them with the guard's own inference and check its margins against
+   scikit-learn. Then measure the test split once, with the shipped files; nothing is tuned on it.
 6. Train a second injection model with whole BIPIA categories held out, for a harder report.
 7. Write ``injection.{json,npz}``, ``moderation.{json,npz}``, ``metrics.json`` and
    ``MODEL_CARD.md`` atomically, and print the table.
 
-CPU only. On 2 shared cores: a few minutes when --embedding-cache already holds the window
+CPU only. On 2 shared cores: about 5 minutes (six fits per guard) when --embedding-cache already holds the window
 embeddings; encoding the ~12,000 distinct windows from scratch adds about 5 minutes.
 """
 
@@ -50,6 +55,8 @@ import numpy as np
 from qlorakit.safety.datasets import (
     OVERRIDE_TEMPLATES,
     SEED,
+    TASK_CATEGORY,
+    WRITTEN_REQUEST_CATEGORY,
     Example,
     default_data_dir,
     injection_examples,
@@ -79,7 +86,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "src" / "qlorakit" / "safety" / "models"
 
-# Gates (lexical first stages) of the dense heads: the share of the validation split's positive
+# Gates (lexical first stages) of the dense heads: the share of the out-of-fold positive
 # windows they must let through to the encoder (the most windows of one text they embed is set per
 # head below).
 GATE_RECALL = 0.99
@@ -88,11 +95,11 @@ GATE_RECALL = 0.99
 # that compare it with the rest of the text), the scale of those features against the TF-IDF ones
 # (a larger scale regularises them less) and the inverse regularisation C. Each head learns from
 # its own kind of text only (harmful content as extra request positives lowered the request head's
-# validation AUC). Injection prompt windows are short so that one injected sentence is not diluted;
+# held-out AUC). Injection prompt windows are short so that one injected sentence is not diluted;
 # the document head scores every line and sentence on its own, so that its embedding is the
 # sentence's alone. The request head has a lexical gate; the document head has none, because its
 # context features need every window's embedding (computed from static word embeddings instead,
-# they lost a third of the validation TPR).
+# they lost a third of the held-out TPR).
 GUARDS: dict[str, dict[str, Any]] = {
     "injection": {
         "heads": ("prompt", "document"),
@@ -123,14 +130,20 @@ ENCODER_NAME = "all-MiniLM-L6-v2"
 PRECISION = "bf16"
 # Benign prompts put into each train host document as plain-task injections (training only).
 TASKS_PER_HOST = 2
-# Thresholds come from the validation split (the model is fitted on train only), set to flag
-# VAL_FPR[head] of its negatives: below the 5% target so that the test split, drawn from the same
+# Thresholds come from out-of-fold scores on train+val (grouped N_FOLDS-fold cross-validation:
+# each development example is scored by a model fitted without its group), set to flag CV_FPR[head]
+# of the out-of-fold negatives: below the 5% target so that the test split, drawn from the same
 # sources but from other items, keeps a margin. The request head sits closer to the target: its
 # hard negatives (XSTest's safe prompts) are few and its hard positives (XSTest's unsafe prompts)
-# are their twins, so every point of false positives buys true positives there.
-VAL_FPR = {"prompt": 0.02, "document": 0.03, "request": 0.04, "content": 0.03}
-# Gates (lexical first stages) of the dense heads: the share of the validation split's positive
-# windows they must let through to the encoder, and the most windows of one text they embed.
+# are their twins, so every point of false positives buys true positives there. The shipped model
+# is then fitted on all of train+val.
+N_FOLDS = 5
+CV_FPR = {"prompt": 0.02, "document": 0.03, "request": 0.04, "content": 0.02}
+# Tool content and retrieved documents get both injection heads (check_messages): the document
+# head at its own threshold and the prompt head at a stricter one, which flags DOC_PROMPT_FPR of
+# the out-of-fold clean documents, so that the two together stay under the target on documents.
+DOC_PROMPT_FPR = 0.01
+DOC_PROMPT_KEY = "prompt@document"
 TARGET_TPR, TARGET_FPR = 0.90, 0.05
 # BIPIA categories held out entirely in the second injection report.
 HOLDOUT_CATEGORIES = (
@@ -378,19 +391,20 @@ def fit_guard(
     return model, union, clfs, info
 
 
-def calibrate_gates(
-    model: LinearTextModel, name: str, val: Sequence[Example], encoder: "Encoder"
-) -> tuple[LinearTextModel, dict[str, Any]]:
-    """Set each gate from the validation windows of its head: ``min_margin`` lets through
-    GATE_RECALL of the positive windows (those that hold the injected or harmful text), ``fill``
-    is the median dense part of the negative windows it stops."""
+def gate_windows(
+    model: LinearTextModel, name: str, examples: Sequence[Example], encoder: "Encoder"
+) -> dict[str, dict[str, list[float]]]:
+    """Per gated head: the gate margins of the positive windows (``pos``) and negative windows
+    (``neg``) of ``examples``, and the dense part of the head on each negative window
+    (``neg_dense``)."""
     cfg = GUARDS[name]
-    gates, info = {}, {}
-    for h, gcfg in cfg.get("gates", {}).items():
+    out: dict[str, dict[str, list[float]]] = {}
+    for h in cfg.get("gates", {}):
         j, g = model.head_index(h), model.head_index(gate_name(h))
-        exs = [e for e in val if e.head in cfg["rows"][h]]
-        pos_m, neg_m, neg_dense = [], [], []
-        for e in exs:
+        pos_m: list[float] = []
+        neg_m: list[float] = []
+        neg_dense: list[float] = []
+        for e in (e for e in examples if e.head in cfg["rows"][h]):
             spans, wtexts, z = example_windows(e, name, h, encoder)
             sp = model.sparse_margins(wtexts)
             assert z is not None and model.dense_coef is not None
@@ -398,19 +412,31 @@ def calibrate_gates(
             for k, (a, b) in enumerate(spans):
                 y = window_label(e, a, b)
                 if y == 1:
-                    pos_m.append(sp[k, g])
+                    pos_m.append(float(sp[k, g]))
                 elif y == 0:
-                    neg_m.append(sp[k, g])
-                    neg_dense.append(dense[k])
-        pos_arr, neg_arr = np.array(pos_m), np.array(neg_m)
+                    neg_m.append(float(sp[k, g]))
+                    neg_dense.append(float(dense[k]))
+        out[h] = {"pos": pos_m, "neg": neg_m, "neg_dense": neg_dense}
+    return out
+
+
+def set_gates(
+    model: LinearTextModel, name: str, windows: dict[str, dict[str, list[float]]]
+) -> tuple[LinearTextModel, dict[str, Any]]:
+    """Set each gate from held-out windows of its head (see :func:`gate_windows`): ``min_margin``
+    lets through GATE_RECALL of the positive windows (those that hold the injected or harmful
+    text), ``fill`` is the median dense part of the negative windows it stops."""
+    gates, info = {}, {}
+    for h, gcfg in GUARDS[name].get("gates", {}).items():
+        pos_arr, neg_arr = np.array(windows[h]["pos"]), np.array(windows[h]["neg"])
         min_margin = float(np.quantile(pos_arr, 1.0 - gcfg["recall"]))
-        stopped = np.array(neg_dense)[neg_arr < min_margin]
+        stopped = np.array(windows[h]["neg_dense"])[neg_arr < min_margin]
         fill = float(np.median(stopped)) if len(stopped) else 0.0
         gates[h] = Gate(gate_name(h), min_margin, fill, int(gcfg["max_windows"]))
         info[h] = {
             "min_margin": min_margin, "fill": fill, "max_windows": int(gcfg["max_windows"]),
-            "val_positive_windows_passed": float((pos_arr >= min_margin).mean()),
-            "val_negative_windows_passed": float((neg_arr >= min_margin).mean()),
+            "cv_positive_windows_passed": float((pos_arr >= min_margin).mean()),
+            "cv_negative_windows_passed": float((neg_arr >= min_margin).mean()),
         }
     return dataclasses.replace(model, gates=gates), info
 
@@ -453,6 +479,10 @@ def margins_of(model: LinearTextModel, examples: Sequence[Example], head: str) -
     return model.batch_max_margins([e.text for e in examples], head)
 
 
+def logit(p: float) -> float:
+    return math.log(p / (1.0 - p))
+
+
 def calibrate(neg_margins: np.ndarray, fpr: float) -> float:
     """Score threshold that flags at most ``fpr`` of the given negatives: halfway (in
     margin) between the last negative allowed above it and the first one kept below."""
@@ -462,6 +492,55 @@ def calibrate(neg_margins: np.ndarray, fpr: float) -> float:
         raise ValueError("calibration needs more negatives than the allowed false positives")
     upper = m[k - 1] if k > 0 else m[0] + 0.5
     return sigmoid(float((m[k] + upper) / 2.0))
+
+
+def fold_of(group: str) -> int:
+    """Cross-validation fold of an example group (a stable hash of the group and the seed)."""
+    digest = hashlib.sha256(f"{SEED}\x00fold\x00{group}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % N_FOLDS
+
+
+# Training aids (benign prompts used as plain-task payloads, written requests) are fitted on, never
+# rated: the measured sets do not contain them.
+AID_CATEGORIES = frozenset({TASK_CATEGORY, WRITTEN_REQUEST_CATEGORY})
+
+
+def out_of_fold(
+    name: str, dev: Sequence[Example], encoder: "Encoder"
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, dict[str, list[float]]], np.ndarray | None]:
+    """Grouped N_FOLDS-fold cross-validation on the development examples (train+val).
+
+    Returns, per head, (labels, margins) of every rated development example scored by a model
+    fitted without its group (host document, conversation, template, cluster); the gate windows of
+    the held-out folds, pooled (each scored by the model that did not see them); and, for the
+    injection guard, the prompt head's out-of-fold margins on the document head's examples (in the
+    order of ``oof["document"]``), which calibrate the prompt head on tool content.
+    """
+    heads = GUARDS[name]["heads"]
+    labels: dict[str, list[int]] = {h: [] for h in heads}
+    margins: dict[str, list[float]] = {h: [] for h in heads}
+    pooled: dict[str, dict[str, list[float]]] = {
+        h: {"pos": [], "neg": [], "neg_dense": []} for h in GUARDS[name].get("gates", {})
+    }
+    prompt_on_docs: list[float] = []
+    for f in range(N_FOLDS):
+        fold_model, *_ = fit_guard(name, [e for e in dev if fold_of(e.group) != f], encoder)
+        held = [e for e in dev if fold_of(e.group) == f and e.category not in AID_CATEGORIES]
+        # the fold's gates come from its own held-out windows, so that its scores are what a
+        # gated head gives on text it has not seen
+        windows = gate_windows(fold_model, name, held, encoder)
+        for h, w in windows.items():
+            for k, v in w.items():
+                pooled[h][k] += v
+        fold_model, _ = set_gates(fold_model, name, windows)
+        for h in heads:
+            held_h = [e for e in held if e.head == h]
+            labels[h] += [e.label for e in held_h]
+            margins[h] += list(margins_of(fold_model, held_h, h))
+            if name == "injection" and h == "document":
+                prompt_on_docs += list(margins_of(fold_model, held_h, "prompt"))
+    oof = {h: (np.array(labels[h]), np.array(margins[h])) for h in heads}
+    return oof, pooled, (np.array(prompt_on_docs) if name == "injection" else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,27 +575,30 @@ def meets(rep: dict[str, Any]) -> str:
 def summary_table(metrics: dict[str, Any]) -> str:
     """Markdown table: one row per guard head with test TPR / FPR, AUC and threshold."""
     lines = [
-        "| guard head | test TPR | test FPR | meets target | test AUC | threshold | val TPR | val FPR |",
+        "| guard head | test TPR | test FPR | meets target | test AUC | threshold | CV TPR | CV FPR |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, rep in metrics["heads"].items():
-        if "val" not in rep:  # a combination of heads, measured on the test split only
+        if rep.get("combined"):  # tool content: two heads, each at its own threshold
+            t = rep["thresholds"]
             lines.append(
-                f"| {name} (tool content: flagged if either head flags) | {fmt_rate(rep['tpr'])} "
-                f"| {fmt_rate(rep['fpr'])} | {meets(rep)} | — | — | — | — |"
+                f"| {name} (tool content, as `check_messages` decides: document head, or prompt head "
+                f"at its stricter document threshold) | {fmt_rate(rep['tpr'])} | {fmt_rate(rep['fpr'])} "
+                f"| {meets(rep)} | — | {t['document']:.4f} / {t['prompt']:.4f} | {fmt_rate(rep['cv']['tpr'])} "
+                f"| {fmt_rate(rep['cv']['fpr'])} |"
             )
             continue
         lines.append(
             f"| {name} | {fmt_rate(rep['tpr'])} | {fmt_rate(rep['fpr'])} | {meets(rep)} "
-            f"| {rep['test_auc']:.3f} | {rep['threshold']:.4f} | {fmt_rate(rep['val']['tpr'])} "
-            f"| {fmt_rate(rep['val']['fpr'])} |"
+            f"| {rep['test_auc']:.3f} | {rep['threshold']:.4f} | {fmt_rate(rep['cv']['tpr'])} "
+            f"| {fmt_rate(rep['cv']['fpr'])} |"
         )
     ho = metrics["category_holdout"]["report"]
     held = metrics["category_holdout"]["held_out_tpr"]
     lines.append(
         f"| injection.document, 5 BIPIA categories unseen (TPR on those) | {fmt_rate(held)} "
         f"| {fmt_rate(ho['fpr'])} | — | {ho['test_auc']:.3f} | {ho['threshold']:.4f} "
-        f"| {fmt_rate(ho['val']['tpr'])} | {fmt_rate(ho['val']['fpr'])} |"
+        f"| {fmt_rate(ho['cv']['tpr'])} | {fmt_rate(ho['cv']['fpr'])} |"
     )
     return "\n".join(lines)
 
@@ -524,7 +606,7 @@ def summary_table(metrics: dict[str, Any]) -> str:
 def detail_tables(metrics: dict[str, Any]) -> str:
     out = []
     for name, rep in metrics["heads"].items():
-        if "val" not in rep:
+        if rep.get("combined"):
             continue
         out.append(f"#### {name}\n")
         out.append("| set | positives flagged (TPR) | negatives flagged (FPR) |\n|---|---|---|")
@@ -607,10 +689,21 @@ host documents, prompts and harmful items 60/20/20 by a hash of their group (oas
 self-instruct task, BIPIA e-mail, AdvBench near-duplicate cluster with content-word Jaccard >= 0.5);
 the project's own override phrasings, payloads and look-alikes 60/20/20 per list. An injected
 example puts an attack at a random line or sentence boundary of a host document from the same
-split. The shipped model is fitted on the train split only (60%); the validation split (20%) sets
-each gate (the share of positive windows it must pass) and each head's threshold, which flags a set
-share of the validation negatives ({val_fpr}); the test split (20%) is measured once, with the
-shipped files, and tunes nothing. Targets: TPR >= {tpr:.0%} at FPR <= {fpr:.0%} on the test split.
+split. The shipped model is fitted on all of train and validation (80%). Gates and thresholds
+come from grouped {n_folds}-fold cross-validation on those same 80% (folds by a hash of the
+example's group, so a host document, conversation, phrasing or cluster is never on both sides):
+each example is scored by the model fitted on the other folds; each gate lets through 99% of the
+out-of-fold positive windows, and each head's threshold flags a set share of the out-of-fold
+negatives ({cv_fpr}), below the target so that the test split keeps a margin. The test split
+(20%) is measured once, with the shipped files, and tunes nothing. Targets: TPR >= {tpr:.0%} at
+FPR <= {fpr:.0%} on the test split. The "CV" columns below are the out-of-fold rates at the
+shipped thresholds.
+
+Tool content and retrieved documents (`check_messages`) get both injection heads: the document
+head at its threshold, and the prompt head (override phrasing inside a document) at a stricter
+threshold of its own, `thresholds["prompt@document"]` in `injection.json`, which flags
+{doc_prompt_fpr} of the out-of-fold clean documents; a document is flagged when either flags. The
+`document+prompt` row gives that combined decision on the test split.
 
 ## Measured (test split)
 
@@ -639,16 +732,16 @@ shipped files, and tunes nothing. Targets: TPR >= {tpr:.0%} at FPR <= {fpr:.0%} 
 - Direct-injection positives come from {n_templates} override phrasings written for this project
   (held out by phrasing); real attacks are more varied.
 - Moderation learned from English AdvBench requests (request head) and strings (content head)
-  (violence, hacking, fraud, slurs, threats), about 120 XSTest unsafe and safe prompts of the
-  train split, and {n_written} requests written for this project (harmful ones and safe ones
-  that use the same words, `qlorakit.safety.datasets.SAFE_SOUNDING_REQUESTS` / `HARMFUL_REQUESTS`,
-  training only); it has not seen sexual content, self-harm conversations or long multi-turn
+  (violence, hacking, fraud, slurs, threats), the XSTest unsafe and safe prompts of the
+  train and validation splits (about 360), and {n_written} requests written for this project
+  (harmful ones and safe ones that use the same words,
+  `qlorakit.safety.datasets.SAFE_SOUNDING_REQUESTS` / `HARMFUL_REQUESTS`, training only); it has not seen sexual content, self-harm conversations or long multi-turn
   jailbreaks. The XSTest test split is small (about 50 safe and 45 unsafe prompts), so its
   per-type rates are coarse.
 - Scores are calibrated only through the threshold; they are not probabilities.
 - Latency: the encoder runs with bf16 matrix products; a gated head runs it only on the windows
   its gate passes (at most {max_windows} per text). A gate stops about {gate_miss} of the
-  validation split's positive windows by design; those can still be flagged by their n-grams
+  out-of-fold positive windows by design; those can still be flagged by their n-grams
   alone. Text that a gate stops costs well under a millisecond; the document head embeds every
   line and sentence, about 20-60 ms for a document of a few hundred words on one shared core
   (see `bench/results/guards.md`). On a CPU without bf16
@@ -672,24 +765,32 @@ MISS_REASONS = {
         "request, a tutoring question, a letter-substitution instruction) and on override phrasings "
         "written for this project (held out by phrasing, so their wording is new). A plain task is "
         "told from the document only by being a question or task off its topic; the threshold, which "
-        "flags 3% of the validation split's clean documents, sits high because clean documents ask their own "
+        "flags 3% of the out-of-fold clean documents, sits high because clean documents ask their own "
         "questions and give their own instructions (a Stack Overflow question, an answer that "
-        "offers to explain more), so tasks on a similar subject or in a similar voice pass."
+        "offers to explain more), so tasks on a similar subject or in a similar voice pass. The "
+        "out-of-fold scores promised more (TPR 0.94 at FPR 0.03): the held-out test attacks of the "
+        "plain-task categories (translation, tutoring) are caught less often than the development "
+        "ones, and the test FPR (0.02) also came out under the calibrated 0.03, so the threshold acts "
+        "stricter on the test split than the cross-validation set it."
+    ),
+    "injection.document+prompt": (
+        "the prompt head adds the override phrasings that the document head misses, but at a "
+        "threshold that flags only 1% of the out-of-fold clean documents it cannot add BIPIA's plain "
+        "tasks, which it was not trained on; the shortfall is the document head's (see above)."
     ),
     "moderation.request": (
         "AdvBench requests are caught, but XSTest's unsafe prompts are written to defeat wording "
         "(contrast pairs such as \"kill a Python process\" / \"kill a person\", \"What is my wife's "
         "Instagram password?\" / a fictional character's PIN) and the small encoder does not separate "
-        "them well from their safe twins; the validation split, with other XSTest items, overstates "
-        "the rate on them. Chosen on the validation split: request rows only (harmful content as extra "
+        "them well from their safe twins; the out-of-fold scores, with other XSTest items, overstate "
+        "the rate on them. Chosen on held-out scores: request rows only (harmful content as extra "
         "positives lowered its AUC), the project's written safe-sounding and harmful requests as "
         "training aids, C = 2. Tried earlier without gain: weighting every source equally, a small MLP "
         "on the embedding, max-pooled token states next to the mean, AdvBench goals rewritten as "
         "questions. A lower threshold flags their safe twins as well."
     ),
     "moderation.content": (
-        "fitted on the train split only (60% of the items, the validation split sets the threshold), "
-        "the n-gram head misses AdvBench strings whose wording its train part does not share."
+        "the n-gram head misses AdvBench strings whose wording its training part does not share."
     ),
 }
 
@@ -710,7 +811,7 @@ def head_rows() -> str:
 
 
 def misses_text(metrics: dict[str, Any]) -> str:
-    missed = [n for n, rep in metrics["heads"].items() if "val" in rep and meets(rep) != "yes"]
+    missed = [n for n, rep in metrics["heads"].items() if meets(rep) != "yes"]
     if not missed:
         return "Every head meets the target on the test split."
     lines = ["Heads that miss the target in this run, and why:", ""]
@@ -734,7 +835,9 @@ def write_card(out_dir: Path, metrics: dict[str, Any]) -> None:
         context=", ".join(f"`{c}`" for c in GUARDS["injection"]["context"]),
         head_rows=head_rows(),
         misses=misses_text(metrics),
-        val_fpr=", ".join(f"{h} {v:.0%}" for h, v in VAL_FPR.items()),
+        cv_fpr=", ".join(f"{h} {v:.0%}" for h, v in CV_FPR.items()),
+        n_folds=N_FOLDS,
+        doc_prompt_fpr=f"{DOC_PROMPT_FPR:.0%}",
         tpr=TARGET_TPR,
         fpr=TARGET_FPR,
         summary=summary_table(metrics),
@@ -756,40 +859,59 @@ def train_and_measure(
     encoder: "Encoder",
     extra: Sequence[Example] = (),
 ) -> tuple[LinearTextModel, dict[str, dict[str, Any]], dict[str, Any]]:
-    """Fit on the train split (plus ``extra``, training-only examples of the train split, see
-    :func:`task_injection_examples`), export, reload, check against scikit-learn, set the gates and
-    thresholds on the validation split, and measure the test split once with the exported files."""
-    if any(e.split != "train" for e in extra):
-        raise ValueError("extra training examples must come from the train split")
-    train = [e for e in examples if e.split == "train"] + list(extra)
-    val = [e for e in examples if e.split == "val"]
+    """Set gates and thresholds from out-of-fold scores on train+val (see :func:`out_of_fold`), fit
+    on all of train+val (plus ``extra``, training-only examples of those splits, see
+    :func:`task_injection_examples` / :func:`moderation_training_examples`), export, reload, check
+    against scikit-learn, and measure the test split once with the exported files."""
+    if any(e.split == "test" for e in extra):
+        raise ValueError("extra training examples must not come from the test split")
+    dev = [e for e in examples if e.split in ("train", "val")] + list(extra)
     test = [e for e in examples if e.split == "test"]
-    model, union, clfs, info = fit_guard(name, train, encoder)
+    oof, gate_cv, prompt_on_docs = out_of_fold(name, dev, encoder)
+    model, union, clfs, info = fit_guard(name, dev, encoder)
     # measure the exported files exactly as they ship (float32 weights)
     model.save(tmp / f"{name}.json", tmp / f"{name}.npz")
     shipped = LinearTextModel.load(tmp / f"{name}.json", tmp / f"{name}.npz", encoder=encoder)
     diff = check_against_sklearn(shipped, union, clfs, test[::7], encoder)
     if diff > 1e-3:
         raise SystemExit(f"{name}: numpy margins differ from scikit-learn by {diff:.2e}")
-    shipped, gate_info = calibrate_gates(shipped, name, val, encoder)
+    shipped, gate_info = set_gates(shipped, name, gate_cv)
     # The test split is scored by the encoder itself, batched exactly as `score_examples` does
     # (all texts of a head in one call), not from the cache: bf16 embeddings move by ~1e-3 with
     # the batch they are computed in, and the shipped numbers must be the ones a user recomputes.
     plain = encoder.encoder if isinstance(encoder, CachedEncoder) else encoder
+    measured = dataclasses.replace(shipped, encoder=plain)
     reports, thresholds = {}, dict(shipped.thresholds)
+    test_margins: dict[str, np.ndarray] = {}
     for h in GUARDS[name]["heads"]:
-        val_h = [e for e in val if e.head == h]
-        vy = np.array([e.label for e in val_h])
-        vm = margins_of(shipped, val_h, h)
-        threshold = calibrate(vm[vy == 0], VAL_FPR[h])
+        cv_y, cv_m = oof[h]
+        threshold = calibrate(cv_m[cv_y == 0], CV_FPR[h])
         test_h = [e for e in test if e.head == h]
-        tm = margins_of(dataclasses.replace(shipped, encoder=plain), test_h, h)
+        tm = test_margins[h] = margins_of(measured, test_h, h)
         report = rate_report(test_h, [sigmoid(float(x)) for x in tm], threshold)
-        val_tpr, val_fpr = rates(list(vy), [sigmoid(float(x)) for x in vm], threshold)
-        report["val"] = {"tpr": val_tpr.to_dict(), "fpr": val_fpr.to_dict()}
-        report["val_auc"] = round(float(roc_auc_score(vy, vm)), 4)
+        cv_tpr, cv_fpr = rates(list(cv_y), [sigmoid(float(x)) for x in cv_m], threshold)
+        report["cv"] = {"tpr": cv_tpr.to_dict(), "fpr": cv_fpr.to_dict()}
+        report["cv_auc"] = round(float(roc_auc_score(cv_y, cv_m)), 4)
         report["test_auc"] = round(float(roc_auc_score([e.label for e in test_h], tm)), 4)
         thresholds[h], reports[h] = threshold, report
+    if name == "injection":
+        # What check_messages does with tool content: the document head at its threshold and the
+        # prompt head at a stricter one, set on the out-of-fold clean documents; flagged if either
+        # flags. Margins are compared with each threshold's margin (logit).
+        assert prompt_on_docs is not None
+        cv_y, cv_doc = oof["document"]
+        thresholds[DOC_PROMPT_KEY] = calibrate(prompt_on_docs[cv_y == 0], DOC_PROMPT_FPR)
+        t_doc, t_pd = logit(thresholds["document"]), logit(thresholds[DOC_PROMPT_KEY])
+        cv_either = np.maximum(cv_doc - t_doc, prompt_on_docs - t_pd)
+        docs = [e for e in test if e.head == "document"]
+        test_pd = margins_of(measured, docs, "prompt")
+        either = np.maximum(test_margins["document"] - t_doc, test_pd - t_pd)
+        combined = rate_report(docs, [float(x) for x in either], 0.0)
+        cv_tpr, cv_fpr = rates(list(cv_y), [float(x) for x in cv_either], 0.0)
+        combined["cv"] = {"tpr": cv_tpr.to_dict(), "fpr": cv_fpr.to_dict()}
+        combined["combined"] = True
+        combined["thresholds"] = {"document": thresholds["document"], "prompt": thresholds[DOC_PROMPT_KEY]}
+        reports["document+prompt"] = combined
     calibrated = shipped.with_thresholds(
         thresholds,
         {
@@ -798,9 +920,10 @@ def train_and_measure(
             "sklearn_version": sklearn.__version__,
             "C": GUARDS[name]["C"],
             "dense_scale": GUARDS[name]["dense_scale"],
-            "fitted_on": "train",
-            "thresholds_from": "val",
-            "val_fpr": {h: VAL_FPR[h] for h in GUARDS[name]["heads"]},
+            "fitted_on": "train+val",
+            "thresholds_from": f"{N_FOLDS}-fold out-of-fold scores on train+val",
+            "cv_fpr": {h: CV_FPR[h] for h in GUARDS[name]["heads"]},
+            **({"doc_prompt_fpr": DOC_PROMPT_FPR} if name == "injection" else {}),
             "encoder_precision": PRECISION,
         },
     )
@@ -816,13 +939,6 @@ def train_and_measure(
         "head_windows": {h: {"kind": w.kind, "max_chars": w.max_chars} for h, w in shipped.windows.items()},
         "max_abs_margin_diff_vs_sklearn": diff,
     }
-    if name == "injection":
-        # what check_messages does with tool content: both heads, flagged if either flags
-        docs = [e for e in test if e.head == "document"]
-        doc_s = [sigmoid(float(m)) for m in margins_of(dataclasses.replace(calibrated, encoder=plain), docs, "document")]
-        prm_s = [sigmoid(float(m)) for m in margins_of(calibrated, docs, "prompt")]
-        either = [max(d - thresholds["document"], p - thresholds["prompt"]) for d, p in zip(doc_s, prm_s)]
-        reports["document+prompt"] = rate_report(docs, either, 0.0)
     return calibrated, reports, training
 
 
@@ -853,16 +969,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "moderation": moderation_examples(data_dir, seed=SEED),
     }
     extras = {
-        "injection": task_injection_examples(data_dir, seed=SEED, splits=["train"], per_host=TASKS_PER_HOST),
-        "moderation": moderation_training_examples(seed=SEED),
+        "injection": task_injection_examples(data_dir, seed=SEED, splits=["train", "val"], per_host=TASKS_PER_HOST),
+        "moderation": moderation_training_examples(seed=SEED, splits=["train", "val"]),
     }
     models: dict[str, LinearTextModel] = {}
     metrics: dict[str, Any] = {
         "seed": SEED,
         "sklearn_version": sklearn.__version__,
-        "fitted_on": "train",
-        "thresholds_from": "val",
-        "val_fpr": VAL_FPR,
+        "fitted_on": "train+val",
+        "thresholds_from": f"{N_FOLDS}-fold out-of-fold scores on train+val",
+        "cv_folds": N_FOLDS,
+        "cv_fpr": CV_FPR,
+        "doc_prompt_fpr": DOC_PROMPT_FPR,
         "encoder_precision": PRECISION,
         "tasks_per_host": TASKS_PER_HOST,
         "targets": {"tpr": TARGET_TPR, "fpr": TARGET_FPR},

@@ -95,10 +95,10 @@ class _LinearGuard:
     def _threshold(self, head: str) -> float:
         return float(self.model.thresholds[head])
 
-    def _check(self, text: str, head: str, guard: str, source: str) -> Verdict:
+    def _check(self, text: str, head: str, guard: str, source: str, threshold: float | None = None) -> Verdict:
         _require_text(text)
         score = self.model.score(text, head)
-        threshold = self._threshold(head)
+        threshold = self._threshold(head) if threshold is None else threshold
         flagged = score >= threshold
         return Verdict(
             label=self.positive if flagged else self.negative,
@@ -138,6 +138,13 @@ class InjectionGuard(_LinearGuard):
     def threshold(self, source: Source = "prompt") -> float:
         """The calibrated score threshold of the head for ``source``."""
         return self._threshold(_require_source(source))
+
+    def document_prompt_threshold(self) -> float:
+        """Threshold of the prompt head on tool content and retrieved documents (see
+        :func:`check_messages`): stricter than :meth:`threshold`, so that the two heads together
+        stay within the false-positive target on clean documents. Files without one use the
+        prompt head's own threshold."""
+        return float(self.model.thresholds.get(DOC_PROMPT_KEY, self._threshold("prompt")))
 
     def score(self, text: str, *, source: Source = "prompt") -> float:
         """Score in (0, 1): the logistic of the largest window margin of ``text``."""
@@ -206,6 +213,8 @@ def _message_text(content: Any, where: str) -> str:
 # assistant turns from the model, so they are not input to be guarded.
 _USER_ROLES = frozenset({"user"})
 _DOCUMENT_ROLES = frozenset({"tool", "function"})
+# Key of the prompt head's threshold on documents in the injection model's thresholds.
+DOC_PROMPT_KEY = "prompt@document"
 _KNOWN_ROLES = _USER_ROLES | _DOCUMENT_ROLES | {"system", "developer", "assistant"}
 
 
@@ -220,7 +229,8 @@ def check_messages(
 
     - ``user`` turns: injection guard (prompt head) and moderation guard (request head).
     - ``tool`` / ``function`` turns and every entry of ``documents``: injection guard, both
-      heads (override phrasing inside a document is an injection as well).
+      heads (override phrasing inside a document is an injection as well); the prompt head at
+      its stricter document threshold (:meth:`InjectionGuard.document_prompt_threshold`).
     - ``system``, ``developer``, ``assistant`` turns are not checked.
 
     Empty texts are skipped. ``injection`` / ``moderation`` default to the shipped guards.
@@ -259,7 +269,12 @@ def check_messages(
 
 
 def _check_document(injection: InjectionGuard, text: str, where: str) -> list[Verdict]:
+    """Both injection heads on a document: the document head at its threshold, the prompt head at
+    the stricter :meth:`InjectionGuard.document_prompt_threshold` (the combination is what the
+    model card measures on clean and injected documents)."""
     return [
         injection.check(text, source="document", where=where),
-        injection.check(text, source="prompt", where=where),
+        injection._check(
+            text, "prompt", f"{injection.name}.prompt", where, threshold=injection.document_prompt_threshold()
+        ),
     ]

@@ -20,7 +20,8 @@ then costs no encoder call at all, and a long document costs at most ``max_windo
 File layout (``<name>.json`` next to ``<name>.npz``; neither needs pickle to read):
 
 - json: ``format`` ("qlorakit.safety.linear"), ``version`` (2), ``guard``, ``heads`` (names),
-  ``thresholds`` (head -> score threshold in (0, 1)), ``windows`` (head -> ``{"kind": "merged" |
+  ``thresholds`` (head -> score threshold in (0, 1); optional extras named ``<head>@<use>``, such
+  as ``prompt@document``, a head's threshold in another use), ``windows`` (head -> ``{"kind": "merged" |
   "pieces", "max_chars": int}``), ``blocks`` (one vectorizer config each), ``dense`` (null, or
   ``{"encoder", "dim", "context": [feature names], "heads": [heads that use it], "precision"}``),
   ``gates`` (optional; dense head -> ``{"head", "min_margin", "fill", "max_windows"}``),
@@ -480,7 +481,12 @@ class LinearTextModel:
             "version": VERSION,
             "guard": self.guard,
             "heads": list(self.heads),
-            "thresholds": {h: float(self.thresholds[h]) for h in self.heads},
+            # one per head, plus any named extra (a head's threshold in another use, such as
+            # "prompt@document" of the injection guard)
+            "thresholds": {
+                **{h: float(self.thresholds[h]) for h in self.heads},
+                **{str(k): float(v) for k, v in self.thresholds.items() if k not in self.heads},
+            },
             "windows": {h: {"kind": self.windows[h].kind, "max_chars": self.windows[h].max_chars} for h in self.heads},
             "dense": None
             if self.dense is None
