@@ -41,6 +41,9 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from common import write_atomic  # noqa: E402
+
 SAMPLE_EVAL = REPO / "src" / "qlorakit" / "data" / "sample" / "support_eval.jsonl"
 
 
@@ -293,14 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({'no failures: no 5xx and every other check passed' if code == 0 else 'FAILURES'}).", "",
                   "```", summary, "```"]
     text = "\n".join(lines) + "\n"
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    with open(tmp_out, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_out, out)
+    write_atomic(Path(a.out), text)
     print(text)
     return 1 if errors or (st is not None and st[0] != 0) else 0
 

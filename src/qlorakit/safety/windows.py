@@ -63,6 +63,13 @@ def _chunk(text: str, a: int, b: int, max_chars: int) -> list[tuple[int, int]]:
     return chunks
 
 
+def _check(text: str, max_chars: int) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if max_chars < 16:
+        raise ValueError(f"max_chars must be at least 16, got {max_chars}")
+
+
 def window_spans(text: str, max_chars: int = 320) -> list[tuple[int, int]]:
     """Character spans ``(start, end)`` of the windows of ``text``; at least one span.
 
@@ -70,10 +77,7 @@ def window_spans(text: str, max_chars: int = 320) -> list[tuple[int, int]]:
         TypeError: ``text`` is not a string.
         ValueError: ``max_chars`` is below 16.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if max_chars < 16:
-        raise ValueError(f"max_chars must be at least 16, got {max_chars}")
+    _check(text, max_chars)
     if len(text) <= max_chars:
         return [(0, len(text))]
     windows: list[tuple[int, int]] = []
@@ -104,10 +108,7 @@ def piece_spans(text: str, max_chars: int = 320) -> list[tuple[int, int]]:
         TypeError: ``text`` is not a string.
         ValueError: ``max_chars`` is below 16.
     """
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    if max_chars < 16:
-        raise ValueError(f"max_chars must be at least 16, got {max_chars}")
+    _check(text, max_chars)
     spans = [c for a, b in _pieces(text) for c in _chunk(text, a, b, max_chars)]
     return spans or [(0, len(text))]
 
