@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from qlorakit.config import LoraConfig
 from qlorakit.lora import adapters_disabled, attach_lora, lora_parameters
-from qlorakit.quant import is_linear4bit, quantize_linear
+from qlorakit.quant import is_linear4bit, quantize_decoder_linears
 from qlorakit.train.attention import segment_attention, segments_from_positions
 from qlorakit.train.fast import FastModel, FastOptions, FastUnsupported, fast_supported, fused_head_loss
 from qlorakit.train.loss import plain_loss
@@ -36,11 +36,7 @@ def _tiny(dropout: float = 0.0, seed: int = 0, kv_heads: int = 2):
                       num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=256,
                       tie_word_embeddings=True, pad_token_id=PAD)
     model = LlamaForCausalLM(cfg)
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    setattr(parent, name, quantize_linear(child, compute_dtype=torch.bfloat16))
+    quantize_decoder_linears(model, compute_dtype=torch.bfloat16)
     model.config.use_cache = False
     attach_lora(model, LoraConfig(r=8, alpha=16, dropout=dropout))
     for p in lora_parameters(model):  # B is zero at initialisation: give the adapter an effect

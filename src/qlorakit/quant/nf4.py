@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["cpu_supports_bf16", "guard_linear4bit", "is_linear4bit", "dequantize", "quantize_linear"]
+__all__ = ["cpu_supports_bf16", "guard_linear4bit", "is_linear4bit", "dequantize", "quantize_linear", "quantize_decoder_linears"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,3 +77,15 @@ def quantize_linear(linear: nn.Linear, *, quant_type: str = "nf4", double_quant:
     q = q.to(linear.weight.device)
     q.support_avx512bf16_for_cpu = False
     return q
+
+
+def quantize_decoder_linears(model: nn.Module, *, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every ``nn.Linear`` of the attention and MLP blocks of a Llama-style decoder
+    (``model.model.layers``) by its guarded NF4 ``Linear4bit``, in place; the head and
+    embeddings stay as they are. Returns ``model``."""
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, quantize_linear(child, compute_dtype=compute_dtype))
+    return model

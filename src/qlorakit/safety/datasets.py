@@ -91,6 +91,17 @@ class Example:
 # --------------------------------------------------------------------------------------------
 # locating and reading the data
 # --------------------------------------------------------------------------------------------
+def _aid_splits(splits: Any, what: str) -> set[str]:
+    """The wanted splits of a training aid: known split names, never the test split."""
+    wanted = set(splits)
+    unknown = wanted - set(SPLITS)
+    if unknown:
+        raise ValueError(f"unknown split(s) {sorted(unknown)}; expected some of {SPLITS}")
+    if "test" in wanted:
+        raise ValueError(f"{what} are training aids; the test split holds only measured examples")
+    return wanted
+
+
 def default_data_dir() -> Path:
     """``$QLORAKIT_SHARED_DATA`` if set, else ``<repo>/../shared/data`` next to this checkout."""
     env = os.environ.get("QLORAKIT_SHARED_DATA")
@@ -720,12 +731,7 @@ def task_injection_examples(
     For training only: the measured splits (:func:`injection_examples`) do not contain them.
     """
     folder = _resolve(data_dir)
-    wanted = set(splits)
-    unknown = wanted - set(SPLITS)
-    if unknown:
-        raise ValueError(f"unknown split(s) {sorted(unknown)}; expected some of {SPLITS}")
-    if "test" in wanted:
-        raise ValueError("task injections are training aids; the test split holds only measured examples")
+    wanted = _aid_splits(splits, "task injections")
     if per_host < 0:
         raise ValueError(f"per_host must be >= 0, got {per_host}")
     common = _load_common(folder, seed)
@@ -792,12 +798,7 @@ def moderation_training_examples(*, splits: Iterable[str] = ("train",), seed: in
     ``splits=["val"]``, for looking at a model); the measured splits of :func:`moderation_examples`
     do not contain them, and their test part is never built.
     """
-    wanted = set(splits)
-    unknown = wanted - set(SPLITS)
-    if unknown:
-        raise ValueError(f"unknown split(s) {sorted(unknown)}; expected some of {SPLITS}")
-    if "test" in wanted:
-        raise ValueError("written requests are training aids; the test split holds only measured examples")
+    wanted = _aid_splits(splits, "written requests")
     out: list[Example] = []
     for items, label, name in ((SAFE_SOUNDING_REQUESTS, 0, "safe_sounding"), (HARMFUL_REQUESTS, 1, "harmful_written")):
         assign = list_split(items, name, seed=seed)

@@ -115,18 +115,14 @@ def _calibration_model(shape: ModelShape, layers: int, r: int, alpha: float, dro
 
     from ..config import LoraConfig
     from ..lora import attach_lora, lora_parameters
-    from ..quant import quantize_linear
+    from ..quant import quantize_decoder_linears
 
     cfg = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.inter, num_hidden_layers=layers,
                       num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
                       vocab_size=256, tie_word_embeddings=True, max_position_embeddings=1 << 16)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)  # fp32, as the loader leaves norms and embeddings
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    setattr(parent, name, quantize_linear(child, compute_dtype=torch.bfloat16))
+    quantize_decoder_linears(model, compute_dtype=torch.bfloat16)
     model.config.use_cache = False
     attach_lora(model, LoraConfig(r=r, alpha=alpha, dropout=dropout))
     params = lora_parameters(model)
