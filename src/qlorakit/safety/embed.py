@@ -27,7 +27,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,17 +175,75 @@ class SentenceEncoder:
             }
         return self._bf16
 
-    def _forward(self, ids: "torch.Tensor", mask: "torch.Tensor", precision: str = "fp32") -> "torch.Tensor":
+    def linear_names(self) -> list[str]:
+        """Names of the encoder's linear layers ("encoder.layer.<i>.attention.self.query", ...),
+        the modules a LoRA adapter (:meth:`with_lora`) may change."""
+        return [k.removesuffix(".weight") for k in self._expected_keys() if k.endswith(".weight") and "LayerNorm" not in k and k.startswith("encoder.")]
+
+    def with_lora(self, adapter: "Mapping[str, np.ndarray]", *, cache_size: int | None = None) -> "SentenceEncoder":
+        """A new encoder whose linear layers are ``W + B @ A`` (the LoRA scale folded into ``B``).
+
+        ``adapter`` maps ``"<linear name>.A"`` (r, in) and ``"<linear name>.B"`` (out, r) to
+        arrays; a layer without both is left as it is. The embeddings and layer norms are shared
+        with this encoder; the new one has its own cache, of ``cache_size`` texts (default: as
+        this one).
+
+        Raises:
+            ValueError: a name that is not a linear layer of this encoder, a missing half, or
+                shapes that do not fit the layer.
+        """
+        import torch
+
+        names = set(self.linear_names())
+        bad = sorted(k for k in adapter if k.rsplit(".", 1)[-1] not in ("A", "B") or k.rsplit(".", 1)[0] not in names)
+        if bad:
+            raise ValueError(
+                f"adapter keys must be '<linear layer>.A' or '.B' of this encoder "
+                f"(e.g. 'encoder.layer.0.attention.self.query.A'); got {bad[:3]}"
+            )
+        bases = {k.rsplit(".", 1)[0] for k in adapter}
+        weights = dict(self._w)
+        for b in sorted(bases):
+            if b + ".A" not in adapter or b + ".B" not in adapter:
+                raise ValueError(f"adapter of {b!r} needs both {b}.A and {b}.B")
+            a = torch.as_tensor(np.asarray(adapter[b + ".A"], dtype=np.float32))
+            bm = torch.as_tensor(np.asarray(adapter[b + ".B"], dtype=np.float32))
+            w = self._w[b + ".weight"]
+            if a.ndim != 2 or bm.ndim != 2 or a.shape[0] != bm.shape[1] or (bm.shape[0], a.shape[1]) != tuple(w.shape):
+                raise ValueError(
+                    f"adapter of {b!r}: A {tuple(a.shape)} and B {tuple(bm.shape)} do not fit a weight of shape {tuple(w.shape)}"
+                )
+            weights[b + ".weight"] = w + bm @ a
+        return SentenceEncoder(
+            weights, self.config, self._tok, max_tokens=self.max_tokens, folder=self.folder,
+            cache_size=self.cache_size if cache_size is None else cache_size,
+        )
+
+    def _forward(
+        self,
+        ids: "torch.Tensor",
+        mask: "torch.Tensor",
+        precision: str = "fp32",
+        weights: "Mapping[str, torch.Tensor] | None" = None,
+    ) -> "torch.Tensor":
         """Token states of the last layer: (B, T) ids and mask -> (B, T, H) float32.
 
         ``precision="bf16"``: the linear layers in bfloat16; everything else (attention,
-        embeddings, residual sums, layer norms) in float32."""
+        embeddings, residual sums, layer norms) in float32. ``weights``: float32 tensors that
+        replace linear weights of the encoder (``"<linear name>.weight"``), for training an
+        adapter (:mod:`qlorakit.safety.tune`); gradients flow through them, and in bf16 they are
+        rounded to bfloat16 on every call, as the bf16 copies of :meth:`with_lora` weights are."""
         import torch
         import torch.nn.functional as F
 
         w, c = self._w, self.config
-        wl = self._bf16_weights() if precision == "bf16" else w
         low = torch.bfloat16 if precision == "bf16" else torch.float32
+        if weights:
+            wl = {**w, **{k: v.to(low) for k, v in weights.items()}}
+            if precision == "bf16":
+                wl.update({k: v for k, v in self._bf16_weights().items() if k not in weights})
+        else:
+            wl = self._bf16_weights() if precision == "bf16" else w
         eps = c.layer_norm_eps
         B, T = ids.shape
         H, nh = c.hidden_size, c.num_attention_heads

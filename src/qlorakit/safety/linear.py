@@ -27,7 +27,9 @@ File layout (``<name>.json`` next to ``<name>.npz``; neither needs pickle to rea
   ``gates`` (optional; dense head -> ``{"head", "min_margin", "fill", "max_windows"}``),
   ``training`` (free metadata).
 - npz: ``idf_<i>`` per block that uses idf, ``coef`` (n_sparse, n_heads), ``intercept``
-  (n_heads,), ``dense_coef`` (dim + n_context, n_heads) when ``dense`` is set.
+  (n_heads,), ``dense_coef`` (dim + n_context, n_heads) when ``dense`` is set, and
+  ``lora.<linear>.A`` / ``lora.<linear>.B`` when the dense heads' encoder carries a LoRA adapter
+  (:mod:`qlorakit.safety.tune`; merged into the encoder's weights on first use).
 """
 
 from __future__ import annotations
@@ -217,6 +219,9 @@ class LinearTextModel:
     training: Mapping[str, Any] = field(default_factory=dict)
     encoder: "SentenceEncoder | None" = field(default=None, compare=False, repr=False)
     gates: Mapping[str, Gate] = field(default_factory=dict)
+    # LoRA adapter of the encoder for the dense heads ("<linear>.A" / "<linear>.B" arrays, see
+    # qlorakit.safety.tune); empty: the encoder as it ships
+    adapter: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         n, k = self.features.n_features, len(self.heads)
@@ -243,6 +248,8 @@ class LinearTextModel:
             unknown = [h for h in self.dense.heads if h not in self.heads]
             if unknown:
                 raise ValueError(f"dense heads {unknown} are not heads of this model {list(self.heads)}")
+        if self.adapter and self.dense is None:
+            raise ValueError("an encoder adapter needs dense features")
         for h, g in self.gates.items():
             if not self.uses_dense(h):
                 raise ValueError(f"gate for head {h!r}, which has no dense features")
@@ -264,13 +271,21 @@ class LinearTextModel:
         """Whether ``head`` needs sentence embeddings."""
         return self.dense is not None and head in self.dense.heads
 
-    def _encoder(self) -> "SentenceEncoder":
+    def dense_encoder(self) -> "SentenceEncoder":
+        """The encoder of the dense heads: ``encoder`` (default: the packaged one) with the
+        model's adapter merged in, built once per base encoder."""
         if self.encoder is None:
             from .embed import default_encoder
 
             object.__setattr__(self, "encoder", default_encoder())
         assert self.encoder is not None
-        return self.encoder
+        if not self.adapter:
+            return self.encoder
+        built = self.__dict__.get("_adapted")
+        if built is None or built[0] is not self.encoder:
+            built = (self.encoder, self.encoder.with_lora(self.adapter))
+            object.__setattr__(self, "_adapted", built)
+        return built[1]
 
     # -- inference ----------------------------------------------------------------------------
     def sparse_margins(self, texts: Sequence[str]) -> np.ndarray:
@@ -308,7 +323,7 @@ class LinearTextModel:
             raise ValueError(f"the {self.guard} model has no dense features")
         if not self.dense.context:
             return np.zeros((len(windows), 0))
-        static = self._encoder().encode_static(windows)
+        static = self.dense_encoder().encode_static(windows)
         return context_features(static, [len(w) for w in windows], self.dense.context)
 
     def batch_window_margins(self, texts: Sequence[str], head: str) -> list[np.ndarray]:
@@ -324,7 +339,7 @@ class LinearTextModel:
             chosen = self.embedded_windows(spans, sparse, head)  # per text: window indices
             flat = [pos + k for pos, ks in chosen for k in ks]
             emb = (
-                self._encoder().encode([windows[i] for i in flat], precision=self.dense.precision)
+                self.dense_encoder().encode([windows[i] for i in flat], precision=self.dense.precision)
                 if flat
                 else np.zeros((0, self.dense.dim), dtype=np.float32)
             )
@@ -391,7 +406,7 @@ class LinearTextModel:
             guard=self.guard, features=self.features, heads=self.heads, coef=self.coef,
             intercept=self.intercept, thresholds=dict(thresholds), windows=self.windows,
             dense=self.dense, dense_coef=self.dense_coef, training=dict(training), encoder=self.encoder,
-            gates=dict(self.gates),
+            gates=dict(self.gates), adapter=self.adapter,
         )
 
     # -- files ----------------------------------------------------------------------------------
@@ -468,6 +483,7 @@ class LinearTextModel:
                 training=cfg.get("training", {}),
                 encoder=encoder,
                 gates=gates,
+                adapter={k.removeprefix("lora."): np.asarray(v, dtype=np.float32) for k, v in arr.items() if k.startswith("lora.")},
             )
         except KeyError as e:
             raise ValueError(f"{jp} / {npp}: missing key {e.args[0]!r}") from e
@@ -508,6 +524,8 @@ class LinearTextModel:
         }
         if self.dense_coef is not None:
             arrays["dense_coef"] = self.dense_coef.astype(np.float32)
+        for k, v in self.adapter.items():
+            arrays["lora." + k] = np.asarray(v, dtype=np.float32)
         for i, b in enumerate(self.features.blocks):
             if b.idf is not None:
                 arrays[f"idf_{i}"] = b.idf.astype(np.float32)
