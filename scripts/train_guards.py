@@ -37,10 +37,11 @@ Steps (deterministic for a given --seed):
 7. Write ``injection.{json,npz}``, ``moderation.{json,npz}``, ``metrics.json`` and
    ``MODEL_CARD.md`` atomically, and print the table.
 
-CPU only. On 2 cores: about an hour and a quarter, nearly all of it training the encoder
-adapters (six per guard, six more for the category hold-out model; --guards trains one guard and
-keeps the other's files). --embedding-cache keeps the frozen encoder's window embeddings between
-runs (the adapted encoders' embeddings are computed anew each run).
+CPU only. On 2 cores: about 35 minutes, most of it training the request head's encoder adapters
+(three per fit, six fits: 18 short runs of 1-3 minutes); the injection guard takes about 5 minutes
+when --embedding-cache already holds its window embeddings. --guards trains one guard and keeps
+the other's files; --no-holdout skips the second injection model (a report only). The adapted
+encoders' embeddings are computed anew each run.
 """
 
 from __future__ import annotations
@@ -120,9 +121,15 @@ GUARDS: dict[str, dict[str, Any]] = {
         "context_from": "encoder",
         "dense_scale": 1.0,
         "C": 4.0,
-        # the encoder of the document head gets a LoRA adapter trained on the head's windows
-        # (clean windows subsampled to two per injected one: documents have ten times more)
-        "finetune": {"document": LoraSettings(rank=8, alpha=16.0, epochs=2, lr=1e-3, batch_size=32, negatives_per_positive=2.0, seed=1234)},
+        # No encoder adapter for the document head yet. Measured: an adapter (rank 8, 2 epochs, two
+        # clean windows per injected one) trained on a split of train alone and measured on val
+        # window by window lifted the document-level TPR of its own classifier at FPR 0.05 from
+        # 0.42 to 0.89; but with the head's regression fitted on the adapter's own training
+        # windows (no cross-fitting) the out-of-fold TPR fell from 0.94 to 0.84, and the
+        # cross-fitted run (three adapters per fit, 36 for the shipped and the hold-out model)
+        # takes about two hours on 2 cores. To try it:
+        #   "finetune": {"document": LoraSettings(rank=8, alpha=16.0, epochs=2, lr=1e-3, batch_size=32,
+        #                                          negatives_per_positive=2.0, seed=1234)},
     },
     "moderation": {
         "heads": ("request", "content"),
@@ -869,7 +876,10 @@ MISS_REASONS = {
         "positives lowered its AUC), the project's written safe-sounding and harmful requests as "
         "training aids, C = 2. Tried earlier without gain: weighting every source equally, a small MLP "
         "on the embedding, max-pooled token states next to the mean, AdvBench goals rewritten as "
-        "questions. A lower threshold flags their safe twins as well."
+        "questions. A LoRA adapter of the encoder trained for this head (shipped) catches more AdvBench "
+        "goals and flags fewer benign prompts, but not more of XSTest's unsafe prompts: trained on a "
+        "split of train alone and measured on val it reached TPR 0.99 at FPR 0.05 (0.92 without it), "
+        "yet the test split's XSTest items stay at half. A lower threshold flags their safe twins as well."
     ),
     "moderation.content": (
         "the n-gram head misses AdvBench strings whose wording its training part does not share."

@@ -129,8 +129,8 @@ def test_load_reports_bad_files(tmp_path: Path):
             "request",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="0.86 at FPR 0.03: about half of XSTest's unsafe prompts, written as twins of "
-                "safe ones, pass; see MODEL_CARD.md",
+                reason="0.86 at FPR 0.02: about half of XSTest's unsafe prompts, written as twins of "
+                "safe ones, pass, also with the encoder adapter; see MODEL_CARD.md",
             ),
         ),
     ],
