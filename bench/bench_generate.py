@@ -3,7 +3,11 @@ the Hugging Face stack (transformers + peft + bitsandbytes NF4), same base, same
 prompts, greedy, the same number of new tokens; the texts are compared.
 
 The adapter is a fixed random one (seeded, B non-zero, so it changes the output) saved in the PEFT
-format; both sides load that folder. Each side runs in its own process; a short warm-up generation
+format; every side loads that folder. Sides: ``qlorakit``; ``hf``, the stack as it comes (on a CPU
+with AVX512-BF16, bitsandbytes repacks each 4-bit weight at the first no-grad forward and runs its
+own fused kernel, whose rounding differs from dequantize-then-matmul); ``hf-unpacked``, the same
+stack with that repacking off (``support_avx512bf16_for_cpu = False`` on every ``Linear4bit``, the
+setting that keeps LoRA gradients right after an evaluation pass, and the numerics qlorakit uses). Each side runs in its own process; a short warm-up generation
 is excluded from the timing on both sides.
 
     python bench/bench_generate.py            # writes bench/results/generation_speed.md
@@ -60,7 +64,8 @@ def _prompt_text(tok: Any, user: str) -> str:
 def worker(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     t0 = time.perf_counter()
-    if a.side == "hf":
+    if a.side in ("hf", "hf-unpacked"):
+        import bitsandbytes
         import peft
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -71,6 +76,10 @@ def worker(a: argparse.Namespace) -> None:
                                  bnb_4bit_compute_dtype=torch.bfloat16)
         base = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=bnb, dtype=torch.float32,
                                                     device_map={"": "cpu"})
+        if a.side == "hf-unpacked":
+            for m in base.modules():
+                if isinstance(m, bitsandbytes.nn.Linear4bit):
+                    m.support_avx512bf16_for_cpu = False
         model = peft.PeftModel.from_pretrained(base, a.adapter)
         model.eval()
         tok = AutoTokenizer.from_pretrained(str(folder))
@@ -121,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--sides", default="qlorakit,hf")
+    ap.add_argument("--sides", default="qlorakit,hf,hf-unpacked")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "generation_speed.md"))
     ap.add_argument("--side", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -134,12 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     results = {s: run_worker(Path(__file__), ["--side", s, *common], timeout=3600) for s in a.sides.split(",")}
     load_after = os.getloadavg()
-    hf = results.get("hf")
-    rows = ["| side | new tokens/s | tokens | seconds | peak RSS (MB) | vs HF | same text as HF |", "|---|---:|---:|---:|---:|---:|---|"]
+    refs = [s for s in ("hf", "hf-unpacked") if s in results]
+    head = "| side | new tokens/s | tokens | seconds | peak RSS (MB) |"
+    head += "".join(f" vs {s} | same text as {s} |" for s in refs)
+    rows = [head, "|---|---:|---:|---:|---:|" + "---:|---|" * len(refs)]
     for s, r in results.items():
-        same = "-" if not hf or s == "hf" else f"{sum(x == y for x, y in zip(r['texts'], hf['texts']))}/{len(r['texts'])} prompts"
-        ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
-        rows.append(f"| {s} | {r['tokens_per_s']:.1f} | {r['tokens']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | {ratio} | {same} |")
+        row = f"| {s} | {r['tokens_per_s']:.1f} | {r['tokens']} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} |"
+        for ref in refs:
+            h = results[ref]
+            same = f"{sum(x == y for x, y in zip(r['texts'], h['texts']))}/{len(r['texts'])} prompts"
+            row += f" {r['tokens_per_s'] / h['tokens_per_s']:.2f}x | {'-' if s == ref else same} |"
+        rows.append(row)
     cmd = "python bench/bench_generate.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = [f"# Generation speed with an adapter: qlorakit vs the Hugging Face stack\n",
           f"Command: `{cmd.strip()}`  ",
