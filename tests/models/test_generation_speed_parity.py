@@ -1,5 +1,6 @@
-"""Generation through the bf16 weight cache gives the same tokens as bitsandbytes' own 4-bit path,
-with an adapter on and off, and leaves training and saved state untouched (parity only: no timing)."""
+"""Generation through the bf16 weight cache (and its fp32 copy for decode steps) gives the same tokens
+as bitsandbytes' own 4-bit path, with an adapter on and off, and leaves training and saved state
+untouched (parity only: no timing)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ def test_cached_weights_give_the_same_logits_and_generations(tiny_model_dir):
 
     added = cache_bf16_weights(model)
     n4 = [m for m in model.modules() if is_linear4bit(m)]
-    assert added == sum(2 * m.in_features * m.out_features for m in n4) > 0
+    # bf16 copies, and on the CPU fp32 copies of the same values for one-token (decode) products
+    assert added == sum(6 * m.in_features * m.out_features for m in n4) > 0
+    assert all(torch.equal(m._qlk_w32, m._qlk_w16.float()) for m in n4)
     with torch.no_grad():
         logits = model(**enc, use_cache=False).logits
     assert torch.equal(logits, ref_logits)  # the same bf16 values through the same matmul shapes
@@ -57,7 +60,14 @@ def test_cached_weights_give_the_same_logits_and_generations(tiny_model_dir):
     assert len(model.state_dict()) == n_sd
     assert all(torch.equal(v, state[k]) for k, v in lora_state_dict(model).items())
     drop_bf16_weights(model)
-    assert all(getattr(m, "_qlk_w16", None) is None for m in n4)
+    assert all(getattr(m, "_qlk_w16", None) is None and getattr(m, "_qlk_w32", None) is None for m in n4)
+    # without room for both copies, only the bf16 one is kept
+    assert cache_bf16_weights(model, max_bytes=sum(3 * m.in_features * m.out_features for m in n4)) == sum(
+        2 * m.in_features * m.out_features for m in n4
+    )
+    assert all(getattr(m, "_qlk_w32", None) is None for m in n4)
+    assert generate(model, tok, prompt, max_new_tokens=24, min_new_tokens=24).text == ref_text
+    drop_bf16_weights(model)
 
 
 def test_forward_with_gradients_keeps_the_bitsandbytes_path(tiny_model_dir):

@@ -2,7 +2,8 @@
 
 Fast on CPU: before the first generation each 4-bit base weight gets a bf16 copy
 (:func:`qlorakit.quant.fast_linear.cache_bf16_weights`, when it fits in a quarter of the available
-memory), so a new token reads every weight once instead of dequantizing it; the adapter stays
+memory; with room, also an fp32 copy of the same values, since a one-row bf16 product runs 2-3x
+slower than fp32 on CPUs), so a new token reads every weight once instead of dequantizing it; the adapter stays
 unmerged, so several adapters can share one base and small LoRA updates are not rounded away
 (merging them into bf16 weights loses every update below the weight's bf16 resolution).
 """

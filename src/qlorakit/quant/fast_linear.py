@@ -252,26 +252,44 @@ def _cached_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return type(self).forward(self, x)
     dt = w16.dtype
     bias = self.bias.to(dt) if self.bias is not None else None
+    w32 = getattr(self, "_qlk_w32", None)
+    if w32 is not None and x.shape[:-1].numel() == 1:
+        # one token (a decode step): the same bf16 values in an fp32 matrix-vector product, rounded to
+        # bf16 as the bf16 product is (products of bf16 numbers are exact in fp32; only the order of
+        # the fp32 sum may differ); on CPUs a bf16 product with one row runs 2-3x slower than fp32
+        out = torch.nn.functional.linear(x.to(dt).float(), w32, bias.float() if bias is not None else None)
+        return out.to(dt).to(x.dtype)
     return torch.nn.functional.linear(x.to(dt), w16, bias).to(x.dtype)
 
 
-def cache_bf16_weights(model: nn.Module, max_bytes: float | None = None) -> int:
+def cache_bf16_weights(model: nn.Module, max_bytes: float | None = None, *, decode_fp32: bool = True) -> int:
     """Give every 4-bit linear of ``model`` a bf16 copy of its weight for no-grad forwards.
 
     Generation then reads each weight once per token as bf16 instead of dequantizing it per token.
     The 4-bit weight stays the stored format (state dicts, exports and training are unchanged; a
     forward that needs gradients takes bitsandbytes' own path). Skips the cache, returning 0, when
     it would take more than ``max_bytes``. Returns the bytes cached (0 if already cached).
+
+    ``decode_fp32``: on a CPU, also keep the same values as fp32 for one-token forwards (decode
+    steps), where an fp32 matrix-vector product runs 2-3x faster than a bf16 one; only when both
+    copies fit in ``max_bytes``. The result is rounded to bf16 as the bf16 product's is.
     """
     mods = [m for m in model.modules() if is_linear4bit(m) and getattr(m, "_qlk_w16", None) is None]
     dts = [m.compute_dtype if m.compute_dtype in (torch.bfloat16, torch.float16, torch.float32) else BF16 for m in mods]
     need = sum(torch.finfo(dt).bits // 8 * m.in_features * m.out_features for m, dt in zip(mods, dts))
     if not mods or (max_bytes is not None and need > max_bytes):
         return 0
+    # on a CPU, also an fp32 copy of the same values for one-token (decode) products, when both fit
+    n32 = sum(4 * m.in_features * m.out_features for m, dt in zip(mods, dts) if dt != torch.float32)
+    decode32 = decode_fp32 and n32 > 0 and (max_bytes is None or need + n32 <= max_bytes)
     import types
 
     for m, dt in zip(mods, dts):
-        m.register_buffer("_qlk_w16", dequantize(m).to(dt).contiguous(), persistent=False)
+        w = dequantize(m).to(dt).contiguous()
+        m.register_buffer("_qlk_w16", w, persistent=False)
+        if decode32 and dt != torch.float32 and w.device.type == "cpu":
+            m.register_buffer("_qlk_w32", w.float(), persistent=False)
+            need += 4 * m.in_features * m.out_features
         m.forward = types.MethodType(_cached_forward, m)
     return need
 
@@ -281,5 +299,6 @@ def drop_bf16_weights(model: nn.Module) -> None:
     for m in model.modules():
         if getattr(m, "_qlk_w16", None) is not None:
             del m._buffers["_qlk_w16"]
+            m._buffers.pop("_qlk_w32", None)
             if "forward" in m.__dict__:
                 del m.__dict__["forward"]
