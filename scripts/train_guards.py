@@ -47,7 +47,6 @@ encoders' embeddings are computed anew each run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import math
@@ -375,7 +374,6 @@ def fit_guard(
     gated = tuple(cfg.get("gates", {}))
     all_heads = heads + tuple(gate_name(h) for h in gated)
     adapter: dict[str, np.ndarray] = {}
-    dense_encoder: "Encoder" = encoder
     ft_info: dict[str, Any] = {}
     rows = {}
     for h, settings in cfg.get("finetune", {}).items():  # at most one: the guard's dense head
@@ -394,7 +392,6 @@ def fit_guard(
                             log=lambda m: print(f"  {name}.{h} ({what}): {m}", flush=True))
 
         adapter, ft_info = tune(exs, "all")
-        dense_encoder = encoder.with_lora(adapter)
         halves = [encoder.with_lora(tune([e for e in exs if crossfit_half(e.group) != k], f"half {k}")[0]) for k in (0, 1)]
         rows[h] = window_rows(exs, name, h, encoder, encoder_of=lambda e: halves[crossfit_half(e.group)])
         ft_info = {**ft_info, "cross_fitted": True}
@@ -449,8 +446,6 @@ def fit_guard(
         encoder=encoder,
         adapter=adapter,
     )
-    if adapter:  # the adapted encoder of this fit, with the embeddings of its training windows
-        object.__setattr__(model, "_adapted", (encoder, dense_encoder))
     return model, union, clfs, info
 
 
@@ -483,14 +478,6 @@ def gate_windows(
     return out
 
 
-def replace_model(model: LinearTextModel, **changes: Any) -> LinearTextModel:
-    """``dataclasses.replace`` that keeps the model's adapted encoder (and its embeddings)."""
-    out = dataclasses.replace(model, **changes)
-    if "_adapted" in model.__dict__ and "encoder" not in changes:
-        object.__setattr__(out, "_adapted", model.__dict__["_adapted"])
-    return out
-
-
 def set_gates(
     model: LinearTextModel, name: str, windows: dict[str, dict[str, list[float]]]
 ) -> tuple[LinearTextModel, dict[str, Any]]:
@@ -509,7 +496,7 @@ def set_gates(
             "cv_positive_windows_passed": float((pos_arr >= min_margin).mean()),
             "cv_negative_windows_passed": float((neg_arr >= min_margin).mean()),
         }
-    return replace_model(model, gates=gates), info
+    return model.replace(gates=gates), info
 
 
 def check_against_sklearn(
@@ -565,17 +552,20 @@ def calibrate(neg_margins: np.ndarray, fpr: float) -> float:
     return sigmoid(float((m[k] + upper) / 2.0))
 
 
+def _group_hash(group: str, purpose: str) -> bytes:
+    """A stable hash of an example group, the seed and what it is drawn for."""
+    return hashlib.sha256(f"{SEED}\x00{purpose}\x00{group}".encode("utf-8")).digest()
+
+
 def crossfit_half(group: str) -> int:
     """Half (0 or 1) of an example group for the cross-fitted dense features of a fine-tuned head
-    (a stable hash of the group and the seed, independent of the folds)."""
-    digest = hashlib.sha256(f"{SEED}\x00crossfit\x00{group}".encode("utf-8")).digest()
-    return digest[0] & 1
+    (independent of the folds)."""
+    return _group_hash(group, "crossfit")[0] & 1
 
 
 def fold_of(group: str) -> int:
     """Cross-validation fold of an example group (a stable hash of the group and the seed)."""
-    digest = hashlib.sha256(f"{SEED}\x00fold\x00{group}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % N_FOLDS
+    return int.from_bytes(_group_hash(group, "fold")[:8], "big") % N_FOLDS
 
 
 # Training aids (benign prompts used as plain-task payloads, written requests) are fitted on, never
@@ -980,7 +970,7 @@ def train_and_measure(
     # (all texts of a head in one call), not from the cache: bf16 embeddings move by ~1e-3 with
     # the batch they are computed in, and the shipped numbers must be the ones a user recomputes.
     plain = encoder.encoder if isinstance(encoder, CachedEncoder) else encoder
-    measured = dataclasses.replace(shipped, encoder=plain)  # the adapter is merged again, into `plain`
+    measured = shipped.replace(encoder=plain)  # the adapter is merged again, into `plain`
     reports, thresholds = {}, dict(shipped.thresholds)
     test_margins: dict[str, np.ndarray] = {}
     for h in GUARDS[name]["heads"]:

@@ -279,19 +279,19 @@ def cache_bf16_weights(model: nn.Module, max_bytes: float | None = None, *, deco
     need = sum(torch.finfo(dt).bits // 8 * m.in_features * m.out_features for m, dt in zip(mods, dts))
     if not mods or (max_bytes is not None and need > max_bytes):
         return 0
-    # on a CPU, also an fp32 copy of the same values for one-token (decode) products, when both fit
-    n32 = sum(4 * m.in_features * m.out_features for m, dt in zip(mods, dts) if dt != torch.float32)
-    decode32 = decode_fp32 and n32 > 0 and (max_bytes is None or need + n32 <= max_bytes)
+    wide = [decode_fp32 and dt != torch.float32 and m.weight.device.type == "cpu" for m, dt in zip(mods, dts)]
+    n32 = sum(4 * m.in_features * m.out_features for m, w in zip(mods, wide) if w)
+    if max_bytes is not None and need + n32 > max_bytes:  # no room for both copies: bf16 only
+        wide, n32 = [False] * len(mods), 0
     import types
 
-    for m, dt in zip(mods, dts):
+    for m, dt, w32 in zip(mods, dts, wide):
         w = dequantize(m).to(dt).contiguous()
         m.register_buffer("_qlk_w16", w, persistent=False)
-        if decode32 and dt != torch.float32 and w.device.type == "cpu":
+        if w32:
             m.register_buffer("_qlk_w32", w.float(), persistent=False)
-            need += 4 * m.in_features * m.out_features
         m.forward = types.MethodType(_cached_forward, m)
-    return need
+    return need + n32
 
 
 def drop_bf16_weights(model: nn.Module) -> None:

@@ -184,7 +184,7 @@ class SentenceEncoder:
         """A new encoder whose linear layers are ``W + B @ A`` (the LoRA scale folded into ``B``).
 
         ``adapter`` maps ``"<linear name>.A"`` (r, in) and ``"<linear name>.B"`` (out, r) to
-        arrays; a layer without both is left as it is. The embeddings and layer norms are shared
+        arrays; a layer with neither is left as it is. The embeddings and layer norms are shared
         with this encoder; the new one has its own cache, of ``cache_size`` texts (default: as
         this one).
 
@@ -288,11 +288,7 @@ class SentenceEncoder:
         """
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        if isinstance(texts, (str, bytes)):
-            raise TypeError("texts must be a sequence of strings, not a single string")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        _check_texts(texts)
         import torch
         import torch.nn.functional as F
 
@@ -335,11 +331,7 @@ class SentenceEncoder:
         Raises:
             TypeError: ``texts`` is a string, or an entry is not a string.
         """
-        if isinstance(texts, (str, bytes)):
-            raise TypeError("texts must be a sequence of strings, not a single string")
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
+        _check_texts(texts)
         if self._static is None:
             self._static = self._w["embeddings.word_embeddings.weight"].numpy().astype(np.float32)
         table = self._static
@@ -357,6 +349,14 @@ class SentenceEncoder:
     def token_count(self, text: str) -> int:
         """Number of tokens ``text`` becomes (after truncation to ``max_tokens``)."""
         return len(self._tok.encode(text).ids)  # type: ignore[attr-defined]
+
+
+def _check_texts(texts: Sequence[str]) -> None:
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be a sequence of strings, not a single string")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be a str, got {type(t).__name__}")
 
 
 @functools.lru_cache(maxsize=1)

@@ -34,6 +34,7 @@ File layout (``<name>.json`` next to ``<name>.npz``; neither needs pickle to rea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -400,14 +401,18 @@ class LinearTextModel:
         """Logistic of the largest window margin, in (0, 1)."""
         return sigmoid(self.max_margin(text, head))
 
+    def replace(self, **changes: Any) -> "LinearTextModel":
+        """``dataclasses.replace``, keeping the encoder with the adapter merged in (and the
+        embeddings it has cached) unless the encoder or the adapter changes."""
+        out = dataclasses.replace(self, **changes)
+        built = self.__dict__.get("_adapted")
+        if built is not None and "encoder" not in changes and "adapter" not in changes:
+            object.__setattr__(out, "_adapted", built)
+        return out
+
     def with_thresholds(self, thresholds: Mapping[str, float], training: Mapping[str, Any]) -> "LinearTextModel":
         """The same model with other thresholds and training metadata."""
-        return LinearTextModel(
-            guard=self.guard, features=self.features, heads=self.heads, coef=self.coef,
-            intercept=self.intercept, thresholds=dict(thresholds), windows=self.windows,
-            dense=self.dense, dense_coef=self.dense_coef, training=dict(training), encoder=self.encoder,
-            gates=dict(self.gates), adapter=self.adapter,
-        )
+        return self.replace(thresholds=dict(thresholds), training=dict(training))
 
     # -- files ----------------------------------------------------------------------------------
     @classmethod
