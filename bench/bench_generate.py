@@ -8,7 +8,9 @@ with AVX512-BF16, bitsandbytes repacks each 4-bit weight at the first no-grad fo
 own fused kernel, whose rounding differs from dequantize-then-matmul); ``hf-unpacked``, the same
 stack with that repacking off (``support_avx512bf16_for_cpu = False`` on every ``Linear4bit``, the
 setting that keeps LoRA gradients right after an evaluation pass, and the numerics qlorakit uses).
-Each side runs in its own process; a short warm-up generation is excluded from the timing on every
+The qlorakit side runs its fast decoder (``qlorakit.models.decode``), which on such a CPU calls
+bitsandbytes' packed kernel itself, so its text is compared with ``hf`` token for token. Each side runs
+in its own process; a short warm-up generation is excluded from the timing on every
 side.
 
     python bench/bench_generate.py            # writes bench/results/generation_speed.md

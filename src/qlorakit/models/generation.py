@@ -1,11 +1,17 @@
 """Text generation with a KV cache: greedy or sampled, with stop strings, streaming or not.
 
-Fast on CPU: before the first generation each 4-bit base weight gets a bf16 copy
-(:func:`qlorakit.quant.fast_linear.cache_bf16_weights`, when it fits in a quarter of the available
-memory; with room, also an fp32 copy of the same values, since a one-row bf16 product runs 2-3x
-slower than fp32 on CPUs), so a new token reads every weight once instead of dequantizing it; the adapter stays
-unmerged, so several adapters can share one base and small LoRA updates are not rounded away
+Llama-style models (Llama, Mistral, Qwen2 shapes) run in :mod:`qlorakit.models.decode`: a lean
+decoding loop over the model's own modules that computes what transformers' ``generate`` computes,
+bitsandbytes' inference kernel included, at a fraction of the per-token overhead (measured in
+``bench/bench_generate.py``). Other models run transformers' ``generate``. Either way the adapter
+stays unmerged, so several adapters can share one base and small LoRA updates are not rounded away
 (merging them into bf16 weights loses every update below the weight's bf16 resolution).
+
+Before the first generation each 4-bit base weight gets a bf16 copy
+(:func:`qlorakit.quant.fast_linear.cache_bf16_weights`, when it fits in a quarter of the available
+memory), read by long prompts and by models the decoder does not run; for the latter, with room,
+also an fp32 copy of the same values for one-token products (a one-row bf16 product runs 2-3x
+slower than fp32 on CPUs).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from .decode import decoder_for
 
 __all__ = ["GenerationResult", "generate", "generate_stream", "chat_prompt", "autocast_for", "prepare_inference"]
 
@@ -46,13 +54,18 @@ def autocast_for(model: torch.nn.Module) -> Any:
 
 
 def prepare_inference(model: torch.nn.Module) -> int:
-    """Cache bf16 copies of the 4-bit base weights for generation; the bytes added (0: none)."""
+    """Cache bf16 copies of the 4-bit base weights for generation; the bytes added (0: none).
+
+    When the fast decoder runs the model with bitsandbytes' packed kernel, one-token products never
+    read these copies, so no fp32 copies are made; the bf16 ones serve long prompts."""
     if getattr(model, "_qlk_inference_ready", False):
         return 0
     from ..quant.fast_linear import cache_bf16_weights
     from ..train.memory import available_memory_bytes
 
-    added = cache_bf16_weights(model, max_bytes=0.25 * available_memory_bytes())
+    dec = decoder_for(model)
+    added = cache_bf16_weights(model, max_bytes=0.25 * available_memory_bytes(),
+                               decode_fp32=dec is None or not dec.packs)
     model._qlk_inference_ready = True
     return added
 
@@ -109,12 +122,17 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tok
     was_training = model.training
     model.eval()
     try:
-        with _precision(model):
-            out = model.generate(**enc, **_gen_kwargs(tokenizer, max_new_tokens, temperature, top_p, stop_ids,
-                                                      min_new_tokens))
+        dec = decoder_for(model)
+        if dec is not None:
+            new = list(dec.tokens(enc["input_ids"][0].tolist(), max_new_tokens, stop_ids=stop_ids,
+                                  temperature=temperature, top_p=top_p, min_new_tokens=min_new_tokens))
+        else:
+            with _precision(model):
+                out = model.generate(**enc, **_gen_kwargs(tokenizer, max_new_tokens, temperature, top_p, stop_ids,
+                                                          min_new_tokens))
+            new = out[0, n_prompt:].tolist()
     finally:
         model.train(was_training)
-    new = out[0, n_prompt:].tolist()
     hit_eos = bool(new) and new[-1] in stop_ids
     if hit_eos:
         new = new[:-1]
@@ -123,10 +141,60 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tok
     return GenerationResult(text, n_prompt, len(new) + (1 if hit_eos else 0), finish)
 
 
+def _held_back(text: str, stop: list[str] | None) -> int:
+    """How many trailing characters of ``text`` could be the start of a stop string."""
+    n = 0
+    for s in stop or []:
+        for k in range(min(len(s) - 1, len(text)), n, -1):
+            if text.endswith(s[:k]):
+                n = k
+                break
+    return n
+
+
+def _stream_decoder(dec: Any, model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int,
+                    temperature: float, top_p: float, stop: list[str] | None, seed: int | None) -> Iterator[str]:
+    """Text pieces from the fast decoder, in the consumer's thread: a stop string is never emitted
+    (text that could begin one is held back until it cannot), nor a half-decoded character."""
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    stop_ids = _stop_ids(tokenizer)
+    if seed is not None:
+        torch.manual_seed(seed)
+    toks: list[int] = []
+    emitted = ""
+    was_training = model.training
+    model.eval()
+    try:
+        for t in dec.tokens(ids, max_new_tokens, stop_ids=stop_ids, temperature=temperature, top_p=top_p):
+            if t in stop_ids:
+                break
+            toks.append(t)
+            text = tokenizer.decode(toks, skip_special_tokens=True)
+            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+                continue
+            text, hit = _cut_at_stop(text, stop)
+            ready = text if hit else text[:len(text) - _held_back(text, stop)]
+            if len(ready) > len(emitted):
+                yield ready[len(emitted):]
+                emitted = ready
+            if hit:
+                return
+        text, _ = _cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), stop)
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+    finally:
+        model.train(was_training)
+
+
 def generate_stream(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tokens: int = 128,
                     temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
                     seed: int | None = None) -> Iterator[str]:
     """Yield text pieces as they are generated (stops at a stop string, not including it)."""
+    prepare_inference(model)
+    dec = decoder_for(model)
+    if dec is not None:
+        yield from _stream_decoder(dec, model, tokenizer, prompt, max_new_tokens, temperature, top_p, stop, seed)
+        return
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     halt = threading.Event()
@@ -139,7 +207,6 @@ def generate_stream(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kw = _gen_kwargs(tokenizer, max_new_tokens, temperature, top_p, _stop_ids(tokenizer))
-    prepare_inference(model)
     errors: list[BaseException] = []
 
     def work() -> None:
