@@ -63,7 +63,7 @@ def plan_worker(a: argparse.Namespace) -> dict[str, Any]:
 
     from qlorakit.models import resolve_base
     from qlorakit.train.memory import ModelShape
-    from qlorakit.train.plan import _file_bytes, plan_run
+    from qlorakit.train.plan import _file_bytes, _files_fp32, plan_run
 
     folder = resolve_base(a.base)[0]
     shape = ModelShape.from_config(AutoConfig.from_pretrained(str(folder)))
@@ -71,7 +71,7 @@ def plan_worker(a: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     p = plan_run(shape, model_name=a.base, micro_batch=a.batch, seq_len=a.seq_len, grad_accum=1, r=16, alpha=32,
                  dropout=0.0, budget_bytes=a.budget_gb * 2**30, sample=batch, total_steps=a.steps,
-                 compile_=True, file_bytes=_file_bytes(folder))
+                 compile_=True, file_bytes=_file_bytes(folder), files_fp32=_files_fp32(folder))
     out = p.to_json()
     out["plan_s"] = time.perf_counter() - t
     return out
@@ -95,7 +95,9 @@ def train_worker(a: argparse.Namespace) -> dict[str, Any]:
     params = lora_parameters(model)
     for p in params:
         p.requires_grad_(True)
-    fm = FastModel(model, FastOptions(weights=s["weights"], checkpointing=s["checkpointing"], compile=s["compile"]),
+    # as `qlorakit train` runs them (choose_fast_options): freed heap memory goes back to the OS near the budget
+    fm = FastModel(model, FastOptions(weights=s["weights"], checkpointing=s["checkpointing"], compile=s["compile"],
+                                      trim_above=0.9 * a.budget_gb * 2**30),
                    pad_token_id=loaded.tokenizer.pad_token_id)
     model.train()
     mb, accum = s["micro_batch"], s["grad_accum"]
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-lens", default="256,512,1024")
     ap.add_argument("--budget-gb", type=float, default=6.0, help="memory budget given to the planner")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "plan.md"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
@@ -177,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         s = p["settings"]
         desc = (f"mb {s['micro_batch']}x{s['grad_accum']}, ckpt {'on' if s['checkpointing'] else 'off'}, "
                 f"{'bf16 copy' if s['weights'] == 'cache' else 'per-use'}")
+        if s["seq_len"] != r["seq"]:
+            desc += f", seq shortened to {s['seq_len']}"
         pk = p["peak_bytes"] / 2**20
         st = p["step_s"]
         mfu = m["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)

@@ -121,3 +121,52 @@ def test_plan_command_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert p["calibration"]["layer_s"] >= 0
     rc = plan_main([f"model.base={tiny_model_dir}", "--budget-gb", "0.01", "--no-calibrate"])
     assert rc == 1 and "DOES NOT FIT" in capsys.readouterr().out
+
+
+_RSS_FILE_SCRIPT = r"""
+import json, os, sys
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch, transformers, peft, bitsandbytes
+def rss_file():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+from qlorakit.config import load_recipe
+from qlorakit.models import load_base_model
+warm = load_base_model(load_recipe(None, [f"model.base={sys.argv[2]}"]).model)  # maps the libraries loading uses
+before = rss_file()
+second = load_base_model(load_recipe(None, [f"model.base={sys.argv[1]}"]).model)
+print(json.dumps({"file_pages": rss_file() - before}))
+"""
+
+
+def test_loader_releases_the_file_mapping_of_bf16_files(tiny_model_dir, tmp_path):
+    """What the memory model assumes for files of another dtype than the model's fp32: every tensor
+    is converted, and the mapped file pages are not resident once the model is loaded. (From fp32
+    files the loader may keep views of the mapping, as it does for the packaged model; the model
+    then counts the files as resident, the larger of the two.)"""
+    import shutil
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from qlorakit.train.plan import _file_bytes, _files_fp32
+
+    assert _files_fp32(tiny_model_dir)
+    folder = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).save_pretrained(str(folder))
+    for f in tiny_model_dir.iterdir():
+        if "token" in f.name or f.name.endswith(".jinja"):
+            shutil.copy(f, folder / f.name)
+    assert not _files_fp32(folder)
+    warm = tmp_path / "warm"  # another copy: its load maps the libraries, not the measured files
+    shutil.copytree(tiny_model_dir, warm)
+    out = subprocess.run([sys.executable, "-c", _RSS_FILE_SCRIPT, str(folder), str(warm)], capture_output=True,
+                         text=True, check=True)
+    kept = json.loads(out.stdout.strip().splitlines()[-1])["file_pages"]
+    size = _file_bytes(folder)
+    assert kept <= 0.3 * size, (kept, size)
+    est = estimate_memory(SHAPE_135M, micro_batch=1, seq_len=128, r=8, file_bytes=size, files_fp32=False)
+    assert est.parts["base model files, memory-mapped by the loader"] == 0
+    assert est.parts["embeddings, norms, head (fp32)"] == SHAPE_135M.other_params * 4

@@ -44,7 +44,7 @@ from ..quant.fast_linear import (
 from .attention import Workspace, segment_attention, segments_from_positions
 from .kernels import kernel
 from .loss import shift_labels
-from .memory import current_rss_bytes
+from .memory import current_rss_bytes, release_free_memory
 
 __all__ = ["FastOptions", "FastModel", "FastUnsupported", "fast_supported", "prepare_fast", "fused_head_loss"]
 
@@ -345,11 +345,7 @@ class FastModel:
         limit = self.options.trim_above
         if limit is None or current_rss_bytes() <= limit:
             return
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
+        if not release_free_memory():
             self.options.trim_above = None  # not glibc: nothing to trim with
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -3,7 +3,7 @@ this machine, and the settings that fit a memory budget, before the run starts.
 
 Memory comes from the model's configuration and counts what the fast path keeps
 (:func:`qlorakit.train.memory.estimate_memory`), plus this machine's process baseline measured
-here. Time comes from a short calibration on this machine: one and two decoder layers of the
+here. Time comes from a short calibration on this machine: one and three decoder layers of the
 model's exact shape (random weights, quantized to NF4, LoRA attached as the recipe says) run
 forward and backward on micro-batches taken from the recipe's own data, so packing and segment
 lengths are the real ones; the output head with the real vocabulary and the optimizer step are
@@ -134,20 +134,21 @@ def _calibration_model(shape: ModelShape, layers: int, r: int, alpha: float, dro
 
 
 def _time(fn: Any, repeats: int) -> tuple[float, float]:
-    """(first call seconds, best of ``repeats`` further calls)."""
+    """(first call seconds, median of ``repeats`` further calls). The median, not the best: a run's
+    steps meet the machine as it is, and the best of a few calls predicted steps 10-20% short."""
     t = time.perf_counter()
     fn()
     first = time.perf_counter() - t
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t)
-    return first, best
+        times.append(time.perf_counter() - t)
+    return first, sorted(times)[len(times) // 2]
 
 
 def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: int, alpha: float, dropout: float,
-              settings: Settings, repeats: int = 2) -> Calibration:
+              settings: Settings, repeats: int = 3) -> Calibration:
     """Time the fast path's pieces for ``shape`` on ``batches`` (one micro-batch each, real data)."""
     from ..data.templating import IGNORE_INDEX
     from .fast import FastModel, FastOptions, fused_head_loss
@@ -157,7 +158,8 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
     batch = batches[0]
     per: dict[int, float] = {}
     compile_s = 0.0
-    for n_layers in (1, 2):
+    few, more = 1, min(3, max(2, shape.layers))  # the difference over two layers: half the timing noise
+    for n_layers in (few, more):
         model, _ = _calibration_model(shape, n_layers, r, alpha, dropout)
         fm = FastModel(model, opts, pad_token_id=None)
         vocab_batch = dict(batch, input_ids=batch["input_ids"] % 256)  # the calibration model's vocabulary
@@ -170,8 +172,8 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
         compile_s = max(compile_s, first - best)
         per[n_layers] = best
         del fm, model
-    layer_s = max(0.0, per[2] - per[1])
-    fixed_s = max(0.0, per[1] - layer_s)
+    layer_s = max(0.0, (per[more] - per[few]) / (more - few))
+    fixed_s = max(0.0, per[few] - few * layer_s)
 
     # the output head: the real vocabulary, the real number of loss positions
     target = shift_labels(batch["labels"]).reshape(-1)
@@ -278,6 +280,20 @@ def _file_bytes(folder: Path) -> float:
                  or sum(p.stat().st_size for p in folder.glob("*.bin")))
 
 
+def _files_fp32(folder: Path) -> bool:
+    """Whether the model's weight files hold fp32 tensors (read from the safetensors headers; a
+    ``.bin`` checkpoint is copied whole by its loader, so it counts as not)."""
+    import struct
+
+    dtypes: set[str] = set()
+    for f in sorted(folder.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    return dtypes == {"F32"}
+
+
 def _baseline_bytes() -> float:
     """The process before the base model loads: interpreter, torch, transformers, peft, bitsandbytes."""
     import bitsandbytes  # noqa: F401
@@ -287,10 +303,11 @@ def _baseline_bytes() -> float:
     return float(current_rss_bytes())
 
 
-def _memory(shape: ModelShape, s: Settings, r: int, dropout: float, baseline: float, file_bytes: float) -> MemoryEstimate:
+def _memory(shape: ModelShape, s: Settings, r: int, dropout: float, baseline: float, file_bytes: float,
+            files_fp32: bool) -> MemoryEstimate:
     return estimate_memory(shape, micro_batch=s.micro_batch, seq_len=s.seq_len, r=r, dropout=dropout,
                            checkpointing=s.checkpointing, weights=s.weights, baseline=baseline,
-                           file_bytes=file_bytes, compiled=s.compile)
+                           file_bytes=file_bytes, compiled=s.compile, files_fp32=files_fp32)
 
 
 def _trim(batch: dict[str, torch.Tensor], micro_batch: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -309,7 +326,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
              alpha: float, dropout: float, budget_bytes: float, sample: dict[str, torch.Tensor] | None,
              total_steps: int = 0, tokens_per_step: float | None = None, gradient_checkpointing: str = "auto",
              compile_: bool | None = None, calibrate_time: bool = True, file_bytes: float = 0.0,
-             baseline: float | None = None) -> Plan:
+             files_fp32: bool = True, baseline: float | None = None) -> Plan:
     """Choose settings that fit ``budget_bytes`` and predict memory and time for them.
 
     ``sample`` is one real micro-batch (input_ids, labels, position_ids) at the requested size,
@@ -325,7 +342,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
     chosen: Settings | None = None
     est: MemoryEstimate | None = None
     for s in _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_):
-        e = _memory(shape, s, r, dropout, base, file_bytes)
+        e = _memory(shape, s, r, dropout, base, file_bytes, files_fp32)
         tried.append(f"{s.describe()}: {e.peak / GB:.2f} GB")
         if e.peak <= budget_bytes:
             chosen, est = s, e
@@ -333,7 +350,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
     fits = chosen is not None
     if chosen is None:  # nothing fits: report the leanest
         chosen = _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_)[-1]
-        est = _memory(shape, chosen, r, dropout, base, file_bytes)
+        est = _memory(shape, chosen, r, dropout, base, file_bytes, files_fp32)
     plan = Plan(model=model_name, shape=asdict(shape), settings=chosen, budget_bytes=budget_bytes,
                 memory=dict(est.parts), peak_bytes=est.peak, load_peak_bytes=est.load_peak, fits=fits,
                 total_steps=total_steps, tried=tried)
@@ -341,9 +358,8 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
     plan.tokens_per_step = real_step * (chosen.seq_len / seq_len)
     if calibrate_time and sample is not None:
         cal_batch = _trim(sample, chosen.micro_batch, chosen.seq_len)
+        # with checkpointing the calibration's layers recompute their forward too: it is in layer_s
         cal = calibrate(shape, [cal_batch], r=r, alpha=alpha, dropout=dropout, settings=chosen)
-        if chosen.checkpointing:  # recomputation adds one more forward per layer: about a third
-            cal.layer_s *= 4.0 / 3.0
         plan.step_s = predict_step_time(shape, cal, chosen.grad_accum)
         plan.tokens_per_s = plan.tokens_per_step / plan.step_s
         plan.total_s = plan.step_s * total_steps if total_steps else None
@@ -382,7 +398,7 @@ def plan_recipe(recipe: Any, *, budget_bytes: float | None = None, calibrate_tim
                     grad_accum=t.grad_accum, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
                     budget_bytes=budget, sample=sample, total_steps=total, tokens_per_step=tokens_per_step,
                     gradient_checkpointing=t.gradient_checkpointing, calibrate_time=calibrate_time,
-                    file_bytes=_file_bytes(folder))
+                    file_bytes=_file_bytes(folder), files_fp32=_files_fp32(folder))
 
 
 def _fmt_s(s: float | None) -> str:
