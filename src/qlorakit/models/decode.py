@@ -300,9 +300,7 @@ def why_not(model: nn.Module) -> str | None:
     for layer in model.model.layers:
         for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                     layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-            if isinstance(mod, LoraLinear):
-                if mod.training and isinstance(mod.dropout, nn.Dropout):
-                    return "LoRA dropout in training mode"
+            if isinstance(mod, LoraLinear):  # inference: LoRA dropout is off, as in eval mode
                 mod = mod.base
             if not isinstance(mod, nn.Linear) and not is_linear4bit(mod):
                 return f"a projection of type {type(mod).__name__}"
@@ -320,7 +318,8 @@ def why_not(model: nn.Module) -> str | None:
 
 
 class Decoder:
-    """The decoding loop of one Llama-style model (see the module text)."""
+    """The decoding loop of one Llama-style model (see the module text). Inference only (LoRA
+    dropout off); one generation at a time per model, as the server's single worker runs them."""
 
     def __init__(self, model: nn.Module):
         why = why_not(model)
