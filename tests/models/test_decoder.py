@@ -65,7 +65,7 @@ def test_logits_are_those_of_the_reference_bit_for_bit(pair):
         want = ref.model(**enc, use_cache=False, logits_to_keep=1).logits[0, -1]
     cache = [(torch.empty(dec.n_kv, len(ids) + 1, dec.d), torch.empty(dec.n_kv, len(ids) + 1, dec.d)) for _ in dec.layers]
     cos, sin = dec.rotary(torch.empty(1, 1, 1), torch.arange(len(ids) + 1).unsqueeze(0))
-    for grp in (g for L in dec.layers for g in (L.qkv, L.o, L.gu, L.down)):
+    for grp in dec.groups:
         grp.refresh()
     with torch.inference_mode():
         h = dec._forward(torch.tensor(ids), 0, cache, cos, sin)

@@ -119,9 +119,7 @@ class _Group:
                 k = self.bases[0].in_features
                 self._xb = torch.empty(1, k, dtype=BF16)
                 self._out1 = torch.empty(1, self.n_out, dtype=BF16)
-                self._args1 = (ct.c_int64(1), ct.c_int64(self.n_out), ct.c_int64(k), ct.c_void_p(self._xb.data_ptr()),
-                               self._w_ptr, self._absmax_ptr, ct.c_void_p(self._out1.data_ptr()), self._blocksize,
-                               ct.c_int64(k), ct.c_int64(self.n_out))
+                self._args1 = self._kernel_args(1, self._xb, self._out1)
             self.dtype = self.bases[0].compute_dtype or BF16
             bias = [getattr(b, "bias", None) for b in self.bases]
             if any(x is not None for x in bias):
@@ -141,34 +139,34 @@ class _Group:
         self.a_cat = torch.cat([at.t() for at, _, _, _ in self.lora], dim=0).t() if len(self.lora) > 1 else None
         self.pow2 = all(sc > 0 and math.frexp(sc)[0] == 0.5 for _, _, sc, _ in self.lora)
 
+    def _kernel_args(self, rows: int, xb: torch.Tensor, out: torch.Tensor) -> tuple[Any, ...]:
+        import ctypes as ct
+
+        k = xb.shape[1]
+        return (ct.c_int64(rows), ct.c_int64(self.n_out), ct.c_int64(k), ct.c_void_p(xb.data_ptr()), self._w_ptr,
+                self._absmax_ptr, ct.c_void_p(out.data_ptr()), self._blocksize, ct.c_int64(k), ct.c_int64(self.n_out))
+
     def base(self, x: torch.Tensor) -> torch.Tensor:
-        """(rows, in) -> (rows, out) fp32."""
+        """(rows, in) -> (rows, out) fp32, as ``Linear4bit.forward`` computes it: input in the compute
+        dtype (the kernel takes bf16), output back in the input's dtype."""
         rows = x.shape[0]
         if self.packed is None or rows > PACKED_MAX_ROWS:
             ys = [b(x) for b in self.bases]
             return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
-        w, st = self.packed
-        if self.kernel is not None and rows == 1 and self.dtype == BF16 and self.bias is None:
-            # a decode step: fixed buffers and arguments; the fp32 result is a fresh tensor
-            self._xb.copy_(x)
-            self.kernel(*self._args1)
-            return self._out1.to(x.dtype)
-        xb = x.to(BF16)
-        if self.kernel is not None:  # the C kernel bitsandbytes' op calls, without the op's Python checks
-            import ctypes as ct
-
-            if not xb.is_contiguous():
-                xb = xb.contiguous()
-            K = xb.shape[1]
-            out = torch.empty(rows, self.n_out, dtype=BF16)
-            self.kernel(ct.c_int64(rows), ct.c_int64(self.n_out), ct.c_int64(K), ct.c_void_p(xb.data_ptr()),
-                        self._w_ptr, self._absmax_ptr, ct.c_void_p(out.data_ptr()), self._blocksize,
-                        ct.c_int64(K), ct.c_int64(self.n_out))
-        else:
+        if self.kernel is None:
             import bitsandbytes as bnb
 
-            out = bnb.matmul_4bit(xb, w, quant_state=st)
-        if self.dtype != BF16:  # Linear4bit.forward: input in the compute dtype, output back to fp32
+            w, st = self.packed
+            out = bnb.matmul_4bit(x.to(BF16), w, quant_state=st)
+        elif rows == 1:  # a decode step: fixed buffers and arguments (the result below is a fresh tensor)
+            self._xb.copy_(x)
+            self.kernel(*self._args1)
+            out = self._out1
+        else:  # the C kernel bitsandbytes' op calls, without the op's Python checks
+            xb = x.to(BF16).contiguous()
+            out = torch.empty(rows, self.n_out, dtype=BF16)
+            self.kernel(*self._kernel_args(rows, xb, out))
+        if self.dtype != BF16:
             out = out.to(self.dtype)
         if self.bias is not None:
             out = out + self.bias
@@ -190,8 +188,6 @@ class _Group:
         if self.pow2:
             # peft: result + lora_B(lora_A(x)) * scaling. With a power-of-two scaling the product is
             # scaled exactly, so addmm's single rounding of y + scaling * (h B^T) is the same number
-            if len(self.lora) == 1 and self.spans[0] == (0, self.n_out):
-                return y.addmm_(hs[0], self.lora[0][1], alpha=self.lora[0][2])
             for (a, b), hh, (_, bt, sc, _) in zip(self.spans, hs, self.lora):
                 y[:, a:b].addmm_(hh, bt, alpha=sc)
             return y
@@ -325,7 +321,6 @@ class Decoder:
         why = why_not(model)
         if why:
             raise ValueError(f"the fast decoder cannot run this model: {why}")
-        self.model = model
         cfg = model.config
         inner = model.model
         pack = _bnb_packs_on_cpu()
@@ -345,12 +340,11 @@ class Decoder:
                                       L.post_attention_layernorm.weight, L.post_attention_layernorm.variance_epsilon,
                                       _Group([a.q_proj, a.k_proj, a.v_proj], pack), _Group([a.o_proj], pack),
                                       _Group([m.gate_proj, m.up_proj], pack), _Group([m.down_proj], pack)))
+        self.groups = [g for L in self.layers for g in (L.qkv, L.o, L.gu, L.down)]
         self.projections = _projections(model)
-        self.packs = any(g.packed is not None for L in self.layers for g in (L.qkv, L.o, L.gu, L.down))
+        self.packs = any(g.packed is not None for g in self.groups)
         self.greedy_head = (_GreedyHead(self.head.detach()) if self.head.dtype == torch.float32 and _GreedyHead.available()
                             else None)
-        self.packed_bytes = sum(g.packed[0].numel() + 2 * g.packed[1].absmax.numel()
-                                for L in self.layers for g in (L.qkv, L.o, L.gu, L.down) if g.packed is not None)
 
     def _forward(self, ids: torch.Tensor, pos: int, cache: list[tuple[torch.Tensor, torch.Tensor]],
                  cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -387,7 +381,7 @@ class Decoder:
         total = n + max_new_tokens
         if self.max_positions and total > self.max_positions:
             total = max(self.max_positions, n + 1)
-        for grp in (g for L in self.layers for g in (L.qkv, L.o, L.gu, L.down)):
+        for grp in self.groups:
             grp.refresh()
         dt = self.head.dtype
         cache = [(torch.empty(self.n_kv, total, self.d, dtype=dt), torch.empty(self.n_kv, total, self.d, dtype=dt))

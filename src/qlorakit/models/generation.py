@@ -100,6 +100,16 @@ def _stop_ids(tokenizer: Any) -> list[int]:
     return ids
 
 
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def _cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
     if not stop:
         return text, False
@@ -119,9 +129,7 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tok
     if seed is not None:
         torch.manual_seed(seed)
     prepare_inference(model)
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         dec = decoder_for(model)
         if dec is not None:
             new = list(dec.tokens(enc["input_ids"][0].tolist(), max_new_tokens, stop_ids=stop_ids,
@@ -131,8 +139,6 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tok
                 out = model.generate(**enc, **_gen_kwargs(tokenizer, max_new_tokens, temperature, top_p, stop_ids,
                                                           min_new_tokens))
             new = out[0, n_prompt:].tolist()
-    finally:
-        model.train(was_training)
     hit_eos = bool(new) and new[-1] in stop_ids
     if hit_eos:
         new = new[:-1]
@@ -162,9 +168,7 @@ def _stream_decoder(dec: Any, model: torch.nn.Module, tokenizer: Any, prompt: st
         torch.manual_seed(seed)
     toks: list[int] = []
     emitted = ""
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         for t in dec.tokens(ids, max_new_tokens, stop_ids=stop_ids, temperature=temperature, top_p=top_p):
             if t in stop_ids:
                 break
@@ -182,8 +186,6 @@ def _stream_decoder(dec: Any, model: torch.nn.Module, tokenizer: Any, prompt: st
         text, _ = _cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), stop)
         if len(text) > len(emitted):
             yield text[len(emitted):]
-    finally:
-        model.train(was_training)
 
 
 def generate_stream(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tokens: int = 128,
