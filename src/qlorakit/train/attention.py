@@ -3,12 +3,12 @@
 Tokens of a batch are one flat stream; each packed example is a segment ``[start, end)`` that
 attends only to itself, causally. Working per segment does ``sum(L_i^2)`` instead of ``T^2``
 work per row and needs no mask tensor. The forward pass is PyTorch's flash-attention CPU kernel
-(fp32 accumulation); the backward recomputes the probabilities from the saved q, k (scores in
-fp32, softmax in fp32) and uses batched bf16 matmuls, several times faster than the CPU flash
-kernel's own backward at these sizes; the probabilities come back in one pass from the forward's
-log-sum-exp. Grouped-query attention is handled by repeating k/v for the
-forward and by laying out q as (kv head, token, group) so that one batched matmul per kv head covers
-its whole group in the backward.
+(fp32 accumulation); the backward recomputes the probabilities from the saved q, k and the
+forward's log-sum-exp in one bf16 matmul whose fp32 accumulator also subtracts the log-sum-exp
+(only the shifted score is rounded, see the backward), and uses batched bf16 matmuls for the
+rest, several times faster than the CPU flash kernel's own backward at these sizes. Grouped-query
+attention is handled by repeating k/v for the forward and by laying out q as (kv head, token,
+group) so that one batched matmul per kv head covers its whole group in the backward.
 """
 
 from __future__ import annotations
@@ -62,6 +62,22 @@ class Workspace:
         return sum(b.numel() * b.element_size() for b in self._bufs.values())
 
 
+def _padded_rows(shape: tuple[int, ...], pad: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` with ``pad`` more rows (dim 1), those rows zero."""
+    out = torch.empty(shape[0], shape[1] + pad, *shape[2:], dtype=dtype, device=device)
+    out[:, shape[1]:] = 0
+    return out
+
+
+def _rows(x: torch.Tensor, s: int, t: int) -> torch.Tensor:
+    """Rows [s, t) of dim 1 of ``x``; rows past its end are zeros (only the last segment has them)."""
+    n = x.shape[1]
+    if t <= n:
+        return x[:, s:t]
+    part = x[:, s:n]
+    return torch.cat([part, part.new_zeros(part.shape[0], t - n, *part.shape[2:])], dim=1)
+
+
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[tuple[int, int]],
@@ -92,7 +108,7 @@ class _SegmentAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         n_kv, n, groups, d = q.shape
         scale = ctx.scale
-        probs = kernel("attn_probs_", ctx.compiled)
+        probs = kernel("attn_probs_shifted_", ctx.compiled)
         dscores = kernel("attn_dscores_", ctx.compiled)
         ws: Workspace = ctx.workspace or Workspace()
         # every segment is processed at its length rounded up to LENGTH_STEP: the matmul shapes then
@@ -104,16 +120,28 @@ class _SegmentAttention(torch.autograd.Function):
         size = n_kv * longest * groups * longest
         do = do.to(BF16).contiguous()
         # delta = rowsum(do * o) per query token and head, laid out as q is: (Hkv, N, G)
-        delta = (do.view(n, n_kv * groups, d).float() * o.view(n, n_kv * groups, d).float()).sum(-1)
+        delta = kernel("attn_delta", ctx.compiled)(do, o, n_kv * groups)
         delta = F.pad(delta.view(n, n_kv, groups).permute(1, 0, 2), (0, 0, 0, pad))  # (Hkv, N + pad, G)
         # (N, Hkv, G, D) -> (Hkv, N, G, D): a segment of a kv group is then one (L G, D) block
-        do4 = F.pad(do.view(n, n_kv, groups, d).permute(1, 0, 2, 3), (0, 0, 0, 0, 0, pad))
-        qb = F.pad(q, (0, 0, 0, 0, 0, pad))
-        qf = qb.float()  # scores in fp32: bf16-rounded scores cost ~5x the gradient error
-        kb = F.pad(k, (0, 0, 0, pad))
-        kf = kb.float()
-        vb = F.pad(v, (0, 0, 0, pad))
-        lseb = F.pad(lse, (0, 0, 0, pad))
+        do4 = _padded_rows((n_kv, n, groups, d), pad, BF16, do.device)
+        do4[:, :n] = do.view(n, n_kv, groups, d).permute(1, 0, 2, 3)
+        # Shifted scores x = q.k - lse / scale from one bf16 matmul: q gets three more columns holding
+        # -lse / scale split exactly into three bf16 parts, k three columns of ones. The products and
+        # their sum are fp32 inside the matmul, and only x is rounded to bf16: where a probability
+        # matters x is near 0, so the rounding costs |log p| * 2^-9 relative in p (scores rounded
+        # before the shift would cost |s| * scale * 2^-9, several times more).
+        m = lse / scale
+        hi = m.to(BF16)
+        r = m - hi.float()
+        mid = r.to(BF16)
+        qa = _padded_rows((n_kv, n, groups, d + 3), pad, BF16, q.device)
+        qa[:, :n, :, :d] = q
+        qa[:, :n, :, d] = -hi
+        qa[:, :n, :, d + 1] = -mid
+        qa[:, :n, :, d + 2] = -(r - mid.float()).to(BF16)
+        ka = _padded_rows((n_kv, n, d + 3), pad, BF16, k.device)
+        ka[:, :n, :d] = k
+        ka[:, :n, d:] = 1.0
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
@@ -122,17 +150,16 @@ class _SegmentAttention(torch.autograd.Function):
             lp = -(-length // pad) * pad
             t = s + lp
             rows = (n_kv, lp * groups, 1)
-            qs = qb[:, s:t].reshape(n_kv, lp * groups, d)
+            qs = _rows(q, s, t).reshape(n_kv, lp * groups, d)
             dos = do4[:, s:t].reshape(n_kv, lp * groups, d)
-            ks, vs = kb[:, s:t], vb[:, s:t]
+            ks, vs = _rows(k, s, t), _rows(v, s, t)
             # the (L G, L) matrices live in reused buffers, are only ever read untransposed, and are
             # overwritten in place; small operands are transposed
             shape = (n_kv, lp * groups, lp)
-            scores = ws.view("scores", torch.float32, size, shape, q.device)
             p = ws.view("probs", BF16, size, shape, q.device)
             ds = ws.view("dscores", BF16, size, shape, q.device)
-            torch.bmm(qf[:, s:t].reshape(n_kv, lp * groups, d), kf[:, s:t].transpose(1, 2), out=scores)
-            probs(scores, lseb[:, s:t].reshape(rows), scale, groups, length, p)
+            torch.bmm(qa[:, s:t].reshape(n_kv, lp * groups, d + 3), ka[:, s:t].transpose(1, 2), out=p)
+            probs(p, scale, groups, length)
             dv[:, s:e] = torch.bmm(dos.transpose(1, 2), p)[:, :, :length].transpose(1, 2)  # sums over the group
             torch.bmm(dos, vs.transpose(1, 2), out=ds)  # d probs, then d scores in place
             dscores(p, ds, delta[:, s:t].reshape(rows), scale)

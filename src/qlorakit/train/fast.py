@@ -51,7 +51,7 @@ __all__ = ["FastOptions", "FastModel", "FastUnsupported", "fast_supported", "pre
 log = logging.getLogger(__name__)
 BF16 = torch.bfloat16
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
-LOSS_CHUNK = 1024
+LOSS_CHUNK = 2048  # 1024 rows run the (chunk, V) x (V, H) gradient matmul at half the rate (measured)
 
 
 class FastUnsupported(ValueError):

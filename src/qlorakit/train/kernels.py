@@ -30,10 +30,11 @@ __all__ = [
     "rope_bwd",
     "silu_mul_fwd",
     "silu_mul_bwd",
-    "attn_probs",
     "attn_dscores",
-    "attn_probs_",
     "attn_dscores_",
+    "attn_probs_shifted",
+    "attn_probs_shifted_",
+    "attn_delta",
     "ce_fwd_bwd",
     "ce_fwd_bwd_",
     "ce_fwd",
@@ -136,27 +137,31 @@ def _silu_mul_bwd_eager(dm: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tenso
     return dg.to(BF16), du.to(BF16)
 
 
-def attn_probs(scores: torch.Tensor, lse: torch.Tensor, scale: float, groups: int, valid: int) -> torch.Tensor:
-    """Attention probabilities recomputed from raw scores (n_kv, L G, L) and the forward's
-    log-sum-exp (n_kv, L G, 1): exp(s * scale - lse) on and below the diagonal, 0 above and on the
-    rows of query tokens at or past ``valid`` (padding); bf16. Row r is query token r // G."""
-    rows, n = scores.shape[-2], scores.shape[-1]
-    qpos = torch.arange(rows, device=scores.device) // groups
-    kpos = torch.arange(n, device=scores.device)
-    p = torch.exp(scores.float() * scale - lse)
+def attn_probs_shifted(x: torch.Tensor, scale: float, groups: int, valid: int) -> torch.Tensor:
+    """Attention probabilities from shifted scores x = s - lse / scale (n_kv, L G, L), bf16:
+    exp(x * scale) on and below the diagonal, 0 above it and on the rows of query tokens at or past
+    ``valid`` (padding). Row r is query token r // G."""
+    rows, n = x.shape[-2], x.shape[-1]
+    qpos = torch.arange(rows, device=x.device) // groups
+    kpos = torch.arange(n, device=x.device)
     keep = (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] < valid)
-    return torch.where(keep, p, 0.0).to(BF16)
+    return torch.where(keep, torch.exp(x.float() * scale), 0.0).to(BF16)
+
+
+def attn_probs_shifted_(x: torch.Tensor, scale: float, groups: int, valid: int) -> None:
+    """:func:`attn_probs_shifted` written over ``x`` in place."""
+    x.copy_(attn_probs_shifted(x, scale, groups, valid))
+
+
+def attn_delta(do: torch.Tensor, o: torch.Tensor, heads: int) -> torch.Tensor:
+    """rowsum(do * o) per token and query head in fp32: do, o (N, heads D) bf16 -> (N, heads)."""
+    n = do.shape[0]
+    return (do.float() * o.float()).view(n, heads, -1).sum(-1)
 
 
 def attn_dscores(p: torch.Tensor, dp: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
     """Softmax backward p * (dp - delta) * scale, delta = rowsum(do * o); bf16 (n_kv, L G, L)."""
     return (p.float() * (dp.float() - delta) * scale).to(BF16)
-
-
-def attn_probs_(scores: torch.Tensor, lse: torch.Tensor, scale: float, groups: int, valid: int,
-                out: torch.Tensor) -> None:
-    """:func:`attn_probs` written into ``out`` (bf16, the shape of ``scores``)."""
-    out.copy_(attn_probs(scores, lse, scale, groups, valid))
 
 
 def attn_dscores_(p: torch.Tensor, dp: torch.Tensor, delta: torch.Tensor, scale: float) -> None:
@@ -218,9 +223,10 @@ _EAGER: dict[str, Callable[..., Any]] = {
     "rope_bwd": rope_bwd,
     "silu_mul_fwd": silu_mul_fwd,
     "silu_mul_bwd": silu_mul_bwd,
-    "attn_probs": attn_probs,
     "attn_dscores": attn_dscores,
-    "attn_probs_": attn_probs_,
+    "attn_probs_shifted": attn_probs_shifted,
+    "attn_delta": attn_delta,
+    "attn_probs_shifted_": attn_probs_shifted_,
     "attn_dscores_": attn_dscores_,
     "ce_fwd_bwd": ce_fwd_bwd,
     "ce_fwd_bwd_": ce_fwd_bwd_,

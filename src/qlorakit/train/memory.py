@@ -205,7 +205,7 @@ def _fast_saved_per_token_layer(s: ModelShape, r: int, dropout: float) -> float:
 
 def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int, dropout: float = 0.0,
                     checkpointing: bool = False, weights: str = "cache", fast: bool = True,
-                    loss_chunk: int = 1024, baseline: float = 0.0, file_bytes: float = 0.0,
+                    loss_chunk: int = 2048, baseline: float = 0.0, file_bytes: float = 0.0,
                     compiled: bool = True, files_fp32: bool = True) -> MemoryEstimate:
     """Peak resident memory of a training run; ``baseline`` is the process before the model loads
     (interpreter and libraries), ``file_bytes`` the size of the base model's weight files and
