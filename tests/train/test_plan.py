@@ -30,6 +30,10 @@ def test_parameter_counts_match_the_real_model():
 
     attach_lora(model, LoraConfig(r=8))
     assert s.lora_params(8) == sum(p.numel() for p in lora_parameters(model))
+    # the planner times its optimizer step on tensors of these shapes
+    from qlorakit.train.plan import _lora_shapes
+
+    assert sorted(_lora_shapes(s, 8)) == sorted(tuple(p.shape) for p in lora_parameters(model))
 
 
 def test_activation_model_counts_what_the_fast_path_saves():
