@@ -67,13 +67,17 @@ def plan_worker(a: argparse.Namespace) -> dict[str, Any]:
 
     folder = resolve_base(a.base)[0]
     shape = ModelShape.from_config(AutoConfig.from_pretrained(str(folder)))
-    batch = packed_text_batches(_tokenizer(), a.seq_len, a.batch, 1)[0]
+    # the text the timed run trains on (the planner takes a micro-batch of typical attention work from it)
+    batches = packed_text_batches(_tokenizer(), a.seq_len, a.batch, a.warmup + a.steps)
+    batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+    rate = matmul_tflops(seconds=2.0)  # the machine's speed as the planner calibrates (shared machines vary)
     t = time.perf_counter()
     p = plan_run(shape, model_name=a.base, micro_batch=a.batch, seq_len=a.seq_len, grad_accum=1, r=16, alpha=32,
                  dropout=0.0, budget_bytes=a.budget_gb * 2**30, sample=batch, total_steps=a.steps,
                  compile_=True, file_bytes=_file_bytes(folder), files_fp32=_files_fp32(folder))
     out = p.to_json()
     out["plan_s"] = time.perf_counter() - t
+    out["matmul_tflops"] = (rate + matmul_tflops(seconds=2.0)) / 2
     return out
 
 
@@ -118,11 +122,14 @@ def train_worker(a: argparse.Namespace) -> dict[str, Any]:
         return time.perf_counter() - t
 
     warm = [step(b) for b in batches[:a.warmup]]
+    rate = matmul_tflops(seconds=2.0)  # the machine's speed around the timed steps
     times = [step(b) for b in batches[a.warmup:]]
+    rate = (rate + matmul_tflops(seconds=2.0)) / 2
     tokens = mb * accum * s["seq_len"]
     return {"step_s_median": statistics.median(times), "step_s": [round(x, 3) for x in times],
             "warmup_s": [round(x, 2) for x in warm], "tokens_per_s": tokens * len(times) / sum(times),
-            "peak_rss_mb": peak_rss_mb(), "load_s": round(load_s, 1), "threads": torch.get_num_threads()}
+            "peak_rss_mb": peak_rss_mb(), "load_s": round(load_s, 1), "threads": torch.get_num_threads(),
+            "matmul_tflops": rate}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = max(peak0, peak1)
     load_after = os.getloadavg()
 
-    table = ["| model | seq | batch | settings chosen | tokens/s | MFU | peak RSS (MB) | predicted peak (MB) | error | step (s) | predicted step (s) | error | within budget |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    table = ["| model | seq | batch | settings chosen | tokens/s | MFU | peak RSS (MB) | predicted peak (MB) | error | step (s) | predicted step (s) | error | bf16 rate at plan / steps (TFLOP/s) | error at the planning rate | within budget |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
     for r in rows:
         p, m = r["plan"], r["measured"]
         s = p["settings"]
@@ -186,10 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         mfu = m["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)
         e_mem = (pk - m["peak_rss_mb"]) / m["peak_rss_mb"]
         e_t = (st - m["step_s_median"]) / m["step_s_median"]
+        # the same comparison with the measured step scaled to the machine's speed at planning time
+        rp, rm = p.get("matmul_tflops"), m.get("matmul_tflops")
+        e_adj = f"{100 * (st - m['step_s_median'] * rm / rp) / (m['step_s_median'] * rm / rp):+.1f}%" if rp and rm else "—"
+        rates = f"{rp:.2f} / {rm:.2f}" if rp and rm else "—"
         ok = "yes" if m["peak_rss_mb"] <= a.budget_gb * 1024 else "NO"
         table.append(f"| {r['shape']} | {r['seq']} | {r['batch']} | {desc} | {m['tokens_per_s']:.0f} | {100 * mfu:.1f}% | "
                      f"{m['peak_rss_mb']:.0f} | {pk:.0f} | {100 * e_mem:+.1f}% | {m['step_s_median']:.2f} | {st:.2f} | "
-                     f"{100 * e_t:+.1f}% | {ok} |")
+                     f"{100 * e_t:+.1f}% | {rates} | {e_adj} | {ok} |")
     cmd = "python bench/bench_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = ["# Scaling and the planner's predictions\n",
           f"Command: `{cmd.strip()}`  ",
@@ -200,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
           f"layers, {a.warmup} warmup + {a.steps} timed steps; 360M and 1.7B are random-initialised SmolLM2 shapes.\n",
           "\n".join(table), "",
           "Errors are (predicted - measured) / measured. Peak RSS is the whole training process, loading included; "
-          "MFU counts 4 x matmul parameters per token against the measured bf16 matmul rate."]
+          "MFU counts 4 x matmul parameters per token against the measured bf16 matmul rate. "
+          "The machine is shared with other jobs, so its speed can change between the planner's calibration and "
+          "the timed steps: each worker measures the bf16 matmul rate (2048^3) around its own work, and the last "
+          "error column compares the prediction with the measured step scaled by (rate during the steps) / "
+          "(rate while planning), the step the run would have taken at the speed the planner saw."]
     text = "\n".join(md) + "\n"
     write_atomic(Path(a.out), text)
     write_atomic(REPO / "bench" / "out" / "plan.json", json.dumps({"rows": rows, "peak_tflops": peak}, indent=2, default=str))

@@ -174,3 +174,21 @@ def test_loader_releases_the_file_mapping_of_bf16_files(tiny_model_dir, tmp_path
     est = estimate_memory(SHAPE_135M, micro_batch=1, seq_len=128, r=8, file_bytes=size, files_fp32=False)
     assert est.parts["base model files, memory-mapped by the loader"] == 0
     assert est.parts["embeddings, norms, head (fp32)"] == SHAPE_135M.other_params * 4
+
+
+def test_calibration_takes_a_micro_batch_of_typical_attention_work():
+    from qlorakit.train.plan import _segment_work, _trim
+
+    # six packed rows of 12 tokens: one segment of 12 (work 144), two of 6 (72), three of 4 (48)
+    layouts = [[12], [6, 6], [4, 4, 4], [12], [6, 6], [4, 4, 4]]
+    pos = torch.stack([torch.cat([torch.arange(n) for n in lay]) for lay in layouts])
+    ids = torch.arange(6)[:, None].repeat(1, 12)  # row i holds token i
+    batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": pos}
+    assert [_segment_work(p) for p in pos] == [144, 72, 48, 144, 72, 48]
+    out = _trim(batch, 2, 12)
+    # the mean work is 88: the two rows of 72 are closest; the first two rows (144, 72) are not
+    assert sorted(out["input_ids"][:, 0].tolist()) == [1, 4]
+    assert out["position_ids"].shape == (2, 12)
+    # a sample of one micro-batch is taken as it is
+    one = _trim({k: v[:2] for k, v in batch.items()}, 2, 12)
+    assert one["input_ids"][:, 0].tolist() == [0, 1]

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 GB = 2**30
 COMPILE_SECONDS = 60.0  # first-time inductor compile of the fast path's kernels on a 2-core CPU
 CALIBRATION_LAYERS = 6  # the calibration times 1 and this many decoder layers
+CALIBRATION_SAMPLE_ROWS = 256  # rows the calibration micro-batch is chosen from
 
 
 @dataclass(frozen=True)
@@ -323,8 +324,32 @@ def _memory(shape: ModelShape, s: Settings, r: int, dropout: float, baseline: fl
                            file_bytes=file_bytes, compiled=s.compile, files_fp32=files_fp32)
 
 
+def _segment_work(position_ids: torch.Tensor) -> int:
+    """Attention work of one row: the sum of its packed segments' squared lengths."""
+    starts = (position_ids == 0).nonzero().squeeze(1).tolist()
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    ends = starts[1:] + [int(position_ids.numel())]
+    return sum((e - s) ** 2 for s, e in zip(starts, ends))
+
+
 def _trim(batch: dict[str, torch.Tensor], micro_batch: int, seq_len: int) -> dict[str, torch.Tensor]:
-    """A calibration micro-batch of the chosen shape from a larger or longer real one."""
+    """A calibration micro-batch of the chosen shape from a larger or longer real one.
+
+    From more rows than a micro-batch it takes the rows whose mean attention work (squared segment
+    lengths, which vary with the packing far more than token counts do) is closest to the mean of
+    the whole sample: a run's typical micro-batch, not its first.
+    """
+    rows = batch["input_ids"].shape[0]
+    pos = batch.get("position_ids")
+    if rows > micro_batch and pos is not None:
+        work = [_segment_work(pos[i, :seq_len]) for i in range(rows)]
+        order = sorted(range(rows), key=lambda i: work[i])
+        mean = sum(work) / rows
+        best = min(range(rows - micro_batch + 1),
+                   key=lambda s: abs(sum(work[i] for i in order[s:s + micro_batch]) / micro_batch - mean))
+        pick = torch.tensor(sorted(order[best:best + micro_batch]))
+        batch = {k: v[pick] for k, v in batch.items()}
     out = {}
     for k, v in batch.items():
         v = v[:micro_batch, :seq_len]
@@ -342,8 +367,9 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
              files_fp32: bool = True, baseline: float | None = None) -> Plan:
     """Choose settings that fit ``budget_bytes`` and predict memory and time for them.
 
-    ``sample`` is one real micro-batch (input_ids, labels, position_ids) at the requested size,
-    used for the time calibration; ``tokens_per_step`` is the real (non-padding) tokens of one
+    ``sample`` is real data (input_ids, labels, position_ids) at the requested sequence length, one
+    micro-batch or more rows (a typical micro-batch of them is taken, see :func:`_trim`), used for
+    the time calibration; ``tokens_per_step`` is the real (non-padding) tokens of one
     optimizer step at the requested size (default: every position).
     """
     base = _baseline_bytes() if baseline is None else baseline
@@ -402,8 +428,12 @@ def plan_recipe(recipe: Any, *, budget_bytes: float | None = None, calibrate_tim
     total = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(sched.batches_per_epoch / t.grad_accum)))
     real_per_row = sum(r.n_real for r in rows) / len(rows)
     tokens_per_step = real_per_row * t.micro_batch_size * t.grad_accum
-    # the calibration batch: the longest rows, as the run's slowest micro-batches
-    longest = sorted(rows, key=lambda r: -len(r.input_ids))[:t.micro_batch_size]
+    # the calibration sample: rows of the longest length, as the run's slowest micro-batches (packed
+    # rows all have it); the calibration takes a micro-batch of typical attention work among them
+    top = max(len(r.input_ids) for r in rows)
+    longest = [r for r in rows if len(r.input_ids) == top][:CALIBRATION_SAMPLE_ROWS]
+    if len(longest) < t.micro_batch_size:
+        longest = sorted(rows, key=lambda r: -len(r.input_ids))[:t.micro_batch_size]
     sample = collate(longest, tok.pad_token_id)
     seq = sample["input_ids"].shape[1]
     budget = budget_bytes if budget_bytes is not None else memory_budget_bytes(recipe)
