@@ -69,15 +69,6 @@ def _padded_rows(shape: tuple[int, ...], pad: int, dtype: torch.dtype, device: t
     return out
 
 
-def _rows(x: torch.Tensor, s: int, t: int) -> torch.Tensor:
-    """Rows [s, t) of dim 1 of ``x``; rows past its end are zeros (only the last segment has them)."""
-    n = x.shape[1]
-    if t <= n:
-        return x[:, s:t]
-    part = x[:, s:n]
-    return torch.cat([part, part.new_zeros(part.shape[0], t - n, *part.shape[2:])], dim=1)
-
-
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[tuple[int, int]],
@@ -142,6 +133,8 @@ class _SegmentAttention(torch.autograd.Function):
         ka = _padded_rows((n_kv, n, d + 3), pad, BF16, k.device)
         ka[:, :n, :d] = k
         ka[:, :n, d:] = 1.0
+        vb = _padded_rows((n_kv, n, d), pad, BF16, v.device)
+        vb[:, :n] = v
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
@@ -150,9 +143,9 @@ class _SegmentAttention(torch.autograd.Function):
             lp = -(-length // pad) * pad
             t = s + lp
             rows = (n_kv, lp * groups, 1)
-            qs = _rows(q, s, t).reshape(n_kv, lp * groups, d)
+            qs = qa[:, s:t, :, :d].reshape(n_kv, lp * groups, d)  # views: q and k are in qa, ka
             dos = do4[:, s:t].reshape(n_kv, lp * groups, d)
-            ks, vs = _rows(k, s, t), _rows(v, s, t)
+            ks, vs = ka[:, s:t, :d], vb[:, s:t]
             # the (L G, L) matrices live in reused buffers, are only ever read untransposed, and are
             # overwritten in place; small operands are transposed
             shape = (n_kv, lp * groups, lp)

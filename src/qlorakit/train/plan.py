@@ -326,11 +326,9 @@ def _memory(shape: ModelShape, s: Settings, r: int, dropout: float, baseline: fl
 
 def _segment_work(position_ids: torch.Tensor) -> int:
     """Attention work of one row: the sum of its packed segments' squared lengths."""
-    starts = (position_ids == 0).nonzero().squeeze(1).tolist()
-    if not starts or starts[0] != 0:
-        starts = [0] + starts
-    ends = starts[1:] + [int(position_ids.numel())]
-    return sum((e - s) ** 2 for s, e in zip(starts, ends))
+    from .attention import segments_from_positions
+
+    return sum((e - s) ** 2 for s, e in segments_from_positions(position_ids))
 
 
 def _trim(batch: dict[str, torch.Tensor], micro_batch: int, seq_len: int) -> dict[str, torch.Tensor]:
