@@ -59,6 +59,12 @@ class GuardPolicy:
 
             self.injection = InjectionGuard.load()
             self.moderation = ModerationGuard.load()
+            # the heads' encoders load now, at startup, not inside the first request that needs them
+            # (the request head's is the packaged chat model's first layers: seconds to load)
+            for guard, on in ((self.injection, guards.input_injection != "off"),
+                              (self.moderation, guards.input_harmful != "off")):  # the content head has none
+                if on and guard.model.dense is not None:
+                    guard.model.dense_encoder()
 
     def _outcome(self, verdicts: list[Any]) -> GuardOutcome:
         out = GuardOutcome()
