@@ -854,9 +854,12 @@ threshold of its own, `thresholds["prompt@document"]` in `injection.json`, which
 - Moderation learned from English AdvBench requests (request head) and strings (content head)
   (violence, hacking, fraud, slurs, threats), the XSTest unsafe and safe prompts of the
   train and validation splits (about 360), and {n_written} requests written for this project
-  (harmful ones and safe ones that use the same words,
-  `qlorakit.safety.datasets.SAFE_SOUNDING_REQUESTS` / `HARMFUL_REQUESTS`, training only); it has not seen sexual content, self-harm conversations or long multi-turn
-  jailbreaks. The XSTest test split is small (about 50 safe and 45 unsafe prompts), so its
+  (harmful ones and safe ones that use the same words, and both kinds dressed as fiction,
+  homework, a hypothetical or a persona, the way jailbreak prompts wrap a request:
+  `qlorakit.safety.datasets.SAFE_SOUNDING_REQUESTS` / `HARMFUL_REQUESTS` /
+  `WRAPPED_SAFE_REQUESTS` / `WRAPPED_HARMFUL_REQUESTS`, training only); it has not seen sexual
+  content, self-harm conversations or long multi-turn jailbreaks, and the wrapped requests are
+  few (40), so elaborate jailbreak prompts are a known weak spot. The XSTest test split is small (about 50 safe and 45 unsafe prompts), so its
   per-type rates are coarse.
 - Scores are calibrated only through the threshold; they are not probabilities.
 - Latency: the encoders run with bf16 matrix products on every window of their heads (the

@@ -151,7 +151,7 @@ def test_held_out_rates_per_set(held_out):
     assert req["by_source"]["advbench_goal"]["tpr"]["rate"] >= TARGET_TPR
     assert reports["prompt"]["tpr"]["rate"] >= TARGET_TPR and reports["content"]["tpr"]["rate"] >= 0.85
     # XSTest's safe prompts are written to sound unsafe, as twins of its unsafe ones: the request
-    # head that catches 72% of the unsafe twins flags 17% of them (the sentence-encoder head caught
+    # head that catches 72% of the unsafe twins flags 15% of them (the sentence-encoder head caught
     # 50% and flagged 9%); every other benign set stays under 15%
     bounds = {"xstest_safe": 0.20}
     for head, rep in reports.items():
@@ -267,6 +267,8 @@ def test_written_requests_are_training_aids_split_like_the_other_lists():
     from qlorakit.safety.datasets import (
         HARMFUL_REQUESTS,
         SAFE_SOUNDING_REQUESTS,
+        WRAPPED_HARMFUL_REQUESTS,
+        WRAPPED_SAFE_REQUESTS,
         WRITTEN_REQUEST_CATEGORY,
         moderation_training_examples,
     )
@@ -275,10 +277,12 @@ def test_written_requests_are_training_aids_split_like_the_other_lists():
     val = moderation_training_examples(splits=["val"])
     assert train and val and not {e.text for e in train} & {e.text for e in val}
     assert all(e.head == "request" and e.category == WRITTEN_REQUEST_CATEGORY for e in train + val)
-    assert {e.text for e in train if e.label == 1} <= set(HARMFUL_REQUESTS)
-    assert {e.text for e in train if e.label == 0} <= set(SAFE_SOUNDING_REQUESTS)
+    assert {e.text for e in train if e.label == 1} <= set(HARMFUL_REQUESTS) | set(WRAPPED_HARMFUL_REQUESTS)
+    assert {e.text for e in train if e.label == 0} <= set(SAFE_SOUNDING_REQUESTS) | set(WRAPPED_SAFE_REQUESTS)
     # 60% of each list in train, and the test fifth is never built
-    assert sum(e.label == 1 for e in train) == round(0.6 * len(HARMFUL_REQUESTS))
+    for items, source in ((HARMFUL_REQUESTS, "harmful_written"), (WRAPPED_HARMFUL_REQUESTS, "harmful_wrapped"),
+                          (SAFE_SOUNDING_REQUESTS, "safe_sounding"), (WRAPPED_SAFE_REQUESTS, "safe_wrapped")):
+        assert sum(e.source == source for e in train) == round(0.6 * len(items)), source
     with pytest.raises(ValueError, match="training aids"):
         moderation_training_examples(splits=["test"])
     assert moderation_training_examples() == train  # deterministic
