@@ -155,7 +155,7 @@ GUARDS: dict[str, dict[str, Any]] = {
         # standardized features 0.003 lower at every layer), the layer chosen here. The sentence
         # encoder with a LoRA adapter trained for this head (the previous request head, rank 8, 2
         # epochs) caught half of XSTest's unsafe prompts on the test split.
-        "encoder": {"request": ("llm", 16)},
+        "encoder": ("llm", 16),  # of the guard's dense heads (one encoder per guard)
         # dense features standardized per value on the fit's windows before the regression (the
         # residual stream has a few values hundreds of times larger than the rest); the shift and
         # scale are folded into the shipped weights and intercept
@@ -917,7 +917,7 @@ def head_rows() -> str:
     for name, cfg in GUARDS.items():
         for h in cfg["heads"]:
             w = cfg["windows"][h]
-            dense = "chat model's hidden state" if h in cfg.get("encoder", {}) else "embedding"
+            dense = "chat model's hidden state" if cfg.get("encoder") else "embedding"
             feats = "n-grams" + (f" + {dense}" if h in cfg["dense_heads"] else "")
             if h in cfg["dense_heads"] and cfg["context"]:
                 feats += " + context"
@@ -974,7 +974,7 @@ def write_card(out_dir: Path, metrics: dict[str, Any]) -> None:
             "merged into the encoder's weights on load; its regression is fitted on cross-fitted embeddings. "
             for n, c in GUARDS.items() for h, ls in c.get("finetune", {}).items()
         ),
-        request_layers=GUARDS["moderation"]["encoder"]["request"][1],
+        request_layers=GUARDS["moderation"]["encoder"][1],
         request_total=metrics["encoders"]["moderation"]["model_layers"],
     )
     atomic_write_text(out_dir / "MODEL_CARD.md", card)
@@ -1140,11 +1140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def guard_encoder(name: str) -> CachedEncoder:
         """The encoder of the guard's dense heads: the sentence encoder, or the packaged chat
         model's first layers (GUARDS[name]["encoder"]); its cache file sits beside --embedding-cache."""
-        spec = GUARDS[name].get("encoder", {})
+        spec = GUARDS[name].get("encoder")
         if not spec:
             enc = encoder
         else:
-            (kind, layers), = set(spec.values())
+            kind, layers = spec
             if kind != "llm":
                 raise SystemExit(f"GUARDS[{name!r}]['encoder']: unknown encoder kind {kind!r}")
             from qlorakit.safety.llm_embed import llm_encoder

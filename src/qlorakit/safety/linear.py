@@ -273,18 +273,19 @@ class LinearTextModel:
         return self.dense is not None and head in self.dense.heads
 
     def dense_encoder(self) -> "SentenceEncoder":
-        """The encoder of the dense heads: ``encoder`` (default: the packaged one) with the
+        """The encoder of the dense heads: ``encoder`` (default: the packaged one the dense spec names) with the
         model's adapter merged in, built once per base encoder."""
+        if self.dense is None:
+            raise ValueError(f"the {self.guard} model has no dense features")
         if self.encoder is None:
             from .embed import default_encoder
             from .llm_embed import llm_encoder, parse_llm_encoder_name
 
-            assert self.dense is not None
             layers = parse_llm_encoder_name(self.dense.encoder)
             # the encoder the dense weights were trained on: the packaged chat model's first
             # layers (qlorakit.safety.llm_embed) or the packaged sentence encoder
             object.__setattr__(self, "encoder", llm_encoder(layers) if layers else default_encoder())
-        assert self.encoder is not None and self.dense is not None
+        assert self.encoder is not None
         if int(self.encoder.dim) != self.dense.dim:
             raise ValueError(f"the {self.guard} model's dense heads were trained on {self.dense.encoder} "
                              f"({self.dense.dim} values), the encoder given gives {self.encoder.dim}")
