@@ -117,14 +117,7 @@ def test_load_reports_bad_files(tmp_path: Path):
     "head",
     [
         "prompt",
-        pytest.param(
-            "document",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="0.86 (190/221) at FPR 0.02: held-out translation and tutoring tasks pass the "
-                "threshold set on out-of-fold scores (0.94 there); see MODEL_CARD.md",
-            ),
-        ),
+        "document",
         "content",
         "request",
     ],
@@ -202,11 +195,6 @@ def test_tool_content_decision_matches_shipped_metrics(guards, held_out):
 
 
 @needs_data
-@pytest.mark.xfail(
-    strict=True,
-    reason="0.887 (196/221) at FPR 0.024: the prompt head adds override phrasings, not the plain "
-    "tasks the document head misses; see MODEL_CARD.md",
-)
 def test_tool_content_decision_meets_target():
     metrics = json.loads((packaged_model_dir() / "metrics.json").read_text(encoding="utf-8"))
     rep = metrics["heads"]["injection.document+prompt"]
@@ -395,7 +383,7 @@ def test_document_head_flags_response_targeted_instruction(guards):
 def test_document_head_separates_plain_tasks_from_their_host(guards):
     """Plain tasks with no word of override or of "your answer" (BIPIA's hardest kind), hidden in
     an invoice e-mail; written here, so in no training set. The clean e-mail scores low and each
-    injected copy far above it; the shipped threshold is strict (it flags 3% of the out-of-fold
+    injected copy far above it; the shipped threshold is strict (it flags 4% of the out-of-fold
     clean documents), so some land just under it."""
     inj, _ = guards
     clean = EMAIL.replace(
