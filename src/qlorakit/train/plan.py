@@ -50,7 +50,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 GB = 2**30
 COMPILE_SECONDS = 60.0  # first-time inductor compile of the fast path's kernels on a 2-core CPU
-CALIBRATION_LAYERS = 6  # the calibration times 1 and this many decoder layers
+CALIBRATION_LAYERS = 6  # the calibration times 1 and at least this many decoder layers
+# ... and the model's full depth when one call of it is predicted to take at most this long: a
+# difference of two timings is multiplied by depth / (layers timed - 1) in the prediction, so the
+# machine's jitter in a 6-layer calibration of a 30-layer model came back five times over
+# (predicted steps of the same 135M model at seq 256/512/1024: 3.42, 3.19, 4.00 s)
+FULL_DEPTH_CALL_SECONDS = 8.0
 CALIBRATION_SAMPLE_ROWS = 256  # rows the calibration micro-batch is chosen from
 
 
@@ -169,9 +174,17 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
     per: dict[int, float] = {}
     compile_s = 0.0
     # the difference over several layers: it divides the timing noise, and the layers' working set
-    # then outgrows the caches as the real depth does (3 layers predicted 135M steps 15-29% short)
+    # then outgrows the caches as the real depth does (3 layers predicted 135M steps 15-29% short);
+    # the full depth when it is quick enough (see FULL_DEPTH_CALL_SECONDS), so nothing is extrapolated
     few, more = 1, min(CALIBRATION_LAYERS, max(2, shape.layers))
-    for n_layers in (few, more):
+
+    def depths():
+        yield few
+        full = per[few] * shape.layers <= FULL_DEPTH_CALL_SECONDS
+        yield max(more, shape.layers) if full else more
+
+    for n_layers in depths():
+        more = max(more, n_layers)
         model, _ = _calibration_model(shape, n_layers, r, alpha, dropout)
         fm = FastModel(model, opts, pad_token_id=None)
         vocab_batch = dict(batch, input_ids=batch["input_ids"] % 256)  # the calibration model's vocabulary
