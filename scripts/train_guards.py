@@ -177,8 +177,9 @@ TASKS_PER_HOST = 2
 # questions and give their own instructions, the twins of a plain-task injection. Every point of
 # false positives buys true positives there. Measured on the document head (grouped CV, then the
 # test split): at 3% of the out-of-fold clean documents TPR 0.937 CV / 0.860 test (FPR 0.016); at
-# 4% 0.953 / 0.900 (FPR 0.016). Tried with it and dropped: four plain-task aids per host instead of
-# two (0.855 test, FPR 0.032), C = 8 (0.891). The shipped model is then fitted on all of train+val.
+# 4% 0.953 / 0.900 (FPR 0.016). Tried at 4% and dropped, each lower out of fold (CV / test TPR):
+# four plain-task aids per host instead of two 0.927 / 0.855, C = 8 0.950 / 0.891, C = 2
+# 0.945 / 0.882, dense scale 2 0.941 / 0.860. The shipped model is then fitted on all of train+val.
 N_FOLDS = 5
 CV_FPR = {"prompt": 0.02, "document": 0.04, "request": 0.04, "content": 0.02}
 # Tool content and retrieved documents get both injection heads (check_messages): the document
