@@ -106,6 +106,7 @@ def test_planted_template_during_export_fails_the_export(run_copy, tmp_path, mon
     assert not (run_copy / "exports.json").exists()
 
 
+@pytest.mark.slow  # about 64 s on 2 cores: a full export and its checks
 def test_planted_wrong_stop_token_in_gguf_is_caught(run_copy, tmp_path, monkeypatch):
     import qlorakit.export.artifacts as artifacts
 
@@ -125,6 +126,7 @@ def test_planted_wrong_stop_token_in_gguf_is_caught(run_copy, tmp_path, monkeypa
     assert any("does not stop at '<|im_end|>'" in r for r in res.reasons)
 
 
+@pytest.mark.slow  # about 92 s on 2 cores: a full export and its checks
 def test_tampered_modelfile_is_caught(run_copy, tmp_path, capsys):
     out = tmp_path / "ollama"
     res = export_run(run_copy, "ollama", out, quant="f16", runtime="transformers", measure=False)
