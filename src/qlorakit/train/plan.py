@@ -171,34 +171,30 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
 
     opts = FastOptions(weights=settings.weights, checkpointing=settings.checkpointing, compile=settings.compile)
     batch = batches[0]
-    per: dict[int, float] = {}
-    compile_s = 0.0
-    # the difference over several layers: it divides the timing noise, and the layers' working set
-    # then outgrows the caches as the real depth does (3 layers predicted 135M steps 15-29% short);
-    # the full depth when it is quick enough (see FULL_DEPTH_CALL_SECONDS), so nothing is extrapolated
-    few, more = 1, min(CALIBRATION_LAYERS, max(2, shape.layers))
+    vocab_batch = dict(batch, input_ids=batch["input_ids"] % 256)  # the calibration model's vocabulary
 
-    def depths():
-        yield few
-        full = per[few] * shape.layers <= FULL_DEPTH_CALL_SECONDS
-        yield max(more, shape.layers) if full else more
-
-    for n_layers in depths():
-        more = max(more, n_layers)
+    def time_layers(n_layers: int) -> tuple[float, float]:
+        """(first call, median call) seconds of forward and backward through ``n_layers`` layers."""
         model, _ = _calibration_model(shape, n_layers, r, alpha, dropout)
         fm = FastModel(model, opts, pad_token_id=None)
-        vocab_batch = dict(batch, input_ids=batch["input_ids"] % 256)  # the calibration model's vocabulary
 
         def run() -> None:
             h, _ = fm.hidden(vocab_batch)
             h.float().sum().backward()
 
-        first, best = _time(run, repeats)
-        compile_s = max(compile_s, first - best)
-        per[n_layers] = best
-        del fm, model
-    layer_s = max(0.0, (per[more] - per[few]) / (more - few))
-    fixed_s = max(0.0, per[few] - few * layer_s)
+        return _time(run, repeats)
+
+    # the difference over several layers: it divides the timing noise, and the layers' working set
+    # then outgrows the caches as the real depth does (3 layers predicted 135M steps 15-29% short);
+    # the full depth when it is quick enough (see FULL_DEPTH_CALL_SECONDS), so nothing is extrapolated
+    few, more = 1, min(CALIBRATION_LAYERS, max(2, shape.layers))
+    first, per_few = time_layers(few)
+    if per_few * shape.layers <= FULL_DEPTH_CALL_SECONDS:
+        more = max(more, shape.layers)
+    first_more, per_more = time_layers(more)
+    compile_s = max(0.0, first - per_few, first_more - per_more)
+    layer_s = max(0.0, (per_more - per_few) / (more - few))
+    fixed_s = max(0.0, per_few - few * layer_s)
 
     # the output head: the real vocabulary, the real number of loss positions
     target = shift_labels(batch["labels"]).reshape(-1)
