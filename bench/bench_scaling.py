@@ -2,15 +2,18 @@
 
 For SmolLM2-135M (the packaged model) and random-initialised models of the SmolLM2-360M and -1.7B
 shapes, at sequence lengths 256, 512 and 1024 (2048 tokens per step: 8 x 256, 4 x 512, 2 x 1024),
-each configuration runs twice in fresh processes, as a user would:
+each configuration runs in rounds (``--rounds``, default 2) of two fresh processes, as a user
+would:
 
 1. ``plan``: the planner (:func:`qlorakit.train.plan.plan_run`) with a memory budget, on the
-   first training batch: it chooses the settings and predicts peak RSS and step time;
+   text the run trains on: it chooses the settings and predicts peak RSS and step time;
 2. ``train``: the same packed real text, trained with exactly those settings through the fast
-   path; peak RSS of the process and the median step time are measured.
+   path; peak RSS of the process and its step times are measured.
 
-The table gives trained tokens/s, peak RSS, model FLOPs utilisation against the bf16 matmul rate
-measured in the same run, and each prediction's error.
+Rounds take planner and training in turn, so that the shared machine's slow and fast spells fall
+on both. The table gives trained tokens/s, peak RSS, model FLOPs utilisation against the bf16
+matmul rate measured in the same run, and each prediction's error against the median over all
+rounds, with every round's own pair beside it.
 
     python bench/bench_scaling.py                                  # writes bench/results/plan.md
     python bench/bench_scaling.py --shapes 135M --seq-lens 512 --budget-gb 3
@@ -139,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-gb", type=float, default=6.0, help="memory budget given to the planner")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="plan-then-train rounds per configuration, in turn (the machine's speed drifts over minutes)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "plan.md"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
@@ -167,55 +172,70 @@ def main(argv: list[str] | None = None) -> int:
             batch = TOKENS_PER_STEP // seq
             common = ["--base", base, "--seq-len", str(seq), "--batch", str(batch), "--warmup", str(a.warmup),
                       "--steps", str(a.steps), "--budget-gb", str(a.budget_gb)]
-            print(f"{shape} seq {seq}: planning ...", file=sys.stderr, flush=True)
-            plan = run_worker(Path(__file__), ["--worker", "plan", *common], timeout=3600)
-            print(f"  settings {plan['settings']}; training ...", file=sys.stderr, flush=True)
-            meas = run_worker(Path(__file__), ["--worker", "train", *common, "--settings", json.dumps(plan["settings"])],
-                              timeout=7200)
-            print(f"  {meas['tokens_per_s']:.0f} tokens/s, peak {meas['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
-            rows.append({"shape": shape, "seq": seq, "batch": batch, "plan": plan, "measured": meas,
+            plans, meass = [], []
+            for k in range(a.rounds):
+                print(f"{shape} seq {seq} round {k + 1}/{a.rounds}: planning ...", file=sys.stderr, flush=True)
+                plan = run_worker(Path(__file__), ["--worker", "plan", *common], timeout=3600)
+                print(f"  settings {plan['settings']}, predicted step {plan['step_s']:.2f} s; training ...",
+                      file=sys.stderr, flush=True)
+                meas = run_worker(Path(__file__), ["--worker", "train", *common, "--settings",
+                                                   json.dumps(plan["settings"])], timeout=7200)
+                print(f"  {meas['tokens_per_s']:.0f} tokens/s, step {meas['step_s_median']:.2f} s, peak "
+                      f"{meas['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+                plans.append(plan)
+                meass.append(meas)
+            rows.append({"shape": shape, "seq": seq, "batch": batch, "plans": plans, "measured": meass,
                          "flops_per_token": model_flops_per_token(cfg)})
     peak1 = matmul_tflops()
     peak = max(peak0, peak1)
     load_after = os.getloadavg()
 
-    table = ["| model | seq | batch | settings chosen | tokens/s | MFU | peak RSS (MB) | predicted peak (MB) | error | step (s) | predicted step (s) | error | bf16 rate at plan / steps (TFLOP/s) | error at the planning rate | within budget |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
+    table = ["| model | seq | batch | settings chosen | tokens/s | MFU | peak RSS (MB) | predicted peak (MB) | error | "
+             "step (s) | predicted step (s) | error | per round: predicted / measured step (s) | within budget |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        p, m = r["plan"], r["measured"]
-        s = p["settings"]
+        plans, meass = r["plans"], r["measured"]
+        s = plans[0]["settings"]
+        if any(p["settings"] != s for p in plans):
+            raise SystemExit(f"{r['shape']} seq {r['seq']}: the planner chose different settings in different rounds: "
+                             f"{[p['settings'] for p in plans]}")
         desc = (f"mb {s['micro_batch']}x{s['grad_accum']}, ckpt {'on' if s['checkpointing'] else 'off'}, "
                 f"{'bf16 copy' if s['weights'] == 'cache' else 'per-use'}")
         if s["seq_len"] != r["seq"]:
             desc += f", seq shortened to {s['seq_len']}"
-        pk = p["peak_bytes"] / 2**20
-        st = p["step_s"]
-        mfu = m["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)
-        e_mem = (pk - m["peak_rss_mb"]) / m["peak_rss_mb"]
-        e_t = (st - m["step_s_median"]) / m["step_s_median"]
-        # the same comparison with the measured step scaled to the machine's speed at planning time
-        rp, rm = p.get("matmul_tflops"), m.get("matmul_tflops")
-        e_adj = f"{100 * (st - m['step_s_median'] * rm / rp) / (m['step_s_median'] * rm / rp):+.1f}%" if rp and rm else "—"
-        rates = f"{rp:.2f} / {rm:.2f}" if rp and rm else "—"
-        ok = "yes" if m["peak_rss_mb"] <= a.budget_gb * 1024 else "NO"
-        table.append(f"| {r['shape']} | {r['seq']} | {r['batch']} | {desc} | {m['tokens_per_s']:.0f} | {100 * mfu:.1f}% | "
-                     f"{m['peak_rss_mb']:.0f} | {pk:.0f} | {100 * e_mem:+.1f}% | {m['step_s_median']:.2f} | {st:.2f} | "
-                     f"{100 * e_t:+.1f}% | {rates} | {e_adj} | {ok} |")
+        pk = statistics.median(p["peak_bytes"] for p in plans) / 2**20
+        st = statistics.median(p["step_s"] for p in plans)
+        steps = [x for m in meass for x in m["step_s"]]
+        step = statistics.median(steps)  # every timed step of every round
+        tps = r["batch"] * r["seq"] * len(steps) / sum(steps)
+        rss = max(m["peak_rss_mb"] for m in meass)
+        mfu = tps * r["flops_per_token"] / (peak * 1e12)
+        e_mem = (pk - rss) / rss
+        e_t = (st - step) / step
+        rounds = ", ".join(f"{p['step_s']:.2f} / {m['step_s_median']:.2f}" for p, m in zip(plans, meass))
+        ok = "yes" if rss <= a.budget_gb * 1024 else "NO"
+        table.append(f"| {r['shape']} | {r['seq']} | {r['batch']} | {desc} | {tps:.0f} | {100 * mfu:.1f}% | "
+                     f"{rss:.0f} | {pk:.0f} | {100 * e_mem:+.1f}% | {step:.2f} | {st:.2f} | "
+                     f"{100 * e_t:+.1f}% | {rounds} | {ok} |")
     cmd = "python bench/bench_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = ["# Scaling and the planner's predictions\n",
           f"Command: `{cmd.strip()}`  ",
-          f"CPU: {cpu_name()}; torch {torch.__version__}, {rows[0]['measured']['threads'] if rows else '?'} threads; "
+          f"CPU: {cpu_name()}; torch {torch.__version__}, {rows[0]['measured'][0]['threads'] if rows else '?'} threads; "
           f"load average before/after {load_before[0]:.2f}/{load_after[0]:.2f}  ",
           f"bf16 matmul rate measured in this run: {peak:.2f} TFLOP/s. Memory budget given to the planner: "
           f"{a.budget_gb} GB. {TOKENS_PER_STEP} tokens per step of packed real text, LoRA r=16 on all linear "
-          f"layers, {a.warmup} warmup + {a.steps} timed steps; 360M and 1.7B are random-initialised SmolLM2 shapes.\n",
+          f"layers; {a.rounds} rounds per configuration, each a fresh planner process and then a fresh training "
+          f"process with {a.warmup} warmup + {a.steps} timed steps; 360M and 1.7B are random-initialised SmolLM2 "
+          f"shapes.\n",
           "\n".join(table), "",
           "Errors are (predicted - measured) / measured. Peak RSS is the whole training process, loading included; "
           "MFU counts 4 x matmul parameters per token against the measured bf16 matmul rate. "
-          "The machine is shared with other jobs, so its speed can change between the planner's calibration and "
-          "the timed steps: each worker measures the bf16 matmul rate (2048^3) around its own work, and the last "
-          "error column compares the prediction with the measured step scaled by (rate during the steps) / "
-          "(rate while planning), the step the run would have taken at the speed the planner saw."]
+          "Predicted values are the median of the rounds' predictions, measured step time the median of every timed "
+          "step of every round, peak RSS the highest of the rounds. The machine is shared with other jobs and its "
+          "speed drifts over minutes (the same 360M full-depth calibration took 5.0 s and then 6.9 s a call two "
+          "minutes apart, while the 2048^3 bf16 matmul rate read 2.06 and 2.03 TFLOP/s, so that rate does not "
+          "track it): the rounds take the planner and the training in turn so that a slow or fast spell falls on "
+          "both, and the last columns show each round's own pair."]
     text = "\n".join(md) + "\n"
     write_atomic(Path(a.out), text)
     write_atomic(REPO / "bench" / "out" / "plan.json", json.dumps({"rows": rows, "peak_tflops": peak}, indent=2, default=str))
