@@ -2,8 +2,8 @@
 
 For SmolLM2-135M (the packaged model) and random-initialised models of the SmolLM2-360M and -1.7B
 shapes, at sequence lengths 256, 512 and 1024 (2048 tokens per step: 8 x 256, 4 x 512, 2 x 1024),
-each configuration runs in rounds (``--rounds``, default 2) of two fresh processes, as a user
-would:
+each configuration runs in rounds (``--rounds``, default 3; 2 for 1.7B, whose rounds take about
+6 minutes) of two fresh processes, as a user would:
 
 1. ``plan``: the planner (:func:`qlorakit.train.plan.plan_run`) with a memory budget, on the
    text the run trains on: it chooses the settings and predicts peak RSS and step time;
@@ -142,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-gb", type=float, default=6.0, help="memory budget given to the planner")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=2,
+    ap.add_argument("--rounds", type=int, default=3,
                     help="plan-then-train rounds per configuration, in turn (the machine's speed drifts over minutes)")
+    ap.add_argument("--rounds-1.7B", dest="rounds_large", type=int, default=2,
+                    help="rounds for the 1.7B shape (about 6 minutes each; a round spans more of the drift)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "plan.md"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
@@ -173,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             common = ["--base", base, "--seq-len", str(seq), "--batch", str(batch), "--warmup", str(a.warmup),
                       "--steps", str(a.steps), "--budget-gb", str(a.budget_gb)]
             plans, meass = [], []
-            for k in range(a.rounds):
-                print(f"{shape} seq {seq} round {k + 1}/{a.rounds}: planning ...", file=sys.stderr, flush=True)
+            n_rounds = a.rounds_large if shape == "1.7B" else a.rounds
+            for k in range(n_rounds):
+                print(f"{shape} seq {seq} round {k + 1}/{n_rounds}: planning ...", file=sys.stderr, flush=True)
                 plan = run_worker(Path(__file__), ["--worker", "plan", *common], timeout=3600)
                 print(f"  settings {plan['settings']}, predicted step {plan['step_s']:.2f} s; training ...",
                       file=sys.stderr, flush=True)
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     peak1 = matmul_tflops()
     peak = max(peak0, peak1)
     load_after = os.getloadavg()
+    write_atomic(REPO / "bench" / "out" / "plan.json", json.dumps({"rows": rows, "peak_tflops": peak}, indent=2, default=str))
 
     table = ["| model | seq | batch | settings chosen | tokens/s | MFU | peak RSS (MB) | predicted peak (MB) | error | "
              "step (s) | predicted step (s) | error | per round: predicted / measured step (s) | within budget |",
@@ -196,13 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         plans, meass = r["plans"], r["measured"]
         s = plans[0]["settings"]
-        if any(p["settings"] != s for p in plans):
-            raise SystemExit(f"{r['shape']} seq {r['seq']}: the planner chose different settings in different rounds: "
-                             f"{[p['settings'] for p in plans]}")
         desc = (f"mb {s['micro_batch']}x{s['grad_accum']}, ckpt {'on' if s['checkpointing'] else 'off'}, "
                 f"{'bf16 copy' if s['weights'] == 'cache' else 'per-use'}")
         if s["seq_len"] != r["seq"]:
             desc += f", seq shortened to {s['seq_len']}"
+        if any(p["settings"] != s for p in plans):  # memory decides them, so this would be a bug
+            desc += " (DIFFERENT settings in other rounds, see plan.json)"
         pk = statistics.median(p["peak_bytes"] for p in plans) / 2**20
         st = statistics.median(p["step_s"] for p in plans)
         steps = [x for m in meass for x in m["step_s"]]
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
           f"load average before/after {load_before[0]:.2f}/{load_after[0]:.2f}  ",
           f"bf16 matmul rate measured in this run: {peak:.2f} TFLOP/s. Memory budget given to the planner: "
           f"{a.budget_gb} GB. {TOKENS_PER_STEP} tokens per step of packed real text, LoRA r=16 on all linear "
-          f"layers; {a.rounds} rounds per configuration, each a fresh planner process and then a fresh training "
+          f"layers; {a.rounds} rounds per configuration ({a.rounds_large} for 1.7B), each a fresh planner process and then a fresh training "
           f"process with {a.warmup} warmup + {a.steps} timed steps; 360M and 1.7B are random-initialised SmolLM2 "
           f"shapes.\n",
           "\n".join(table), "",
@@ -238,7 +241,6 @@ def main(argv: list[str] | None = None) -> int:
           "both, and the last columns show each round's own pair."]
     text = "\n".join(md) + "\n"
     write_atomic(Path(a.out), text)
-    write_atomic(REPO / "bench" / "out" / "plan.json", json.dumps({"rows": rows, "peak_tflops": peak}, indent=2, default=str))
     print(text)
     return 0
 
