@@ -2,8 +2,8 @@
 
 For SmolLM2-135M (the packaged model) and random-initialised models of the SmolLM2-360M and -1.7B
 shapes, at sequence lengths 256, 512 and 1024 (2048 tokens per step: 8 x 256, 4 x 512, 2 x 1024),
-each configuration runs in rounds (``--rounds``, default 3; 2 for 1.7B, whose rounds take about
-6 minutes) of two fresh processes, as a user would:
+each configuration runs in rounds (``--rounds``, default 3; 2 for 1.7B, whose rounds take 6-10
+minutes) of two fresh processes, as a user would:
 
 1. ``plan``: the planner (:func:`qlorakit.train.plan.plan_run`) with a memory budget, on the
    text the run trains on: it chooses the settings and predicts peak RSS and step time;
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="plan-then-train rounds per configuration, in turn (the machine's speed drifts over minutes)")
     ap.add_argument("--rounds-1.7B", dest="rounds_large", type=int, default=2,
-                    help="rounds for the 1.7B shape (about 6 minutes each; a round spans more of the drift)")
+                    help="rounds for the 1.7B shape (6-10 minutes each; a round spans more of the drift)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "plan.md"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)

@@ -156,13 +156,14 @@ def _time(fn: Any, repeats: int, warmup: int = 2) -> tuple[float, float]:
     short. Two calls are left out, not one: the second call of a fresh model is still about half as
     slow again as the later ones (360M, seq 1024, full depth: 15.1, 10.1, then 6.7-7.7 s), as a
     run's second step is, and a median of three that took it in came out high."""
+    skip = max(1, warmup)  # the first call is always left out: it compiles
     times = []
-    for _ in range(max(1, warmup) + repeats):
+    for _ in range(skip + repeats):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    rest = times[max(1, warmup):]
-    return times[0], sorted(rest)[len(rest) // 2]
+    rest = sorted(times[skip:])
+    return times[0], rest[len(rest) // 2]
 
 
 def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: int, alpha: float, dropout: float,
