@@ -11,12 +11,18 @@ minutes) of two fresh processes, as a user would:
    path; peak RSS of the process and its step times are measured.
 
 Rounds take planner and training in turn, so that the shared machine's slow and fast spells fall
-on both. The table gives trained tokens/s, peak RSS, model FLOPs utilisation against the bf16
-matmul rate measured in the same run, and each prediction's error against the median over all
-rounds, with every round's own pair beside it.
+on both; before each process the benchmark waits for the load average to come down (``--settle``),
+so that a process does not start while the previous one's memory is still being handed back. The
+table gives trained tokens/s, peak RSS, model FLOPs utilisation against the bf16 matmul rate
+measured in the same run, and each prediction's error against the median over all rounds, with
+every round's own pair beside it.
 
     python bench/bench_scaling.py                                  # writes bench/results/plan.md
     python bench/bench_scaling.py --shapes 135M --seq-lens 512 --budget-gb 3
+    python bench/bench_scaling.py --shapes 1.7B --merge                # rerun some rows, keep the others
+
+``--merge`` replaces the rerun rows in ``bench/out/plan.json`` and keeps the rest; the table then
+says which run (command, commit, time, matmul rate) each row comes from.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -135,6 +142,41 @@ def train_worker(a: argparse.Namespace) -> dict[str, Any]:
             "matmul_tflops": rate}
 
 
+def settle(max_s: float) -> tuple[float, float]:
+    """Wait until the 1-minute load average is at most half the cores, or ``max_s`` seconds;
+    (seconds waited, load average then)."""
+    t0 = time.monotonic()
+    limit = 0.5 * (os.cpu_count() or 1)
+    while os.getloadavg()[0] > limit and time.monotonic() - t0 < max_s:
+        time.sleep(2.0)
+    return time.monotonic() - t0, os.getloadavg()[0]
+
+
+def _commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError) as e:
+        return f"unknown ({e})"
+    return rev + (" with uncommitted changes" if dirty else "")
+
+
+def _load_previous(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(runs, rows) of an earlier plan.json; every row names its run."""
+    try:
+        old = json.loads(path.read_text())
+        rows = old["rows"]
+        runs = old.get("runs") or [{"command": "python bench/bench_scaling.py", "peak_tflops": old["peak_tflops"]}]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--merge: cannot read the earlier results {path}: {e}") from e
+    for r in rows:
+        r.setdefault("run", 0)
+    return runs, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="135M,360M,1.7B")
@@ -146,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="plan-then-train rounds per configuration, in turn (the machine's speed drifts over minutes)")
     ap.add_argument("--rounds-1.7B", dest="rounds_large", type=int, default=2,
                     help="rounds for the 1.7B shape (6-10 minutes each; a round spans more of the drift)")
+    ap.add_argument("--settle", type=float, default=90.0,
+                    help="before each process, wait up to this many seconds for the load average to come down")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of bench/out/plan.json that this run does not redo")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "plan.md"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
@@ -160,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     torch.set_num_threads(os.cpu_count() or 1)
+    json_path = REPO / "bench" / "out" / "plan.json"
+    runs, kept = _load_previous(json_path) if a.merge else ([], [])
+    cmd = "python bench/bench_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    run = {"command": cmd.strip(), "commit": _commit(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "rounds": a.rounds, "rounds_large": a.rounds_large, "warmup": a.warmup, "steps": a.steps, "settle_s": a.settle}
     load_before = os.getloadavg()
     peak0 = matmul_tflops()
     rows = []
@@ -178,25 +229,37 @@ def main(argv: list[str] | None = None) -> int:
             n_rounds = a.rounds_large if shape == "1.7B" else a.rounds
             for k in range(n_rounds):
                 print(f"{shape} seq {seq} round {k + 1}/{n_rounds}: planning ...", file=sys.stderr, flush=True)
+                waited, load = settle(a.settle)
                 plan = run_worker(Path(__file__), ["--worker", "plan", *common], timeout=3600)
+                plan.update(settle_s=round(waited), load_at_start=round(load, 2))
                 print(f"  settings {plan['settings']}, predicted step {plan['step_s']:.2f} s; training ...",
                       file=sys.stderr, flush=True)
+                waited, load = settle(a.settle)
                 meas = run_worker(Path(__file__), ["--worker", "train", *common, "--settings",
                                                    json.dumps(plan["settings"])], timeout=7200)
+                meas.update(settle_s=round(waited), load_at_start=round(load, 2))
                 print(f"  {meas['tokens_per_s']:.0f} tokens/s, step {meas['step_s_median']:.2f} s, peak "
                       f"{meas['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
                 plans.append(plan)
                 meass.append(meas)
             rows.append({"shape": shape, "seq": seq, "batch": batch, "plans": plans, "measured": meass,
-                         "flops_per_token": model_flops_per_token(cfg)})
+                         "flops_per_token": model_flops_per_token(cfg), "run": len(runs)})
     peak1 = matmul_tflops()
-    peak = max(peak0, peak1)
     load_after = os.getloadavg()
-    write_atomic(REPO / "bench" / "out" / "plan.json", json.dumps({"rows": rows, "peak_tflops": peak}, indent=2, default=str))
+    run.update(finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), peak_tflops=max(peak0, peak1),
+               load_before=round(load_before[0], 2), load_after=round(load_after[0], 2))
+    runs.append(run)
+    redone = {(r["shape"], r["seq"]) for r in rows}
+    order = {s: i for i, s in enumerate(["135M", "360M", "1.7B"])}
+    rows = sorted([r for r in kept if (r["shape"], r["seq"]) not in redone] + rows,
+                  key=lambda r: (order.get(r["shape"], len(order)), r["shape"], r["seq"]))
+    used = sorted({r["run"] for r in rows})
+    write_atomic(json_path, json.dumps({"rows": rows, "runs": runs}, indent=2, default=str))
 
     table = ["| model | seq | batch | settings chosen | tokens/s | MFU | peak RSS (MB) | predicted peak (MB) | error | "
-             "step (s) | predicted step (s) | error | per round: predicted / measured step (s) | within budget |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "step (s) | predicted step (s) | error | per round: predicted / measured step (s) | within budget |"
+             + (" run |" if len(used) > 1 else ""),
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|" + ("---:|" if len(used) > 1 else "")]
     for r in rows:
         plans, meass = r["plans"], r["measured"]
         s = plans[0]["settings"]
@@ -212,24 +275,40 @@ def main(argv: list[str] | None = None) -> int:
         step = statistics.median(steps)  # every timed step of every round
         tps = r["batch"] * r["seq"] * len(steps) / sum(steps)
         rss = max(m["peak_rss_mb"] for m in meass)
-        mfu = tps * r["flops_per_token"] / (peak * 1e12)
+        mfu = tps * r["flops_per_token"] / (runs[r["run"]]["peak_tflops"] * 1e12)
         e_mem = (pk - rss) / rss
         e_t = (st - step) / step
         rounds = ", ".join(f"{p['step_s']:.2f} / {m['step_s_median']:.2f}" for p, m in zip(plans, meass))
         ok = "yes" if rss <= a.budget_gb * 1024 else "NO"
         table.append(f"| {r['shape']} | {r['seq']} | {r['batch']} | {desc} | {tps:.0f} | {100 * mfu:.1f}% | "
                      f"{rss:.0f} | {pk:.0f} | {100 * e_mem:+.1f}% | {step:.2f} | {st:.2f} | "
-                     f"{100 * e_t:+.1f}% | {rounds} | {ok} |")
-    cmd = "python bench/bench_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
+                     f"{100 * e_t:+.1f}% | {rounds} | {ok} |" + (f" {used.index(r['run']) + 1} |" if len(used) > 1 else ""))
+
+    def describe(k: int) -> str:
+        ru = runs[k]
+        when = f"{ru['started']} to {ru['finished']}" if "started" in ru else "time not recorded"
+        load = (f"load average before/after {ru['load_before']:.2f}/{ru['load_after']:.2f}; "
+                if "load_before" in ru else "")
+        wait = (f"waiting up to {ru['settle_s']:.0f} s before each process for the load average to fall to half "
+                f"the cores" if ru.get("settle_s") else "no wait between processes")
+        return (f"`{ru['command']}` (commit {ru.get('commit', 'not recorded')}, {when}; {load}bf16 matmul rate "
+                f"{ru['peak_tflops']:.2f} TFLOP/s; {ru.get('rounds', 3)} rounds per configuration "
+                f"({ru.get('rounds_large', 2)} for 1.7B) of {ru.get('warmup', 2)} warmup + {ru.get('steps', 5)} timed "
+                f"steps; {wait})")
+
+    if len(used) == 1:
+        head = [f"Command: `{runs[used[0]]['command']}`  ",
+                f"Run: {describe(used[0])}  "]
+    else:
+        head = ["Rows come from more than one run (the last column): "
+                + "; ".join(f"run {i + 1}: {describe(k)}" for i, k in enumerate(used)) + ".  "]
     md = ["# Scaling and the planner's predictions\n",
-          f"Command: `{cmd.strip()}`  ",
-          f"CPU: {cpu_name()}; torch {torch.__version__}, {rows[0]['measured'][0]['threads'] if rows else '?'} threads; "
-          f"load average before/after {load_before[0]:.2f}/{load_after[0]:.2f}  ",
-          f"bf16 matmul rate measured in this run: {peak:.2f} TFLOP/s. Memory budget given to the planner: "
+          *head,
+          f"CPU: {cpu_name()}; torch {torch.__version__}, {rows[0]['measured'][0]['threads'] if rows else '?'} threads  ",
+          "MFU of each row is against the bf16 matmul rate measured in its own run. Memory budget given to the planner: "
           f"{a.budget_gb} GB. {TOKENS_PER_STEP} tokens per step of packed real text, LoRA r=16 on all linear "
-          f"layers; {a.rounds} rounds per configuration ({a.rounds_large} for 1.7B), each a fresh planner process and then a fresh training "
-          f"process with {a.warmup} warmup + {a.steps} timed steps; 360M and 1.7B are random-initialised SmolLM2 "
-          f"shapes.\n",
+          f"layers; each round of a configuration is a fresh planner process and then a fresh training "
+          f"process; 360M and 1.7B are random-initialised SmolLM2 shapes.\n",
           "\n".join(table), "",
           "Errors are (predicted - measured) / measured. Peak RSS is the whole training process, loading included; "
           "MFU counts 4 x matmul parameters per token against the measured bf16 matmul rate. "
@@ -238,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
           "speed drifts over minutes (the same 360M full-depth calibration took 5.0 s and then 6.9 s a call two "
           "minutes apart, while the 2048^3 bf16 matmul rate read 2.06 and 2.03 TFLOP/s, so that rate does not "
           "track it): the rounds take the planner and the training in turn so that a slow or fast spell falls on "
-          "both, and the last columns show each round's own pair."]
+          "both, and the per-round column shows each round's own pair."]
     text = "\n".join(md) + "\n"
     write_atomic(Path(a.out), text)
     print(text)

@@ -144,6 +144,41 @@ def test_per_use_weights_equal_cached_weights():
         FastModel(model, FastOptions(weights="cache")).cached_weight_bytes()
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("out_features,in_features", [(192, 128), (130, 96), (64, 4096)])
+def test_bf16_dequantization_equals_the_fp32_dequantization_rounded(out_features, in_features, double_quant):
+    """Straight to bf16 (what both weight modes use) gives bit for bit bitsandbytes' fp32 values
+    rounded to bf16, which is what the plain path multiplies with under bf16 autocast."""
+    from torch import nn
+
+    from qlorakit.quant.nf4 import dequantize, dequantize_bf16, quantize_linear
+
+    torch.manual_seed(out_features + in_features)
+    lin = nn.Linear(in_features, out_features, bias=False)
+    lin.weight.data[0, :7] *= 40.0  # a block with a large scale
+    q = quantize_linear(lin, double_quant=double_quant)
+    got, want = dequantize_bf16(q), dequantize(q).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == (out_features, in_features)
+    assert torch.equal(got, want)
+    assert q.weight.quant_state.dtype == torch.float32  # the module's own state is left as it was
+
+
+def test_per_use_weights_share_one_buffer_per_shape_and_keep_the_gradients():
+    """Per-use stacked weights are written into one buffer per shape, reused layer after layer;
+    with recomputation too (a weight read after the buffer moved on would change the gradients)."""
+    model = _tiny()
+    batch = _batch()
+    ref = _grads(model, FastModel(model, FastOptions(compile=False, weights="cache"), pad_token_id=PAD), batch)
+    fm = FastModel(model, FastOptions(compile=False, weights="per-use", checkpointing=True), pad_token_id=PAD)
+    got = _grads(model, fm, batch)
+    assert got[0] == ref[0] and all(torch.equal(x, y) for x, y in zip(got[2], ref[2]))
+    first, second = fm.layers[0].gu.weight.get(), fm.layers[1].gu.weight.get()
+    assert first.data_ptr() == second.data_ptr()  # the same memory, rewritten
+    assert torch.equal(second, fm.layers[1].gu.weight.get())
+    cached = FastModel(model, FastOptions(compile=False, weights="cache")).layers[0].gu.weight.get()
+    assert torch.equal(fm.layers[0].gu.weight.get(), cached)
+
+
 def test_fast_path_respects_disabled_adapters_and_eval_mode():
     model = _tiny(dropout=0.2)
     batch = _batch()

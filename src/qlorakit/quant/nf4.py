@@ -8,13 +8,14 @@ evaluation pass.
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["cpu_supports_bf16", "guard_linear4bit", "is_linear4bit", "dequantize", "quantize_linear", "quantize_decoder_linears"]
+__all__ = ["cpu_supports_bf16", "guard_linear4bit", "is_linear4bit", "dequantize", "dequantize_bf16", "quantize_linear", "quantize_decoder_linears"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,6 +61,25 @@ def dequantize(module: nn.Module) -> torch.Tensor:
         w = module.weight
         return F.dequantize_4bit(w.data, w.quant_state).reshape(module.out_features, module.in_features)
     return module.weight.detach()
+
+
+def dequantize_bf16(module: nn.Module) -> torch.Tensor:
+    """The weight of a 4-bit (or plain) linear as bf16, shape (out_features, in_features).
+
+    A 4-bit weight is dequantized straight to bf16: bitsandbytes computes each value in fp32 and
+    rounds it once, so the result is exactly ``dequantize(module).to(torch.bfloat16)`` (a test pins
+    this) without the fp32 copy, about three times faster.
+    """
+    if not is_linear4bit(module):
+        return module.weight.detach().to(torch.bfloat16)
+    import bitsandbytes.functional as F
+
+    w = module.weight
+    state = w.quant_state
+    if state.dtype != torch.bfloat16:
+        state = copy.copy(state)  # shallow: the packed data and statistics are shared, only the output dtype differs
+        state.dtype = torch.bfloat16
+    return F.dequantize_4bit(w.data, state).reshape(module.out_features, module.in_features)
 
 
 def quantize_linear(linear: nn.Linear, *, quant_type: str = "nf4", double_quant: bool = True,

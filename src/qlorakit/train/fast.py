@@ -207,9 +207,9 @@ def _member(mod: nn.Module) -> tuple[nn.Module, LoraMember]:
     return mod, LoraMember(mod.out_features)
 
 
-def _group(mods: list[nn.Module], mode: WeightMode) -> LoraGroup:
+def _group(mods: list[nn.Module], mode: WeightMode, buffers: dict[tuple[int, int], torch.Tensor]) -> LoraGroup:
     bases, members = zip(*(_member(m) for m in mods))
-    return LoraGroup(FrozenWeight(list(bases), mode), list(members))
+    return LoraGroup(FrozenWeight(list(bases), mode, buffers), list(members))
 
 
 @dataclass
@@ -240,6 +240,8 @@ class FastModel:
         self.scale = self.head_dim ** -0.5
         inner = model.model
         mode = self.options.weights
+        # per-use stacked weights are written into one reused buffer per shape (see FrozenWeight)
+        self._weight_buffers: dict[tuple[int, int], torch.Tensor] = {}
         self.layers: list[_Layer] = []
         for layer in inner.layers:
             at, mlp = layer.self_attn, layer.mlp
@@ -247,10 +249,10 @@ class FastModel:
                 in_w=layer.input_layernorm.weight.detach().float(),
                 post_w=layer.post_attention_layernorm.weight.detach().float(),
                 eps=float(getattr(layer.input_layernorm, "variance_epsilon", getattr(layer.input_layernorm, "eps", 1e-6))),
-                qkv=_group([at.q_proj, at.k_proj, at.v_proj], mode),
-                o=_group([at.o_proj], mode),
-                gu=_group([mlp.gate_proj, mlp.up_proj], mode),
-                down=_group([mlp.down_proj], mode),
+                qkv=_group([at.q_proj, at.k_proj, at.v_proj], mode, self._weight_buffers),
+                o=_group([at.o_proj], mode, self._weight_buffers),
+                gu=_group([mlp.gate_proj, mlp.up_proj], mode, self._weight_buffers),
+                down=_group([mlp.down_proj], mode, self._weight_buffers),
             ))
         self.norm_w = inner.norm.weight.detach().float()
         self.norm_eps = float(getattr(inner.norm, "variance_epsilon", getattr(inner.norm, "eps", 1e-6)))

@@ -207,12 +207,16 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
     w = (torch.randn(shape.vocab, shape.hidden) * 0.02).to(torch.bfloat16)
     h = torch.randn(max(1, n_loss), shape.hidden).to(torch.bfloat16).requires_grad_(True)
     tgt = torch.randint(0, shape.vocab, (max(1, n_loss),))
+    # the logits buffer is reused from call to call, as the training step reuses it (a fresh one
+    # per call costs the kernel's page mapping, about a tenth of the head's time)
+    chunk = min(opts.loss_chunk, max(1, n_loss))
+    logits = torch.empty(min(opts.loss_chunk, max(chunk, 256)), shape.vocab, dtype=torch.bfloat16)
 
     def head() -> None:
-        fused_head_loss(h, w, tgt, compiled=settings.compile).backward()
+        fused_head_loss(h, w, tgt, opts.loss_chunk, compiled=settings.compile, workspace=logits).backward()
 
     _, head_s = _time(head, repeats)
-    del w, h
+    del w, h, logits
 
     # the optimizer: clipping and AdamW over every LoRA tensor of the full model, in their real
     # shapes (one flat tensor of the same size took a quarter of the time: the per-tensor work is
