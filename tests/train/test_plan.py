@@ -209,3 +209,46 @@ def test_calibration_timing_leaves_out_the_two_slow_first_calls():
     first, median = _time(fn, repeats=3)
     assert len(calls) == 5
     assert first >= 0.08 and median < 0.04
+
+
+class _SpellClock:
+    """A fake clock for timing tests: every call costs its work, times ``factor`` for the calls
+    numbered in ``slow`` (a slow spell of the shared machine)."""
+
+    def __init__(self, slow: range, factor: float):
+        self.now, self.calls, self.slow, self.factor = 0.0, 0, slow, factor
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def work(self, seconds: float):
+        def fn():
+            self.now += seconds * (self.factor if self.calls in self.slow else 1.0)
+            self.calls += 1
+        return fn
+
+
+def test_extrapolated_layer_time_pairs_the_two_depths_against_a_slow_spell(monkeypatch):
+    # 1 layer costs 1 s, 6 layers 6 s: 1 s per extra layer, no fixed part. A spell 30% slower
+    # falls on the deeper model's timing: timed one model after the other, the difference takes
+    # the spell on one side only (1.36 s per layer, and the prediction multiplies it by the depth);
+    # timed in turn, the spell spoils two of the five pairs and the median of the differences
+    # is the machine's usual speed.
+    from qlorakit.train import plan
+
+    clock = _SpellClock(range(5, 10), 1.3)
+    monkeypatch.setattr(plan, "time", clock)
+    few, more = clock.work(1.0), clock.work(6.0)
+    _, per_few = plan._time(few, 3)  # calls 0-4
+    _, per_more = plan._time(more, 3)  # calls 5-9, in the spell
+    assert (per_more - per_few) / 5 == pytest.approx(1.36)
+
+    clock = _SpellClock(range(8, 12), 1.3)  # the spell over the first two pairs
+    monkeypatch.setattr(plan, "time", clock)
+    few, more = clock.work(1.0), clock.work(6.0)
+    plan._time(few, 3)  # the 1-layer model is timed (and warm) first, as calibrate does: calls 0-4
+    first, layer_s, per_few, per_more = plan._paired_layer_time(few, more, 5, 5)
+    assert clock.calls == 5 + 2 + 2 * 5  # two warmup calls of the deeper model, then five pairs
+    assert layer_s == pytest.approx(1.0)
+    assert (per_few, per_more) == (pytest.approx(1.0), pytest.approx(6.0))
+    assert first == pytest.approx(6.0)

@@ -44,9 +44,11 @@ class FrozenWeight:
     three times faster than going through an fp32 copy. In ``per-use`` mode the weights of a model
     may share ``buffers`` (one bf16 tensor per stacked shape): a group's stacked weight is then
     written into memory that is reused layer after layer, instead of fresh pages the kernel has to
-    map and zero at every use (for a 1.7B shape that was a third of the step, in system time). A
-    shared buffer holds a weight only until the next :meth:`get` of the same shape: the caller uses
-    it at once and keeps no reference.
+    map and zero at every use. On the 1.7B shape (seq 1024, recomputation on) system time, nearly
+    all of it page faults, was a third of a six-layer forward and backward; these two changes took
+    the faults from 1.8 to 0.7 million a call and the system time from 4 to 2 s. A shared buffer
+    holds a weight only until the next :meth:`get` of the same shape: the caller uses it at once
+    and keeps no reference.
     """
 
     def __init__(self, linears: Sequence[nn.Module], mode: WeightMode,

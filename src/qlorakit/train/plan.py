@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,7 @@ CALIBRATION_LAYERS = 6  # the calibration times 1 and at least this many decoder
 # the 360M shape (about 7 s a call at seq 1024) clear of the edge: at 8 s, one layer x 32 came out
 # on either side of it from run to run, and the two ways of calibrating took turns.
 FULL_DEPTH_CALL_SECONDS = 12.0
+PAIRED_REPEATS = 5  # pairs of (1 layer, CALIBRATION_LAYERS layers) calls when the depth is extrapolated
 CALIBRATION_SAMPLE_ROWS = 256  # rows the calibration micro-batch is chosen from
 
 
@@ -150,6 +152,12 @@ def _lora_shapes(shape: ModelShape, r: int) -> list[tuple[int, int]]:
     return [dims for _ in range(shape.layers) for fan_in, fan_out in linears for dims in ((r, fan_in), (fan_out, r))]
 
 
+def _once(fn: Any) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
 def _time(fn: Any, repeats: int, warmup: int = 2) -> tuple[float, float]:
     """(first call seconds, median of ``repeats`` calls after ``warmup`` calls). The median, not the
     best: a run's steps meet the machine as it is, and the best of a few calls predicted steps 10-20%
@@ -166,6 +174,20 @@ def _time(fn: Any, repeats: int, warmup: int = 2) -> tuple[float, float]:
     return times[0], rest[len(rest) // 2]
 
 
+def _paired_layer_time(run_few: Any, run_more: Any, extra_layers: int, pairs: int) -> tuple[float, float, float, float]:
+    """(first call of ``run_more``, seconds per extra layer, median ``run_few``, median ``run_more``)
+    from ``pairs`` calls of each in turn, after two warmup calls of ``run_more`` (``run_few`` is
+    warm already). The layer time is the median of the pairs' differences."""
+    first = _once(run_more)
+    _once(run_more)  # the second call is slow too (see _time)
+    few_s, more_s = [], []
+    for _ in range(pairs):
+        few_s.append(_once(run_few))
+        more_s.append(_once(run_more))
+    layer_s = max(0.0, statistics.median((b - a) / extra_layers for a, b in zip(few_s, more_s)))
+    return first, layer_s, statistics.median(few_s), statistics.median(more_s)
+
+
 def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: int, alpha: float, dropout: float,
               settings: Settings, repeats: int = 3) -> Calibration:
     """Time the fast path's pieces for ``shape`` on ``batches`` (one micro-batch each, real data)."""
@@ -177,8 +199,8 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
     batch = batches[0]
     vocab_batch = dict(batch, input_ids=batch["input_ids"] % 256)  # the calibration model's vocabulary
 
-    def time_layers(n_layers: int) -> tuple[float, float]:
-        """(first call, median call) seconds of forward and backward through ``n_layers`` layers."""
+    def layers_fn(n_layers: int):
+        """Forward and backward through ``n_layers`` layers of a fresh calibration model."""
         model, _ = _calibration_model(shape, n_layers, r, alpha, dropout)
         fm = FastModel(model, opts, pad_token_id=None)
 
@@ -186,18 +208,29 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
             h, _ = fm.hidden(vocab_batch)
             h.float().sum().backward()
 
-        return _time(run, repeats)
+        return run
 
-    # the difference over several layers: it divides the timing noise, and the layers' working set
-    # then outgrows the caches as the real depth does (3 layers predicted 135M steps 15-29% short);
-    # the full depth when it is quick enough (see FULL_DEPTH_CALL_SECONDS), so nothing is extrapolated
+    # the full depth when it is quick enough (see FULL_DEPTH_CALL_SECONDS), so nothing is extrapolated;
+    # otherwise the difference of 1 and CALIBRATION_LAYERS layers: it divides the timing noise, and the
+    # layers' working set then outgrows the caches as the real depth does (3 layers predicted 135M
+    # steps 15-29% short)
     few, more = 1, min(CALIBRATION_LAYERS, max(2, shape.layers))
-    first, per_few = time_layers(few)
+    run_few = layers_fn(few)
+    first, per_few = _time(run_few, repeats)
     if per_few * shape.layers <= FULL_DEPTH_CALL_SECONDS:
         more = max(more, shape.layers)
-    first_more, per_more = time_layers(more)
+        del run_few
+        first_more, per_more = _time(layers_fn(more), repeats)
+        layer_s = max(0.0, (per_more - per_few) / (more - few))
+    else:
+        # the two models are timed in turn, and the layer time is the median of the pairs'
+        # differences: a drift of the shared machine's speed during the calibration then falls on
+        # both sides of each difference, where timing one model and then the other put it on one
+        # side only, times depth / (more - few) in the prediction (1.7B, the same configuration
+        # planned twice minutes apart: 58.8 and 42.8 s, against 44.0 s measured)
+        first_more, layer_s, per_few, per_more = _paired_layer_time(run_few, layers_fn(more), more - few,
+                                                                     max(repeats, PAIRED_REPEATS))
     compile_s = max(0.0, first - per_few, first_more - per_more)
-    layer_s = max(0.0, (per_more - per_few) / (more - few))
     fixed_s = max(0.0, per_few - few * layer_s)
 
     # the output head: the real vocabulary, the real number of loss positions
