@@ -227,9 +227,10 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
         # differences: a drift of the shared machine's speed during the calibration then falls on
         # both sides of each difference, where timing one model and then the other put it on one
         # side only, times depth / (more - few) in the prediction (1.7B, the same configuration
-        # planned twice minutes apart: 58.8 and 42.8 s, against 44.0 s measured)
+        # planned twice minutes apart: 58.8 and 42.8 s, against 44.0 and 39.4 s measured)
         first_more, layer_s, per_few, per_more = _paired_layer_time(run_few, layers_fn(more), more - few,
                                                                      max(repeats, PAIRED_REPEATS))
+        del run_few
     compile_s = max(0.0, first - per_few, first_more - per_more)
     fixed_s = max(0.0, per_few - few * layer_s)
 
