@@ -164,14 +164,22 @@ def _commit() -> str:
     return rev + (" with uncommitted changes" if dirty else "")
 
 
+# what a run recorded before these fields existed: the defaults of that version, no settle wait
+LEGACY_RUN = {"commit": "not recorded", "rounds": 3, "rounds_large": 2, "warmup": 2, "steps": 5, "settle_s": 0.0}
+
+
 def _load_previous(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(runs, rows) of an earlier plan.json; every row names its run."""
     try:
         old = json.loads(path.read_text())
         rows = old["rows"]
+        # a file from before runs were recorded: one run, with that version's fixed settings
         runs = old.get("runs") or [{"command": "python bench/bench_scaling.py", "peak_tflops": old["peak_tflops"]}]
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"--merge: cannot read the earlier results {path}: {e}") from e
+    for ru in runs:
+        for key, value in LEGACY_RUN.items():
+            ru.setdefault(key, value)
     for r in rows:
         r.setdefault("run", 0)
     return runs, rows
@@ -290,11 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         load = (f"load average before/after {ru['load_before']:.2f}/{ru['load_after']:.2f}; "
                 if "load_before" in ru else "")
         wait = (f"waiting up to {ru['settle_s']:.0f} s before each process for the load average to fall to half "
-                f"the cores" if ru.get("settle_s") else "no wait between processes")
-        return (f"`{ru['command']}` (commit {ru.get('commit', 'not recorded')}, {when}; {load}bf16 matmul rate "
-                f"{ru['peak_tflops']:.2f} TFLOP/s; {ru.get('rounds', 3)} rounds per configuration "
-                f"({ru.get('rounds_large', 2)} for 1.7B) of {ru.get('warmup', 2)} warmup + {ru.get('steps', 5)} timed "
-                f"steps; {wait})")
+                f"the cores" if ru["settle_s"] else "no wait between processes")
+        return (f"`{ru['command']}` (commit {ru['commit']}, {when}; {load}bf16 matmul rate "
+                f"{ru['peak_tflops']:.2f} TFLOP/s; {ru['rounds']} rounds per configuration "
+                f"({ru['rounds_large']} for 1.7B) of {ru['warmup']} warmup + {ru['steps']} timed steps; {wait})")
 
     if len(used) == 1:
         head = [f"Command: `{runs[used[0]]['command']}`  ",

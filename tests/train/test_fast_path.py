@@ -144,23 +144,25 @@ def test_per_use_weights_equal_cached_weights():
         FastModel(model, FastOptions(weights="cache")).cached_weight_bytes()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("out_features,in_features", [(192, 128), (130, 96), (64, 4096)])
-def test_bf16_dequantization_equals_the_fp32_dequantization_rounded(out_features, in_features, double_quant):
-    """Straight to bf16 (what both weight modes use) gives bit for bit bitsandbytes' fp32 values
-    rounded to bf16, which is what the plain path multiplies with under bf16 autocast."""
+def test_half_dequantization_equals_the_fp32_dequantization_rounded(out_features, in_features, double_quant, dtype):
+    """Straight to bf16 (what both weight modes use) or fp16 gives bit for bit bitsandbytes' fp32
+    values rounded, which is what the plain path multiplies with under autocast."""
     from torch import nn
 
-    from qlorakit.quant.nf4 import dequantize, dequantize_bf16, quantize_linear
+    from qlorakit.quant.nf4 import dequantize, quantize_linear
 
     torch.manual_seed(out_features + in_features)
     lin = nn.Linear(in_features, out_features, bias=False)
     lin.weight.data[0, :7] *= 40.0  # a block with a large scale
     q = quantize_linear(lin, double_quant=double_quant)
-    got, want = dequantize_bf16(q), dequantize(q).to(torch.bfloat16)
-    assert got.dtype == torch.bfloat16 and got.shape == (out_features, in_features)
+    got, want = dequantize(q, dtype), dequantize(q).to(dtype)
+    assert got.dtype == dtype and got.shape == (out_features, in_features)
     assert torch.equal(got, want)
     assert q.weight.quant_state.dtype == torch.float32  # the module's own state is left as it was
+    assert dequantize(q).dtype == torch.float32
 
 
 def test_per_use_weights_share_one_buffer_per_shape_and_keep_the_gradients():

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .nf4 import dequantize, dequantize_bf16, is_linear4bit
+from .nf4 import dequantize, is_linear4bit
 
 __all__ = ["FrozenWeight", "LoraMember", "LoraGroup", "lora_group_matmul", "WeightMode", "cache_bf16_weights",
            "drop_bf16_weights", "GroupSaved", "group_forward", "group_backward"]
@@ -66,7 +66,7 @@ class FrozenWeight:
         self._cached = self._dequantize() if mode == "cache" else None
 
     def _dequantize(self) -> torch.Tensor:
-        parts = [dequantize_bf16(m) for m in self.linears]
+        parts = [dequantize(m, BF16) for m in self.linears]
         if len(parts) == 1:
             return parts[0].contiguous()
         if self._buffers is None:
@@ -308,7 +308,7 @@ def cache_bf16_weights(model: nn.Module, max_bytes: float | None = None, *, deco
     import types
 
     for m, dt, w32 in zip(mods, dts, wide):
-        w = dequantize(m).to(dt).contiguous()
+        w = dequantize(m, dt).contiguous()
         m.register_buffer("_qlk_w16", w, persistent=False)
         if w32:
             m.register_buffer("_qlk_w32", w.float(), persistent=False)

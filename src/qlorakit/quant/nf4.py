@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["cpu_supports_bf16", "guard_linear4bit", "is_linear4bit", "dequantize", "dequantize_bf16", "quantize_linear", "quantize_decoder_linears"]
+__all__ = ["cpu_supports_bf16", "guard_linear4bit", "is_linear4bit", "dequantize", "quantize_linear", "quantize_decoder_linears"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,32 +53,24 @@ def guard_linear4bit(model: nn.Module) -> int:
     return n
 
 
-def dequantize(module: nn.Module) -> torch.Tensor:
-    """The full-precision weight of a 4-bit (or plain) linear, shape (out_features, in_features)."""
-    if is_linear4bit(module):
-        import bitsandbytes.functional as F
+def dequantize(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight of a 4-bit (or plain) linear, shape (out_features, in_features): in the dtype the
+    4-bit weight was quantized from (full precision), or in ``dtype``.
 
-        w = module.weight
-        return F.dequantize_4bit(w.data, w.quant_state).reshape(module.out_features, module.in_features)
-    return module.weight.detach()
-
-
-def dequantize_bf16(module: nn.Module) -> torch.Tensor:
-    """The weight of a 4-bit (or plain) linear as bf16, shape (out_features, in_features).
-
-    A 4-bit weight is dequantized straight to bf16: bitsandbytes computes each value in fp32 and
-    rounds it once, so the result is exactly ``dequantize(module).to(torch.bfloat16)`` (a test pins
-    this) without the fp32 copy, about three times faster.
+    A 4-bit weight is dequantized straight to ``dtype``: bitsandbytes computes each value in fp32
+    and rounds it once, so the result is exactly the fp32 dequantization cast to ``dtype`` (a test
+    pins this for bf16 and fp16), without the fp32 copy; to bf16 about three times faster.
     """
     if not is_linear4bit(module):
-        return module.weight.detach().to(torch.bfloat16)
+        w = module.weight.detach()
+        return w if dtype is None else w.to(dtype)
     import bitsandbytes.functional as F
 
     w = module.weight
     state = w.quant_state
-    if state.dtype != torch.bfloat16:
+    if dtype is not None and state.dtype != dtype:
         state = copy.copy(state)  # shallow: the packed data and statistics are shared, only the output dtype differs
-        state.dtype = torch.bfloat16
+        state.dtype = dtype
     return F.dequantize_4bit(w.data, state).reshape(module.out_features, module.in_features)
 
 

@@ -59,6 +59,7 @@ CALIBRATION_LAYERS = 6  # the calibration times 1 and at least this many decoder
 # the 360M shape (about 7 s a call at seq 1024) clear of the edge: at 8 s, one layer x 32 came out
 # on either side of it from run to run, and the two ways of calibrating took turns.
 FULL_DEPTH_CALL_SECONDS = 12.0
+WARMUP_CALLS = 2  # calls of a fresh calibration model left out of its timing (see _time)
 PAIRED_REPEATS = 5  # pairs of (1 layer, CALIBRATION_LAYERS layers) calls when the depth is extrapolated
 CALIBRATION_SAMPLE_ROWS = 256  # rows the calibration micro-batch is chosen from
 
@@ -153,23 +154,20 @@ def _lora_shapes(shape: ModelShape, r: int) -> list[tuple[int, int]]:
 
 
 def _once(fn: Any) -> float:
+    """Seconds of one call of ``fn``."""
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
 
 
-def _time(fn: Any, repeats: int, warmup: int = 2) -> tuple[float, float]:
+def _time(fn: Any, repeats: int, warmup: int = WARMUP_CALLS) -> tuple[float, float]:
     """(first call seconds, median of ``repeats`` calls after ``warmup`` calls). The median, not the
     best: a run's steps meet the machine as it is, and the best of a few calls predicted steps 10-20%
     short. Two calls are left out, not one: the second call of a fresh model is still about half as
     slow again as the later ones (360M, seq 1024, full depth: 15.1, 10.1, then 6.7-7.7 s), as a
     run's second step is, and a median of three that took it in came out high."""
     skip = max(1, warmup)  # the first call is always left out: it compiles
-    times = []
-    for _ in range(skip + repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
+    times = [_once(fn) for _ in range(skip + repeats)]
     rest = sorted(times[skip:])
     return times[0], rest[len(rest) // 2]
 
@@ -179,7 +177,8 @@ def _paired_layer_time(run_few: Any, run_more: Any, extra_layers: int, pairs: in
     from ``pairs`` calls of each in turn, after two warmup calls of ``run_more`` (``run_few`` is
     warm already). The layer time is the median of the pairs' differences."""
     first = _once(run_more)
-    _once(run_more)  # the second call is slow too (see _time)
+    for _ in range(WARMUP_CALLS - 1):  # the second call is slow too (see _time)
+        _once(run_more)
     few_s, more_s = [], []
     for _ in range(pairs):
         few_s.append(_once(run_few))
