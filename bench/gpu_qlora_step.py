@@ -1,14 +1,26 @@
 """One QLoRA training step on a GPU, side by side: the Hugging Face stack (transformers + peft +
-bitsandbytes) and qlorakit (its CUDA path, and its fast path run on CUDA), on random-initialised
-Llama models of real shapes with an NF4 (double-quantized, bf16 compute) base and LoRA r=16 on
-every linear layer.
+bitsandbytes) and qlorakit, on random-initialised Llama models of real shapes with an NF4
+(double-quantized, bf16 compute) base and LoRA r=16 (alpha 32, dropout 0) on every linear layer.
+
+Sides:
+
+- ``hf``: peft's LoRA on the bitsandbytes model, HF's loss, under bf16 autocast.
+- ``qlorakit``: qlorakit's LoRA layers and chunked loss (what ``qlorakit train`` runs on a GPU).
+- ``qlorakit-fast``: the fast path (:class:`qlorakit.train.fast.FastModel`) run on the GPU, the
+  base held as a bf16 copy (``weights="cache"``); ``qlorakit-fast-per-use`` dequantizes each
+  weight when it is used instead, as the HF stack does, and holds no copy.
 
 Each side runs in its own process (peak memory is its own). Every side builds the same seeded
 random model, quantizes its linears with bitsandbytes, and runs warmup steps (not timed) and then
-timed steps of forward, backward, clipping and AdamW on the same token batch.
+timed steps of forward, backward, clipping and AdamW on the same token batch. The LoRA B matrices
+start at zero, so every side's first loss is the base model's loss: the "first loss" column must
+agree across sides. A probe process records the versions, the device and its bf16 matmul rate;
+MFU counts 4 x matmul parameters per token against that rate, as in the CPU tables.
 
     python bench/gpu_qlora_step.py --out OUTDIR              # the shapes below, on CUDA
     python bench/gpu_qlora_step.py --device cpu --shapes tiny --out /tmp/x   # a check on a CPU
+
+It writes ``results.json`` after each side and ``gpu.md`` (a section for ``bench/results/``) at the end.
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ SHAPES: dict[str, dict[str, int]] = {
     "8B": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=14336, vocab_size=128256),  # Llama-3-8B
 }
-SIDES = ("hf", "qlorakit", "qlorakit-fast")
+SIDES = ("hf", "qlorakit", "qlorakit-fast", "qlorakit-fast-per-use")
 
 
 def _build(shape: str, device: str, seed: int = 0) -> Any:
@@ -118,10 +130,11 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         params = lora_parameters(model)
         for p in params:
             p.requires_grad_(True)
-        if a.side == "qlorakit-fast":
+        if a.side.startswith("qlorakit-fast"):
             from qlorakit.train.fast import FastModel, FastOptions
 
-            fn: Any = FastModel(model, FastOptions(weights="cache", compile=False), pad_token_id=None)
+            mode = "per-use" if a.side.endswith("per-use") else "cache"
+            fn: Any = FastModel(model, FastOptions(weights=mode, compile=False), pad_token_id=None)
         else:
             fn = chunked_loss
 
@@ -136,16 +149,22 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
+    losses: list[float] = []
+    grad_norms: list[float] = []
+
     def step() -> float:
         sync()
         t = time.perf_counter()
         loss = loss_of()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        norm = torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
-        return time.perf_counter() - t
+        dt = time.perf_counter() - t
+        losses.append(float(loss.detach()))
+        grad_norms.append(float(norm))
+        return dt
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -159,13 +178,89 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
             "warmup_s": [round(t, 3) for t in warm], "step_s": [round(t, 4) for t in times],
             "step_s_median": sorted(times)[len(times) // 2], "tokens_per_s": tokens / (sum(times) / len(times)),
             "tokens_per_s_best": tokens / best,
+            "loss_first": round(losses[0], 5), "loss_last": round(losses[-1], 5),
+            "grad_norm_first": round(grad_norms[0], 5),
+            "trainable": sum(p.numel() for p in params),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
+def probe(device: str) -> dict[str, Any]:
+    """Versions, the device, and its bf16 matmul rate (TFLOP/s, best of repeated products)."""
+    import platform
+
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    cuda = device.startswith("cuda")
+    size = 8192 if cuda else 2048
+    a = torch.randn(size, size, device=device).to(torch.bfloat16)
+    b = torch.randn(size, size, device=device).to(torch.bfloat16)
+    best = float("inf")
+    for i in range(23):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= 3:  # warmup
+            best = min(best, time.perf_counter() - t)
+    name = torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())
+    return {"device": name, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "transformers": transformers.__version__, "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__, "matmul_size": size,
+            "matmul_tflops": round(2 * size ** 3 / best / 1e12, 1)}
+
+
+def matmul_params(shape: str) -> int:
+    """Parameters that take part in a matmul per token: every linear of the decoder and the head."""
+    c = SHAPES[shape]
+    h, inter, layers, heads = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"]
+    kv, d = c["num_key_value_heads"], h // heads
+    per_layer = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * inter
+    return layers * per_layer + h * c["vocab_size"]
+
+
+def _run(args: list[str], timeout: float, env: dict[str, str]) -> dict[str, Any]:
+    """One worker process; its RESULT line, or the error it ended with."""
+    try:
+        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+    if p.returncode == 0 and line:
+        return json.loads(line[-1][7:])
+    return {"error": (p.stderr or p.stdout)[-1500:] or f"exit {p.returncode}, no output"}
+
+
+def table(results: list[dict[str, Any]], shapes: list[str], peak_tflops: float | None) -> str:
+    rows = ["| shape | side | batch x seq | step (s, median) | tokens/s | vs HF | MFU | peak GPU memory (MB) | vs HF | "
+            "first loss | first gradient norm | loss after the steps |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for shape in shapes:
+        hf = next((r for r in results if r["shape"] == shape and r["side"] == "hf" and "error" not in r), None)
+        flops_tok = 4.0 * matmul_params(shape)
+        for r in (x for x in results if x["shape"] == shape):
+            if "error" in r:
+                last = r["error"].strip().splitlines()[-1][:160] if r["error"].strip() else "?"
+                rows.append(f"| {shape} | {r['side']} | - | - | - | - | - | - | - | - | - | failed: {last} |")
+                continue
+            ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
+            mfu = f"{100 * r['tokens_per_s'] * flops_tok / (peak_tflops * 1e12):.1f}%" if peak_tflops else "-"
+            mem = r["peak_gpu_mb"]
+            mem_ratio = f"{mem / hf['peak_gpu_mb']:.2f}x" if hf and mem and hf["peak_gpu_mb"] else "-"
+            rows.append(f"| {shape} | {r['side']} | {r['batch']} x {r['seq']} | {r['step_s_median']:.3f} | "
+                        f"{r['tokens_per_s']:.0f} | {ratio} | {mfu} | {mem if mem is not None else '-'} | {mem_ratio} | "
+                        f"{r['loss_first']:.4f} | {r['grad_norm_first']:.4g} | {r['loss_last']:.4f} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="folder for results.json and results.md")
+    ap.add_argument("--out", required=True, help="folder for results.json and gpu.md")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shapes", default="1.7B,8B")
     ap.add_argument("--sides", default=",".join(SIDES))
@@ -176,49 +271,53 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=240, help="seconds allowed per side and shape")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
+    ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.probe:
+        print("RESULT " + json.dumps(probe(a.device)), flush=True)
+        return 0
     if a.side:
-        res = worker(a)
-        print("RESULT " + json.dumps(res), flush=True)
+        print("RESULT " + json.dumps(worker(a)), flush=True)
         return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: list[dict[str, Any]] = []
     env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for shape in a.shapes.split(","):
+    me = [sys.executable, str(Path(__file__).resolve()), "--out", a.out, "--device", a.device]
+    info = _run(me + ["--probe"], a.timeout, env)
+    print("PROBE " + json.dumps(info), flush=True)
+    shapes = a.shapes.split(",")
+    results: list[dict[str, Any]] = []
+    for shape in shapes:
         for side in a.sides.split(","):
-            args = [sys.executable, str(Path(__file__).resolve()), "--out", a.out, "--device", a.device, "--side", side,
-                    "--shape", shape, "--batch", str(a.batch), "--seq", str(a.seq), "--warmup", str(a.warmup),
-                    "--steps", str(a.steps)]
             t = time.perf_counter()
-            try:
-                p = subprocess.run(args, capture_output=True, text=True, timeout=a.timeout, env=env)
-                line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-                if p.returncode == 0 and line:
-                    r = json.loads(line[-1][7:])
-                else:
-                    r = {"side": side, "shape": shape, "error": (p.stderr or p.stdout)[-1500:]}
-            except subprocess.TimeoutExpired:
-                r = {"side": side, "shape": shape, "error": f"timed out after {a.timeout:.0f} s"}
-            r["wall_s"] = round(time.perf_counter() - t, 1)
+            r = _run(me + ["--side", side, "--shape", shape, "--batch", str(a.batch), "--seq", str(a.seq),
+                           "--warmup", str(a.warmup), "--steps", str(a.steps)], a.timeout, env)
+            r.update(side=side, shape=shape, wall_s=round(time.perf_counter() - t, 1))
             results.append(r)
-            print(json.dumps({k: v for k, v in r.items() if k != "error"} | ({"error": r["error"][-300:]} if "error" in r else {})),
-                  flush=True)
-            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    rows = ["| shape | side | batch x seq | step (s, median) | tokens/s | vs HF | peak GPU memory (MB) | note |",
-            "|---|---|---|---:|---:|---:|---:|---|"]
-    for shape in a.shapes.split(","):
-        hf = next((r for r in results if r["shape"] == shape and r["side"] == "hf" and "error" not in r), None)
-        for r in (x for x in results if x["shape"] == shape):
+            shown = {k: v for k, v in r.items() if k != "error"}
             if "error" in r:
-                rows.append(f"| {shape} | {r['side']} | {a.batch} x {a.seq} | - | - | - | - | failed: "
-                            f"{r['error'].strip().splitlines()[-1][:120] if r['error'].strip() else '?'} |")
-                continue
-            ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
-            rows.append(f"| {shape} | {r['side']} | {r['batch']} x {r['seq']} | {r['step_s_median']:.3f} | "
-                        f"{r['tokens_per_s']:.0f} | {ratio} | {r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '-'} | |")
-    (out / "results.md").write_text("\n".join(rows) + "\n")
-    print("\n".join(rows))
+                shown["error"] = r["error"][-600:]
+            print(json.dumps(shown), flush=True)
+            (out / "results.json").write_text(json.dumps({"probe": info, "results": results}, indent=2) + "\n")
+    peak = info.get("matmul_tflops")
+    cmd = "python bench/gpu_qlora_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    md = [
+        "# QLoRA training step on a GPU, qlorakit and the Hugging Face stack side by side", "",
+        f"Command: `{cmd}` (via `bench/gpu_run.sh`), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+        f"Device: {info.get('device', '?')}; Python {info.get('python', '?')}, torch {info.get('torch', '?')} "
+        f"(CUDA {info.get('cuda', '?')}), transformers {info.get('transformers', '?')}, peft {info.get('peft', '?')}, "
+        f"bitsandbytes {info.get('bitsandbytes', '?')}. Measured bf16 matmul rate "
+        f"({info.get('matmul_size', '?')}^3, best of 20): {peak if peak else '?'} TFLOP/s.", "",
+        "Random-initialised Llama models of the SmolLM2-1.7B and Llama-3-8B shapes, NF4 double-quantized base "
+        "(bf16 compute), LoRA r=16 alpha 32 dropout 0 on every linear layer, one batch of random tokens, "
+        f"{a.warmup} warmup steps then {a.steps} timed steps (forward, backward, clipping, AdamW), each side "
+        "in its own process. MFU counts 4 x matmul parameters per token (LoRA and attention-score FLOPs left "
+        "out). The first loss is the base model's (LoRA B starts at zero), so it must agree across sides; "
+        "the qlorakit sides also share their LoRA initialisation (peft draws its own), so their first "
+        "gradient norms must agree too.", "",
+        table(results, shapes, peak), ""]
+    (out / "gpu.md").write_text("\n".join(md))
+    print("\n".join(md))
     return 0
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from qlorakit.config import LoraConfig
 from qlorakit.lora import adapters_disabled, attach_lora, lora_parameters
 from qlorakit.quant import is_linear4bit, quantize_decoder_linears
-from qlorakit.train.attention import segment_attention, segments_from_positions
+from qlorakit.train.attention import _fused_segments, segment_attention, segments_from_positions
 from qlorakit.train.fast import FastModel, FastOptions, FastUnsupported, fast_supported, fused_head_loss
 from qlorakit.train.loss import plain_loss
 
@@ -28,14 +28,14 @@ PAD = 2
 VOCAB = 300
 
 
-def _tiny(dropout: float = 0.0, seed: int = 0, kv_heads: int = 2):
+def _tiny(dropout: float = 0.0, seed: int = 0, kv_heads: int = 2, device: str = "cpu"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=256,
                       tie_word_embeddings=True, pad_token_id=PAD)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg).to(device)
     quantize_decoder_linears(model, compute_dtype=torch.bfloat16)
     model.config.use_cache = False
     attach_lora(model, LoraConfig(r=8, alpha=16, dropout=dropout))
@@ -65,7 +65,7 @@ def _grads(model, fn, batch, *, autocast: bool = True, seed: int = 7) -> tuple[f
     for p in params:
         p.grad = None
     torch.manual_seed(seed)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(params[0].device.type, dtype=torch.bfloat16, enabled=autocast):
         s, n = fn(model, batch)
     (s / n).backward()
     return float(s.detach()), n, [p.grad.detach().clone() for p in params]
@@ -112,6 +112,21 @@ def test_fast_path_matches_plain_path_losses_and_gradients(kv_heads):
     # without padding-tail removal the answer is the same
     fast_all = _grads(model, FastModel(model, FastOptions(compile=False), pad_token_id=None), batch)
     _assert_close(fast_all, plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_fast_path_matches_plain_path_on_cuda(kv_heads):
+    """The fast path run on a GPU (bitsandbytes' CUDA dequantization, fused per-segment attention)
+    against the plain path there, with the same tolerances as on the CPU."""
+    model = _tiny(kv_heads=kv_heads, device="cuda")
+    assert all(m.weight.device.type == "cuda" for m in model.modules() if is_linear4bit(m))
+    batch = {k: v.cuda() for k, v in _batch(pad_tail=True).items()}
+    plain = _grads(model, plain_loss, batch)
+    for mode in ("cache", "per-use"):
+        fast = _grads(model, FastModel(model, FastOptions(weights=mode, compile=False), pad_token_id=PAD), batch)
+        _assert_close(fast, plain)
 
 
 def test_fast_path_with_dropout_draws_the_same_masks_as_the_plain_path():
@@ -212,7 +227,10 @@ def test_fused_head_loss_matches_cross_entropy():
     assert _rel(h.grad.float(), h2.grad.float()) <= 1e-2
 
 
-def test_segment_attention_matches_masked_sdpa():
+@pytest.mark.parametrize("impl", ["cpu", "fused"])
+def test_segment_attention_matches_masked_sdpa(impl):
+    """Both implementations: the CPU one, and the per-segment fused one other devices take (run here
+    on the CPU, the same code as on a GPU)."""
     torch.manual_seed(0)
     n_kv, groups, d = 2, 3, 16
     pos = torch.cat([torch.arange(7), torch.arange(12), torch.arange(5)])
@@ -222,7 +240,7 @@ def test_segment_attention_matches_masked_sdpa():
     q = torch.randn(n_kv, n, groups, d).to(torch.bfloat16).requires_grad_(True)
     k = torch.randn(n_kv, n, d).to(torch.bfloat16).requires_grad_(True)
     v = torch.randn(n_kv, n, d).to(torch.bfloat16).requires_grad_(True)
-    out = segment_attention(q, k, v, segs, d ** -0.5)
+    out = segment_attention(q, k, v, segs, d ** -0.5) if impl == "cpu" else _fused_segments(q, k, v, segs, d ** -0.5)
     go = torch.randn_like(out)
     out.backward(go)
     # reference: fp32 SDPA over the whole stream with a block-diagonal causal mask

@@ -1,4 +1,4 @@
-"""Causal attention over packed segments for the fast CPU path.
+"""Causal attention over packed segments for the fast path.
 
 Tokens of a batch are one flat stream; each packed example is a segment ``[start, end)`` that
 attends only to itself, causally. Working per segment does ``sum(L_i^2)`` instead of ``T^2``
@@ -166,5 +166,25 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment
     """Causal attention within each segment: q (Hkv, N, G, D), k/v (Hkv, N, D) bf16 -> (N, Hkv G D) bf16.
 
     ``workspace`` holds the backward's score-sized buffers across calls (one per model is enough).
+    On devices other than the CPU, each segment runs PyTorch's fused attention with its own backward.
     """
+    if q.device.type != "cpu":
+        return _fused_segments(q, k, v, segments, scale)
     return _SegmentAttention.apply(q, k, v, segments, scale, compiled, workspace)
+
+
+def _fused_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[tuple[int, int]],
+                    scale: float) -> torch.Tensor:
+    """:func:`segment_attention` through ``F.scaled_dot_product_attention`` per segment (flash
+    attention on a GPU), differentiated by autograd; same layouts."""
+    n_kv, _, groups, d = q.shape
+    hq = n_kv * groups
+    outs = []
+    for s, e in segments:
+        length = e - s
+        qs = q[:, s:e].permute(0, 2, 1, 3).reshape(1, hq, length, d)
+        ks = k[:, None, s:e].expand(n_kv, groups, length, d).reshape(1, hq, length, d)
+        vs = v[:, None, s:e].expand(n_kv, groups, length, d).reshape(1, hq, length, d)
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        outs.append(out[0].view(n_kv, groups, length, d).permute(2, 0, 1, 3).reshape(length, hq * d))
+    return torch.cat(outs)
