@@ -121,7 +121,7 @@ class TrainConfig:
         "auto", "Recompute activations in the backward pass; 'auto' turns it on only when memory requires it."
     )
     memory_budget_gb: float | None = _f(None, "Memory budget for 'auto' choices; default: 80% of available RAM.")
-    fast: bool = _f(True, "Use the fast CPU path (cached bf16 base weights, fused LoRA, chunked loss).")
+    fast: bool = _f(True, "Use the fast path on the CPU and on CUDA (cached bf16 base weights, fused LoRA, chunked loss).")
     log_every: int = _f(1, "Write a metrics line every N optimizer steps.")
     checkpoint_every: int = _f(50, "Write a resumable checkpoint every N optimizer steps; 0 turns it off.")
     keep_checkpoints: int = _f(2, "How many checkpoints to keep.")

@@ -277,3 +277,45 @@ def test_compiled_kernels_equal_eager_kernels():
     eager = _grads(model, FastModel(model, FastOptions(compile=False), pad_token_id=PAD), batch)
     comp = _grads(model, FastModel(model, FastOptions(compile=True), pad_token_id=PAD), batch)
     _assert_close(comp, eager)
+
+
+def _loaded(device: str, dtype=torch.bfloat16):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(device=torch.device(device), compute_dtype=dtype,
+                           tokenizer=SimpleNamespace(pad_token_id=PAD))
+
+
+def test_cuda_options_hold_the_bf16_copy_only_when_it_fits_half_the_free_memory():
+    from qlorakit.train.fast import cuda_fast_options
+
+    model = _tiny()
+    copy = 2 * sum(m.out_features * m.in_features for m in model.modules() if is_linear4bit(m))
+    assert cuda_fast_options(model, checkpointing=False, free_bytes=2 * copy).weights == "cache"
+    small = cuda_fast_options(model, checkpointing=True, free_bytes=2 * copy - 2)
+    assert small.weights == "per-use" and small.checkpointing and not small.compile
+
+
+def test_prepare_fast_falls_back_off_bf16_and_off_cpu_and_cuda():
+    from qlorakit.train.fast import prepare_fast
+    from qlorakit.train.loss import chunked_loss
+
+    model = _tiny()
+    assert prepare_fast(model, None, _loaded("cpu", torch.float32)) is chunked_loss
+    assert prepare_fast(model, None, _loaded("meta")) is chunked_loss
+    fm = prepare_fast(model, None, _loaded("cpu"), options=FastOptions(compile=False))
+    assert isinstance(fm, FastModel) and fm.pad_token_id == PAD
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prepare_fast_takes_the_fast_path_on_cuda():
+    """What `qlorakit train` runs on a GPU: the fast path, with the bf16 copy where it fits; its
+    loss and gradients are the plain path's there."""
+    from qlorakit.train.fast import prepare_fast
+
+    model = _tiny(device="cuda")
+    fm = prepare_fast(model, None, _loaded("cuda"))
+    assert isinstance(fm, FastModel) and fm.options.weights == "cache" and not fm.options.compile
+    batch = {k: v.cuda() for k, v in _batch(pad_tail=True).items()}
+    _assert_close(_grads(model, fm, batch), _grads(model, plain_loss, batch))

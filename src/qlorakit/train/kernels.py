@@ -1,4 +1,4 @@
-"""Elementwise kernels of the fast CPU path: RMSNorm, rotary embedding, SiLU-gate, attention and
+"""Elementwise kernels of the fast path: RMSNorm, rotary embedding, SiLU-gate, attention and
 cross-entropy pieces, each written once as a plain tensor function.
 
 Eager PyTorch runs a chain of elementwise ops as one pass over memory per op, and bf16 elementwise

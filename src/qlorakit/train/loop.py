@@ -236,7 +236,7 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
     fingerprint = data_fingerprint(data.train_rows)
     metrics_path = run_dir / "metrics.jsonl"
     loss_fn = loss_fn_for(recipe)
-    if t.fast:  # the fast CPU path (train/fast.py); it falls back to loss_fn_for's choice where unsupported
+    if t.fast:  # the fast path (train/fast.py, CPU and CUDA); it falls back to loss_fn_for's choice where unsupported
         from .fast import prepare_fast
 
         loss_fn = prepare_fast(model, recipe, loaded, checkpointing=use_gc)
