@@ -100,22 +100,25 @@ def packed_text_batches(tokenizer: Any, seq_len: int, batch: int, n_batches: int
     return out
 
 
-def matmul_tflops(size: int = 2048, seconds: float = 3.0, clock: str = "wall") -> float:
-    """The machine's bf16 matmul rate (size^3, best of repeated runs) in TFLOP/s.
+def matmul_tflops(size: int = 2048, seconds: float = 3.0, clock: str = "wall", device: str = "cpu") -> float:
+    """The machine's bf16 matmul rate (size^3, best of repeated runs) in TFLOP/s, on ``device``.
 
     ``clock="cpu"`` divides by the process's CPU time instead of wall time: the rate per busy core,
     which a machine shared with other jobs distorts far less than wall time.
     """
     timer = time.process_time if clock == "cpu" else time.perf_counter
-    a = torch.randn(size, size).to(torch.bfloat16)
-    b = torch.randn(size, size).to(torch.bfloat16)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    a = torch.randn(size, size, device=device).to(torch.bfloat16)
+    b = torch.randn(size, size, device=device).to(torch.bfloat16)
     for _ in range(3):
         a @ b
+    sync()
     best = float("inf")
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         t = timer()
         a @ b
+        sync()
         best = min(best, timer() - t)
     return 2 * size ** 3 / best / 1e12
 

@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(HERE))
+
+from common import matmul_tflops, model_flops_per_token, peak_rss_mb, run_worker  # noqa: E402
 
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -172,8 +175,6 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
     times = [step() for _ in range(a.steps)]
     tokens = a.batch * a.seq
     best = min(times)
-    import resource
-
     return {"side": a.side, "shape": a.shape, "batch": a.batch, "seq": a.seq, "build_s": round(build_s, 1),
             "warmup_s": [round(t, 3) for t in warm], "step_s": [round(t, 4) for t in times],
             "step_s_median": sorted(times)[len(times) // 2], "tokens_per_s": tokens / (sum(times) / len(times)),
@@ -182,11 +183,11 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
             "grad_norm_first": round(grad_norms[0], 5),
             "trainable": sum(p.numel() for p in params),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def probe(device: str) -> dict[str, Any]:
-    """Versions, the device, and its bf16 matmul rate (TFLOP/s, best of repeated products)."""
+    """Versions, the device, and its bf16 matmul rate (TFLOP/s)."""
     import platform
 
     import bitsandbytes
@@ -196,44 +197,21 @@ def probe(device: str) -> dict[str, Any]:
 
     cuda = device.startswith("cuda")
     size = 8192 if cuda else 2048
-    a = torch.randn(size, size, device=device).to(torch.bfloat16)
-    b = torch.randn(size, size, device=device).to(torch.bfloat16)
-    best = float("inf")
-    for i in range(23):
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= 3:  # warmup
-            best = min(best, time.perf_counter() - t)
     name = torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine())
     return {"device": name, "python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "transformers": transformers.__version__, "peft": peft.__version__,
             "bitsandbytes": bitsandbytes.__version__, "matmul_size": size,
-            "matmul_tflops": round(2 * size ** 3 / best / 1e12, 1)}
+            "matmul_tflops": round(matmul_tflops(size, seconds=2.0, device=device), 1)}
 
 
-def matmul_params(shape: str) -> int:
-    """Parameters that take part in a matmul per token: every linear of the decoder and the head."""
-    c = SHAPES[shape]
-    h, inter, layers, heads = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"]
-    kv, d = c["num_key_value_heads"], h // heads
-    per_layer = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * inter
-    return layers * per_layer + h * c["vocab_size"]
-
-
-def _run(args: list[str], timeout: float, env: dict[str, str]) -> dict[str, Any]:
-    """One worker process; its RESULT line, or the error it ended with."""
+def _run(args: list[str], timeout: float) -> dict[str, Any]:
+    """One worker process's result, or the error it ended with (the run goes on with the next)."""
     try:
-        p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
+        return run_worker(Path(__file__).resolve(), args, timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
-    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-    if p.returncode == 0 and line:
-        return json.loads(line[-1][7:])
-    return {"error": (p.stderr or p.stdout)[-1500:] or f"exit {p.returncode}, no output"}
+    except RuntimeError as e:
+        return {"error": str(e)[-1500:]}
 
 
 def table(results: list[dict[str, Any]], shapes: list[str], peak_tflops: float | None) -> str:
@@ -242,7 +220,7 @@ def table(results: list[dict[str, Any]], shapes: list[str], peak_tflops: float |
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for shape in shapes:
         hf = next((r for r in results if r["shape"] == shape and r["side"] == "hf" and "error" not in r), None)
-        flops_tok = 4.0 * matmul_params(shape)
+        flops_tok = model_flops_per_token(SimpleNamespace(**SHAPES[shape]))
         for r in (x for x in results if x["shape"] == shape):
             if "error" in r:
                 last = r["error"].strip().splitlines()[-1][:160] if r["error"].strip() else "?"
@@ -281,9 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    me = [sys.executable, str(Path(__file__).resolve()), "--out", a.out, "--device", a.device]
-    info = _run(me + ["--probe"], a.timeout, env)
+    me = ["--out", a.out, "--device", a.device]
+    info = _run(me + ["--probe"], a.timeout)
     print("PROBE " + json.dumps(info), flush=True)
     shapes = a.shapes.split(",")
     results: list[dict[str, Any]] = []
@@ -291,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         for side in a.sides.split(","):
             t = time.perf_counter()
             r = _run(me + ["--side", side, "--shape", shape, "--batch", str(a.batch), "--seq", str(a.seq),
-                           "--warmup", str(a.warmup), "--steps", str(a.steps)], a.timeout, env)
+                           "--warmup", str(a.warmup), "--steps", str(a.steps)], a.timeout)
             r.update(side=side, shape=shape, wall_s=round(time.perf_counter() - t, 1))
             results.append(r)
             shown = {k: v for k, v in r.items() if k != "error"}

@@ -69,6 +69,17 @@ def _padded_rows(shape: tuple[int, ...], pad: int, dtype: torch.dtype, device: t
     return out
 
 
+def _segment_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: int,
+                   e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Segment ``[s, e)`` as (1, heads, length, D) q, k, v, query head j G + g, k/v repeated per group."""
+    n_kv, _, groups, d = q.shape
+    hq, length = n_kv * groups, e - s
+    qs = q[:, s:e].permute(0, 2, 1, 3).reshape(1, hq, length, d)
+    ks = k[:, None, s:e].expand(n_kv, groups, length, d).reshape(1, hq, length, d)
+    vs = v[:, None, s:e].expand(n_kv, groups, length, d).reshape(1, hq, length, d)
+    return qs, ks, vs
+
+
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[tuple[int, int]],
@@ -80,9 +91,7 @@ class _SegmentAttention(torch.autograd.Function):
         lse = torch.empty(n_kv, n, groups, dtype=torch.float32, device=q.device)  # of scores * scale
         for s, e in segments:
             length = e - s
-            qs = q[:, s:e].permute(0, 2, 1, 3).reshape(1, hq, length, d)
-            ks = k[:, None, s:e].expand(n_kv, groups, length, d).reshape(1, hq, length, d)
-            vs = v[:, None, s:e].expand(n_kv, groups, length, d).reshape(1, hq, length, d)
+            qs, ks, vs = _segment_heads(q, k, v, s, e)
             out, lse_s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, True, scale=scale)[:2]
             o[s:e] = out[0].view(n_kv, groups, length, d).permute(2, 0, 1, 3)  # -> (L, Hkv, G, D)
             lse[:, s:e] = lse_s[0].view(n_kv, groups, length).transpose(1, 2)
@@ -182,9 +191,7 @@ def _fused_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments:
     outs = []
     for s, e in segments:
         length = e - s
-        qs = q[:, s:e].permute(0, 2, 1, 3).reshape(1, hq, length, d)
-        ks = k[:, None, s:e].expand(n_kv, groups, length, d).reshape(1, hq, length, d)
-        vs = v[:, None, s:e].expand(n_kv, groups, length, d).reshape(1, hq, length, d)
+        qs, ks, vs = _segment_heads(q, k, v, s, e)
         out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
         outs.append(out[0].view(n_kv, groups, length, d).permute(2, 0, 1, 3).reshape(length, hq * d))
     return torch.cat(outs)

@@ -386,9 +386,9 @@ def cuda_fast_options(model: nn.Module, *, checkpointing: bool, free_bytes: int 
     and 1.12x (8B) the HF stack's tokens/s, per use 0.66x and 1.05x. The elementwise kernels stay
     eager: inductor's GPU kernels have not been measured here.
     """
-    from ..quant import is_linear4bit
+    from .memory import ModelShape
 
-    copy = 2 * sum(m.out_features * m.in_features for m in model.modules() if is_linear4bit(m))
+    copy = 2 * ModelShape.from_config(model.config).linear_params  # as the memory estimate counts it
     if free_bytes is None:
         device = next(p.device for p in model.parameters())
         free_bytes = torch.cuda.mem_get_info(device)[0]
