@@ -129,6 +129,20 @@ def test_fast_path_matches_plain_path_on_cuda(kv_heads):
         _assert_close(fast, plain)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fast_path_with_dropout_matches_plain_path_on_cuda():
+    """On a GPU both paths take the generator mask (the device's generator seeded with each key):
+    the same masks, so the same losses and gradients within the CPU test's tolerances."""
+    model = _tiny(dropout=0.1, device="cuda")
+    batch = {k: v.cuda() for k, v in _batch(pad_tail=False).items()}
+    plain = _grads(model, plain_loss, batch, seed=11)
+    fast = _grads(model, FastModel(model, FastOptions(compile=False), pad_token_id=PAD), batch, seed=11)
+    _assert_close(fast, plain)
+    other = _grads(model, FastModel(model, FastOptions(compile=False), pad_token_id=PAD), batch, seed=12)
+    assert other[0] != fast[0]
+
+
 def test_fast_path_with_dropout_draws_the_same_masks_as_the_plain_path():
     model = _tiny(dropout=0.1)
     batch = _batch(pad_tail=False)  # the same token count, so the same random draws
@@ -137,6 +151,22 @@ def test_fast_path_with_dropout_draws_the_same_masks_as_the_plain_path():
     _assert_close(fast, plain)
     other = _grads(model, FastModel(model, FastOptions(compile=False), pad_token_id=PAD), batch, seed=12)
     assert other[0] != fast[0]  # dropout is really on: another seed, another loss
+
+
+def test_fast_and_plain_paths_share_masks_with_the_generator_mask(monkeypatch):
+    """Off the CPU both paths take the generator mask; with it forced here, the fast path's losses
+    and gradients under dropout still match the plain path's, mask for mask."""
+    import qlorakit.lora.dropout as D
+
+    monkeypatch.setattr(D, "_use_hash", lambda x: False)
+    model = _tiny(dropout=0.1)
+    batch = _batch(pad_tail=False)
+    plain = _grads(model, plain_loss, batch, seed=11)
+    fast = _grads(model, FastModel(model, FastOptions(compile=False), pad_token_id=PAD), batch, seed=11)
+    _assert_close(fast, plain)
+    monkeypatch.setattr(D, "_use_hash", lambda x: True)
+    hashed = _grads(model, FastModel(model, FastOptions(compile=False), pad_token_id=PAD), batch, seed=11)
+    assert hashed[0] != fast[0]  # the two mask generators really differ
 
 
 def test_fast_path_is_deterministic_and_checkpointing_gives_the_same_gradients():
@@ -272,7 +302,7 @@ def test_compiled_kernels_equal_eager_kernels():
 
     if not K.compile_available():
         pytest.skip("no C++ compiler for inductor")
-    model = _tiny()
+    model = _tiny(dropout=0.1)  # the dropout kernel too: the same keys give the same masks
     batch = _batch()
     eager = _grads(model, FastModel(model, FastOptions(compile=False), pad_token_id=PAD), batch)
     comp = _grads(model, FastModel(model, FastOptions(compile=True), pad_token_id=PAD), batch)

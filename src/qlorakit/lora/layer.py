@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import LoraConfig
+from .dropout import HashDropout
 
 __all__ = [
     "LoraLinear",
@@ -62,7 +63,7 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = HashDropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

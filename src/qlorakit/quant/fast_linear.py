@@ -15,7 +15,8 @@ and autocast rounds that to bf16, which is what both modes hold.
 :class:`LoraGroup` computes ``y_i = x W_i^T + s_i dropout_i(x) A_i^T B_i^T`` for every member ``i``
 of a group in one base matmul and one low-rank matmul pair, with a hand-written backward that
 computes no gradient for the frozen weights and saves only the input and the (N, r) LoRA
-activations.
+activations. Dropout uses the hash masks of :mod:`qlorakit.lora.dropout`: each member's mask is
+regenerated from its key in the backward, not kept.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..lora.dropout import draw_key, dropped, dropped_backward_
 from .nf4 import dequantize, is_linear4bit
 
 __all__ = ["FrozenWeight", "LoraMember", "LoraGroup", "lora_group_matmul", "WeightMode", "cache_bf16_weights",
@@ -105,6 +107,7 @@ class LoraMember:
 class LoraGroup:
     weight: FrozenWeight
     members: list[LoraMember]
+    compiled: bool = False  # fuse the dropout with inductor (CPU)
     offsets: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -145,7 +148,7 @@ class GroupSaved:
     xa: torch.Tensor | None  # (N, R) LoRA activations of the adapted members, side by side
     idx: list[int]  # the adapted members
     drop: list[float]  # their dropout rates in this forward
-    masks: list[torch.Tensor | None] | None  # their dropout keep-masks (bool), None without dropout
+    keys: list[torch.Tensor | None] | None  # their dropout keys (the masks are regenerated), None without dropout
     ranks: list[int]
 
 
@@ -167,22 +170,21 @@ def group_forward(x: torch.Tensor, group: LoraGroup, training: bool,
         xa = x @ a_cat.t()  # (N, R): one matmul for every member
         y.addmm_(xa, b_full.t())
         return y, GroupSaved(x, xa, idx, drop, None, ranks)
-    # dropout: each member sees its own mask, drawn as nn.Dropout draws it for an fp32 input
-    masks: list[torch.Tensor | None] = []
+    # dropout: each member draws its own key, in member order, as the plain path's adapters do
+    keys: list[torch.Tensor | None] = []
     parts, col = [], 0
     for j, p in enumerate(drop):
         a_j = a_cat[col:col + ranks[j]]
         col += ranks[j]
         if p > 0:
-            keep = torch.empty(x.shape, dtype=torch.float32, device=x.device).bernoulli_(1.0 - p)
-            parts.append((x.float() * keep.div_(1.0 - p)).to(BF16) @ a_j.t())
-            masks.append(keep.ne(0))
+            keys.append(draw_key(p))
+            parts.append(dropped(x, keys[-1], group.compiled) @ a_j.t())
         else:
+            keys.append(None)
             parts.append(x @ a_j.t())
-            masks.append(None)
     xa = torch.cat(parts, dim=1)
     y.addmm_(xa, b_full.t())
-    return y, GroupSaved(x, xa, idx, drop, masks, ranks)
+    return y, GroupSaved(x, xa, idx, drop, keys, ranks)
 
 
 def group_backward(group: LoraGroup, sv: GroupSaved, dy: torch.Tensor | Sequence[torch.Tensor],
@@ -221,17 +223,19 @@ def group_backward(group: LoraGroup, sv: GroupSaved, dy: torch.Tensor | Sequence
     for j, i in enumerate(sv.idx):
         m, r = group.members[i], ranks[j]
         gj = g[:, col:col + r]
-        mask = None if sv.masks is None else sv.masks[j]
-        p = sv.drop[j]
-        xd = x if mask is None else (x.float() * mask / (1.0 - p)).to(BF16)
+        key = None if sv.keys is None else sv.keys[j]
+        if key is None:
+            xd = x
+            if dx is not None and sv.keys is not None:
+                dx.addmm_(gj, a_cat[col:col + r])
+        elif dx is not None:  # the forward's mask, regenerated once for the input and for dx
+            xd = dropped_backward_(x, gj @ a_cat[col:col + r], dx, key, group.compiled)
+        else:
+            xd = dropped(x, key, group.compiled)
         grads.append((gj.t() @ xd).float())
         grads.append((parts[i].t() @ xa[:, col:col + r]).float() * m.scaling)
-        if dx is not None and mask is not None:
-            dx += ((gj @ a_cat[col:col + r]).float() * mask / (1.0 - p)).to(BF16)
-        elif dx is not None and sv.masks is not None:
-            dx.addmm_(gj, a_cat[col:col + r])
         col += r
-    if dx is not None and sv.masks is None:
+    if dx is not None and sv.keys is None:
         dx.addmm_(g, a_cat)
     return dx, grads
 

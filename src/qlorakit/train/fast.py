@@ -12,6 +12,9 @@ Same maths as the plain path (a test compares losses and gradients), computed di
   backward, cross-entropy), compiled with inductor when a C++ compiler is there.
 - **The output head and cross-entropy in chunks**, only at positions with a label, with the
   gradient computed in the same pass, so the (tokens, vocab) logits never exist at once.
+- **LoRA dropout in one fused pass per adapted linear**, its mask a hash of the element's position
+  and a key (:mod:`qlorakit.lora.dropout`), regenerated in the backward instead of kept; the plain
+  path's adapters draw the same keys, so both paths drop the same elements.
 - **Activation recomputation only when asked** (the planner turns it on when memory requires it).
 
 On CUDA (:func:`cuda_fast_options`), attention is PyTorch's fused kernel per packed example and
@@ -211,9 +214,10 @@ def _member(mod: nn.Module) -> tuple[nn.Module, LoraMember]:
     return mod, LoraMember(mod.out_features)
 
 
-def _group(mods: list[nn.Module], mode: WeightMode, buffers: dict[tuple[int, int], torch.Tensor]) -> LoraGroup:
+def _group(mods: list[nn.Module], mode: WeightMode, buffers: dict[tuple[int, int], torch.Tensor],
+           compiled: bool) -> LoraGroup:
     bases, members = zip(*(_member(m) for m in mods))
-    return LoraGroup(FrozenWeight(list(bases), mode, buffers), list(members))
+    return LoraGroup(FrozenWeight(list(bases), mode, buffers), list(members), compiled)
 
 
 @dataclass
@@ -243,7 +247,7 @@ class FastModel:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q
         self.scale = self.head_dim ** -0.5
         inner = model.model
-        mode = self.options.weights
+        mode, c = self.options.weights, self.options.compile
         # per-use stacked weights are written into one reused buffer per shape (see FrozenWeight)
         self._weight_buffers: dict[tuple[int, int], torch.Tensor] = {}
         self.layers: list[_Layer] = []
@@ -253,10 +257,10 @@ class FastModel:
                 in_w=layer.input_layernorm.weight.detach().float(),
                 post_w=layer.post_attention_layernorm.weight.detach().float(),
                 eps=float(getattr(layer.input_layernorm, "variance_epsilon", getattr(layer.input_layernorm, "eps", 1e-6))),
-                qkv=_group([at.q_proj, at.k_proj, at.v_proj], mode, self._weight_buffers),
-                o=_group([at.o_proj], mode, self._weight_buffers),
-                gu=_group([mlp.gate_proj, mlp.up_proj], mode, self._weight_buffers),
-                down=_group([mlp.down_proj], mode, self._weight_buffers),
+                qkv=_group([at.q_proj, at.k_proj, at.v_proj], mode, self._weight_buffers, c),
+                o=_group([at.o_proj], mode, self._weight_buffers, c),
+                gu=_group([mlp.gate_proj, mlp.up_proj], mode, self._weight_buffers, c),
+                down=_group([mlp.down_proj], mode, self._weight_buffers, c),
             ))
         self.norm_w = inner.norm.weight.detach().float()
         self.norm_eps = float(getattr(inner.norm, "variance_epsilon", getattr(inner.norm, "eps", 1e-6)))

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..lora.dropout import dropout_apply, dropout_backward_
+
 __all__ = [
     "kernel",
     "compile_available",
@@ -38,6 +40,8 @@ __all__ = [
     "ce_fwd_bwd",
     "ce_fwd_bwd_",
     "ce_fwd",
+    "dropout_apply",
+    "dropout_backward_",
 ]
 
 log = logging.getLogger(__name__)
@@ -231,6 +235,8 @@ _EAGER: dict[str, Callable[..., Any]] = {
     "ce_fwd_bwd": ce_fwd_bwd,
     "ce_fwd_bwd_": ce_fwd_bwd_,
     "ce_fwd": ce_fwd,
+    "dropout_apply": dropout_apply,
+    "dropout_backward_": dropout_backward_,
 }
 # eager forms where the fused-loop form is slow when run op by op
 _EAGER_ONLY: dict[str, Callable[..., Any]] = {

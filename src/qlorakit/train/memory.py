@@ -185,8 +185,10 @@ class MemoryEstimate:
         return max(self.train_peak, self.load_peak)
 
 
-def _fast_saved_per_token_layer(s: ModelShape, r: int, dropout: float) -> float:
-    """Bytes the fast path's autograd functions keep per token and layer (no recomputation)."""
+def _fast_saved_per_token_layer(s: ModelShape, r: int) -> float:
+    """Bytes the fast path's autograd functions keep per token and layer (no recomputation).
+
+    Dropout adds nothing: its masks are regenerated from their keys in the backward."""
     h, i = s.hidden, s.inter
     saved = 0.0
     saved += 4 * h + 4  # RMSNorm 1: the fp32 residual and 1/rms
@@ -198,8 +200,6 @@ def _fast_saved_per_token_layer(s: ModelShape, r: int, dropout: float) -> float:
     saved += 2 * h + 2 * 2 * r  # gate/up group input and LoRA activations
     saved += 2 * 2 * i  # [gate | up] kept by the SiLU gate
     saved += 2 * i + 2 * r  # down group input and LoRA activations
-    if dropout > 0:  # one bool mask per adapted linear's input
-        saved += 3 * h + s.q_out + 2 * h + i
     return saved
 
 
@@ -216,7 +216,10 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
     model: +418 MB of file pages after loading its 513 MB of files); the estimate counts the files as
     resident then, the larger of the two counts. From files of another dtype every tensor is
     converted and the mapping is released once the model is loaded (measured on the SmolLM2 360M and
-    1.7B shapes and in a test)."""
+    1.7B shapes and in a test).
+
+    ``dropout`` changes nothing: the LoRA dropout keeps no mask (it is regenerated from a key in the
+    backward, :mod:`qlorakit.lora.dropout`)."""
     s = shape
     tokens = micro_batch * seq_len
     est = MemoryEstimate()
@@ -232,9 +235,9 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
             p["bf16 copy of the base weights"] = s.linear_params * 2
         p["bf16 copy of the output head"] = s.vocab * s.hidden * 2
         if checkpointing:
-            kept = s.layers * tokens * 4 * s.hidden + tokens * _fast_saved_per_token_layer(s, r, dropout)
+            kept = s.layers * tokens * 4 * s.hidden + tokens * _fast_saved_per_token_layer(s, r)
         else:
-            kept = s.layers * tokens * _fast_saved_per_token_layer(s, r, dropout)
+            kept = s.layers * tokens * _fast_saved_per_token_layer(s, r)
         p["activations kept for the backward"] = kept
         # one layer's backward at a time: gradients of its activations, attention scores of the
         # longest segment, a per-use dequantized weight group
