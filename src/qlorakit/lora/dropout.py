@@ -33,8 +33,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["HashDropout", "draw_key", "keep_mask", "generator_keep_mask", "hash_dropout", "dropout_apply", "dropout_backward_", "dropped",
-           "dropped_backward_", "threshold", "KEEP_BITS"]
+__all__ = ["HashDropout", "draw_key", "keep_mask", "generator_keep_mask", "hash_dropout", "dropout_apply",
+           "dropout_backward_", "dropped", "dropped_backward_", "threshold", "KEEP_BITS"]
 
 KEEP_BITS = 24  # the hash bits compared with p: a drop rate within 2^-24 of the one asked for
 _M1 = 0x7FEB352D
@@ -74,21 +74,27 @@ def _scale(key: torch.Tensor) -> torch.Tensor:
     return 1.0 / (1.0 - key[2].float() * (1.0 / (1 << KEEP_BITS)))
 
 
+def _masked(x: torch.Tensor, keep: torch.Tensor, s: torch.Tensor | float) -> torch.Tensor:
+    return torch.where(keep, x.float() * s, 0.0).to(x.dtype)
+
+
+def _backward_into(x: torch.Tensor, t: torch.Tensor, dx: torch.Tensor, keep: torch.Tensor,
+                   s: torch.Tensor | float) -> torch.Tensor:
+    dx.copy_((dx.float() + torch.where(keep, t.float() * s, 0.0)).to(dx.dtype))
+    return _masked(x, keep, s)
+
+
 def dropout_apply(x: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """x (rows, cols) -> its elements kept by :func:`keep_mask` times 1 / P(keep), computed in fp32
     and returned in x's dtype. The backward of the dropout is the same function of the gradient."""
-    keep = keep_mask(x.shape[0], x.shape[1], key)
-    return torch.where(keep, x.float() * _scale(key), 0.0).to(x.dtype)
+    return _masked(x, keep_mask(x.shape[0], x.shape[1], key), _scale(key))
 
 
 def dropout_backward_(x: torch.Tensor, t: torch.Tensor, dx: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """One pass of a LoRA dropout's backward, x, t, dx (rows, cols): returns the dropped input
     ``dropout_apply(x)`` (for A's gradient) and adds ``dropout_apply(t)`` (t = d xa @ A, the
     gradient through the dropout) to ``dx`` in place, computing the mask once for both."""
-    keep = keep_mask(x.shape[0], x.shape[1], key)
-    s = _scale(key)
-    dx.copy_((dx.float() + torch.where(keep, t.float() * s, 0.0)).to(dx.dtype))
-    return torch.where(keep, x.float() * s, 0.0).to(x.dtype)
+    return _backward_into(x, t, dx, keep_mask(x.shape[0], x.shape[1], key), _scale(key))
 
 
 def draw_key(p: float) -> torch.Tensor:
@@ -132,7 +138,7 @@ def dropped(x: torch.Tensor, key: torch.Tensor, compiled: bool) -> torch.Tensor:
     with _plain_mode(x):
         if not _use_hash(x):
             keep = generator_keep_mask(flat.shape[0], flat.shape[1], key, x.device)
-            return torch.where(keep, flat.float() * float(_scale(key)), 0.0).to(x.dtype).view(x.shape)
+            return _masked(flat, keep, float(_scale(key))).view(x.shape)
         return kernel("dropout_apply", compiled)(flat, key).view(x.shape)
 
 
@@ -144,9 +150,7 @@ def dropped_backward_(x: torch.Tensor, t: torch.Tensor, dx: torch.Tensor, key: t
     with _plain_mode(x):
         if not _use_hash(x):
             keep = generator_keep_mask(x.shape[0], x.shape[1], key, x.device)
-            s = float(_scale(key))
-            dx.copy_((dx.float() + torch.where(keep, t.float() * s, 0.0)).to(dx.dtype))
-            return torch.where(keep, x.float() * s, 0.0).to(x.dtype)
+            return _backward_into(x, t, dx, keep, float(_scale(key)))
         return kernel("dropout_backward_", compiled)(x.detach(), t.detach(), dx, key)
 
 
