@@ -257,15 +257,19 @@ def test_fused_head_loss_matches_cross_entropy():
     assert _rel(h.grad.float(), h2.grad.float()) <= 1e-2
 
 
-@pytest.mark.parametrize("impl", ["cpu", "fused"])
-def test_segment_attention_matches_masked_sdpa(impl):
+@pytest.mark.parametrize("impl,lengths", [
+    ("cpu", (7, 12, 5)),
+    ("fused", (7, 12, 5)),
+    ("cpu", (7, 300, 40)),  # a long segment, padded to 320 tokens in the backward
+])
+def test_segment_attention_matches_masked_sdpa(impl, lengths):
     """Both implementations: the CPU one, and the per-segment fused one other devices take (run here
     on the CPU, the same code as on a GPU)."""
     torch.manual_seed(0)
     n_kv, groups, d = 2, 3, 16
-    pos = torch.cat([torch.arange(7), torch.arange(12), torch.arange(5)])
+    pos = torch.cat([torch.arange(x) for x in lengths])
     segs = segments_from_positions(pos)
-    assert segs == [(0, 7), (7, 19), (19, 24)]
+    assert [e - s for s, e in segs] == list(lengths)
     n = pos.numel()
     q = torch.randn(n_kv, n, groups, d).to(torch.bfloat16).requires_grad_(True)
     k = torch.randn(n_kv, n, d).to(torch.bfloat16).requires_grad_(True)
