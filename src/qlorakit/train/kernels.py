@@ -1,5 +1,6 @@
 """Elementwise kernels of the fast path: RMSNorm, rotary embedding, SiLU-gate, attention and
-cross-entropy pieces, each written once as a plain tensor function.
+cross-entropy pieces, each written once as a plain tensor function, and the LoRA dropout's
+(:mod:`qlorakit.lora.dropout`, which both training paths call through :func:`kernel`).
 
 Eager PyTorch runs a chain of elementwise ops as one pass over memory per op, and bf16 elementwise
 ops are several times slower than fp32 ones on CPUs; these chains are short and fixed, so the fast

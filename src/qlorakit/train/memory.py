@@ -203,7 +203,7 @@ def _fast_saved_per_token_layer(s: ModelShape, r: int) -> float:
     return saved
 
 
-def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int, dropout: float = 0.0,
+def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int,
                     checkpointing: bool = False, weights: str = "cache", fast: bool = True,
                     loss_chunk: int = 2048, baseline: float = 0.0, file_bytes: float = 0.0,
                     compiled: bool = True, files_fp32: bool = True) -> MemoryEstimate:
@@ -218,8 +218,8 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
     converted and the mapping is released once the model is loaded (measured on the SmolLM2 360M and
     1.7B shapes and in a test).
 
-    ``dropout`` changes nothing: the LoRA dropout keeps no mask (it is regenerated from a key in the
-    backward, :mod:`qlorakit.lora.dropout`)."""
+    The LoRA dropout adds nothing: it keeps no mask (each is regenerated from a key in the backward,
+    :mod:`qlorakit.lora.dropout`)."""
     s = shape
     tokens = micro_batch * seq_len
     est = MemoryEstimate()

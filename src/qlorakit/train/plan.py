@@ -327,7 +327,7 @@ def choose_fast_options(recipe: Any, model: Any, *, checkpointing: bool) -> Any:
     tokens_step = t.micro_batch_size * recipe.data.max_seq_len * t.grad_accum
     steps = t.max_steps or 100
     est = estimate_memory(shape, micro_batch=t.micro_batch_size, seq_len=recipe.data.max_seq_len, r=recipe.lora.r,
-                          dropout=recipe.lora.dropout, checkpointing=checkpointing, weights="cache",
+                          checkpointing=checkpointing, weights="cache",
                           baseline=current_rss_bytes())
     budget = memory_budget_bytes(recipe)
     weights = "cache" if est.train_peak <= budget else "per-use"
@@ -367,9 +367,9 @@ def _baseline_bytes() -> float:
     return float(current_rss_bytes())
 
 
-def _memory(shape: ModelShape, s: Settings, r: int, dropout: float, baseline: float, file_bytes: float,
+def _memory(shape: ModelShape, s: Settings, r: int, baseline: float, file_bytes: float,
             files_fp32: bool) -> MemoryEstimate:
-    return estimate_memory(shape, micro_batch=s.micro_batch, seq_len=s.seq_len, r=r, dropout=dropout,
+    return estimate_memory(shape, micro_batch=s.micro_batch, seq_len=s.seq_len, r=r,
                            checkpointing=s.checkpointing, weights=s.weights, baseline=baseline,
                            file_bytes=file_bytes, compiled=s.compile, files_fp32=files_fp32)
 
@@ -429,7 +429,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
     chosen: Settings | None = None
     est: MemoryEstimate | None = None
     for s in _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_):
-        e = _memory(shape, s, r, dropout, base, file_bytes, files_fp32)
+        e = _memory(shape, s, r, base, file_bytes, files_fp32)
         tried.append(f"{s.describe()}: {e.peak / GB:.2f} GB")
         if e.peak <= budget_bytes:
             chosen, est = s, e
@@ -437,7 +437,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
     fits = chosen is not None
     if chosen is None:  # nothing fits: report the leanest
         chosen = _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_)[-1]
-        est = _memory(shape, chosen, r, dropout, base, file_bytes, files_fp32)
+        est = _memory(shape, chosen, r, base, file_bytes, files_fp32)
     plan = Plan(model=model_name, shape=asdict(shape), settings=chosen, budget_bytes=budget_bytes,
                 memory=dict(est.parts), peak_bytes=est.peak, load_peak_bytes=est.load_peak, fits=fits,
                 total_steps=total_steps, tried=tried)
