@@ -114,6 +114,47 @@ def test_fast_path_matches_plain_path_losses_and_gradients(kv_heads):
     _assert_close(fast_all, plain)
 
 
+def _tiny_arch(kind: str):
+    """A tiny model of each other architecture the fast path implements, with what sets it apart:
+    Qwen2's q/k/v biases and untied output head, Mistral without a sliding window, Llama 3's
+    scaled rotary embedding with a head width that is not hidden / heads."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=PAD)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
+        for layer in model.model.layers:  # biases start at zero: give them an effect
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.2)
+    elif kind == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None, tie_word_embeddings=False))
+    else:
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16}
+        model = LlamaForCausalLM(LlamaConfig(**common, head_dim=32, rope_scaling=rope, tie_word_embeddings=True))
+    quantize_decoder_linears(model, compute_dtype=torch.bfloat16)
+    model.config.use_cache = False
+    attach_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0))
+    for p in lora_parameters(model):
+        torch.nn.init.normal_(p, std=0.05)
+        p.requires_grad_(True)
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "llama3-rope"])
+def test_fast_path_matches_plain_path_on_other_architectures(kind):
+    model = _tiny_arch(kind)
+    assert fast_supported(model) is None
+    batch = _batch(pad_tail=True)
+    plain = _grads(model, plain_loss, batch)
+    fast = _grads(model, FastModel(model, FastOptions(compile=False), pad_token_id=PAD), batch)
+    _assert_close(fast, plain, _fp32_reference(model, batch))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kv_heads", [2, 4])
@@ -289,6 +330,46 @@ def test_segment_attention_matches_masked_sdpa(impl, lengths):
     assert _rel(out.float(), ref) <= 1e-2
     for a, b in ((q, qr), (k, kr), (v, vr)):
         assert _rel(a.grad.float(), b.grad) <= 2e-2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_segment_attention_gradients_hold_their_precision_with_biased_queries_and_keys(seed):
+    """Queries and keys sharing a large common part (k_proj / q_proj biases, as Qwen2 has): the
+    CPU backward's gradients against a float64 reference are as precise as bf16 SDPA's with
+    autograd; dq more precise (its matmul uses the keys less their segment mean)."""
+    torch.manual_seed(seed)
+    n_kv, groups, d = 1, 4, 16
+    pos = torch.cat([torch.arange(x) for x in (20, 18, 10)])
+    segs = segments_from_positions(pos)
+    n = pos.numel()
+    q0 = (torch.randn(n_kv, n, groups, d) + 3 * torch.randn(d)).to(torch.bfloat16)
+    k0 = (torch.randn(n_kv, n, d) + 3 * torch.randn(d)).to(torch.bfloat16)
+    v0 = torch.randn(n_kv, n, d).to(torch.bfloat16)
+    go = torch.randn(n, n_kv * groups * d).to(torch.bfloat16)
+
+    def sdpa(q, k, v):
+        outs = []
+        for s, e in segs:
+            length = e - s
+            q4 = q[:, s:e].permute(0, 2, 1, 3).reshape(1, n_kv * groups, length, d)
+            k4 = k[None, :, s:e].repeat_interleave(groups, dim=1)
+            v4 = v[None, :, s:e].repeat_interleave(groups, dim=1)
+            o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=d ** -0.5)
+            outs.append(o[0].view(n_kv, groups, length, d).permute(2, 0, 1, 3).reshape(length, -1))
+        return torch.cat(outs)
+
+    def grads(fn, dtype):
+        xs = [x.detach().to(dtype).clone().requires_grad_(True) for x in (q0, k0, v0)]
+        fn(*xs).backward(go.to(dtype))
+        return [x.grad.double() for x in xs]
+
+    ref = grads(sdpa, torch.float64)
+    bf16 = grads(sdpa, torch.bfloat16)
+    ours = grads(lambda q, k, v: segment_attention(q, k, v, segs, d ** -0.5), torch.bfloat16)
+    err = [_rel(a, r) for a, r in zip(ours, ref)]
+    err_sdpa = [_rel(a, r) for a, r in zip(bf16, ref)]
+    assert err[0] <= 0.75 * err_sdpa[0], (err, err_sdpa)
+    assert err[1] <= 1.5 * err_sdpa[1] and err[2] <= 1.5 * err_sdpa[2], (err, err_sdpa)
 
 
 def test_unsupported_models_are_named():

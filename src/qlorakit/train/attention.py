@@ -6,7 +6,10 @@ work per row and needs no mask tensor. The forward pass is PyTorch's flash-atten
 (fp32 accumulation); the backward recomputes the probabilities from the saved q, k and the
 forward's log-sum-exp in one bf16 matmul whose fp32 accumulator also subtracts the log-sum-exp
 (only the shifted score is rounded, see the backward), and uses batched bf16 matmuls for the
-rest, several times faster than the CPU flash kernel's own backward at these sizes. Grouped-query
+rest, several times faster than the CPU flash kernel's own backward at these sizes. Two more
+steps keep its gradients as precise as bf16 SDPA's with autograd where queries and keys share a
+large common part (k_proj / q_proj biases): dp - delta comes out of its matmul's accumulator the
+same way, and dq is taken against the keys less their segment mean (a test pins both). Grouped-query
 attention is handled by repeating k/v for the forward and by laying out q as (kv head, token,
 group) so that one batched matmul per kv head covers its whole group in the backward.
 """
@@ -80,6 +83,32 @@ def _segment_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: int,
     return qs, ks, vs
 
 
+def _with_shift(x: torch.Tensor, shift: torch.Tensor, pad: int) -> torch.Tensor:
+    """x (Hkv, N, ..., D) bf16 with ``pad`` zero rows more and three more columns holding -shift
+    (Hkv, N, ...) fp32 split exactly into three bf16 parts: against :func:`_with_ones`, a bf16
+    matmul then yields x.y - shift with the subtraction inside its fp32 accumulator."""
+    d = x.shape[-1]
+    out = _padded_rows((*x.shape[:-1], d + 3), pad, BF16, x.device)
+    n = x.shape[1]
+    out[:, :n, ..., :d] = x
+    hi = shift.to(BF16)
+    r = shift - hi.float()
+    mid = r.to(BF16)
+    out[:, :n, ..., d] = -hi
+    out[:, :n, ..., d + 1] = -mid
+    out[:, :n, ..., d + 2] = -(r - mid.float()).to(BF16)
+    return out
+
+
+def _with_ones(y: torch.Tensor, pad: int) -> torch.Tensor:
+    """y (Hkv, N, D) bf16 with ``pad`` zero rows more and three more columns of ones."""
+    n, d = y.shape[1], y.shape[-1]
+    out = _padded_rows((y.shape[0], n, d + 3), pad, BF16, y.device)
+    out[:, :n, :d] = y
+    out[:, :n, d:] = 1.0
+    return out
+
+
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[tuple[int, int]],
@@ -120,30 +149,31 @@ class _SegmentAttention(torch.autograd.Function):
         size = n_kv * longest * groups * longest
         do = do.to(BF16).contiguous()
         # delta = rowsum(do * o) per query token and head, laid out as q is: (Hkv, N, G)
-        delta = kernel("attn_delta", ctx.compiled)(do, o, n_kv * groups)
-        delta = F.pad(delta.view(n, n_kv, groups).permute(1, 0, 2), (0, 0, 0, pad))  # (Hkv, N + pad, G)
-        # (N, Hkv, G, D) -> (Hkv, N, G, D): a segment of a kv group is then one (L G, D) block
-        do4 = _padded_rows((n_kv, n, groups, d), pad, BF16, do.device)
-        do4[:, :n] = do.view(n, n_kv, groups, d).permute(1, 0, 2, 3)
+        delta = kernel("attn_delta", ctx.compiled)(do, o, n_kv * groups).view(n, n_kv, groups).permute(1, 0, 2)
         # Shifted scores x = q.k - lse / scale from one bf16 matmul: q gets three more columns holding
         # -lse / scale split exactly into three bf16 parts, k three columns of ones. The products and
         # their sum are fp32 inside the matmul, and only x is rounded to bf16: where a probability
         # matters x is near 0, so the rounding costs |log p| * 2^-9 relative in p (scores rounded
-        # before the shift would cost |s| * scale * 2^-9, several times more).
-        m = lse / scale
-        hi = m.to(BF16)
-        r = m - hi.float()
-        mid = r.to(BF16)
-        qa = _padded_rows((n_kv, n, groups, d + 3), pad, BF16, q.device)
-        qa[:, :n, :, :d] = q
-        qa[:, :n, :, d] = -hi
-        qa[:, :n, :, d + 1] = -mid
-        qa[:, :n, :, d + 2] = -(r - mid.float()).to(BF16)
-        ka = _padded_rows((n_kv, n, d + 3), pad, BF16, k.device)
-        ka[:, :n, :d] = k
-        ka[:, :n, d:] = 1.0
-        vb = _padded_rows((n_kv, n, d), pad, BF16, v.device)
-        vb[:, :n] = v
+        # before the shift would cost |s| * scale * 2^-9, several times more). The d-probabilities
+        # take delta off the same way (do and v get the columns), so dp - delta, which the softmax
+        # backward needs and which is small where dp and delta nearly cancel, is rounded once
+        # rather than computed from a rounded dp.
+        # do goes from (N, Hkv, G, D) to (Hkv, N, G, D), as q is: a segment of a kv group is then one
+        # (L G, D + 3) block
+        qa = _with_shift(q, lse / scale, pad)
+        ka = _with_ones(k, pad)
+        doa = _with_shift(do.view(n, n_kv, groups, d).permute(1, 0, 2, 3), delta, pad)
+        va = _with_ones(v, pad)
+        # k less its mean over each segment, for dq = d scores @ k: each row of d scores sums to zero,
+        # so dq does not change when a segment's keys all move by one vector. Less their mean, the
+        # keys lose what they share (large where k_proj has a bias), which the rounding of d scores
+        # would otherwise carry into dq.
+        kp = _padded_rows((n_kv, n, d), pad, BF16, k.device)
+        lengths = torch.tensor([e - s for s, e in ctx.segments], device=k.device)
+        seg = torch.repeat_interleave(torch.arange(len(lengths), device=k.device), lengths, output_size=n)
+        kf = k.float()
+        kmean = torch.zeros(n_kv, len(lengths), d, device=k.device).index_add_(1, seg, kf) / lengths[:, None]
+        kp[:, :n] = kf - kmean[:, seg]
         dq = torch.empty_like(q)
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
@@ -151,22 +181,24 @@ class _SegmentAttention(torch.autograd.Function):
             length = e - s
             lp = -(-length // pad) * pad
             t = s + lp
-            rows = (n_kv, lp * groups, 1)
-            qs = qa[:, s:t, :, :d].reshape(n_kv, lp * groups, d)  # views: q and k are in qa, ka
-            dos = do4[:, s:t].reshape(n_kv, lp * groups, d)
-            ks, vs = ka[:, s:t, :d], vb[:, s:t]
+            # views; the products with q and do read their d + 3 columns (rows of d would be copied
+            # by the batched matmul at every use) and drop the three extra results
+            qs = qa[:, s:t].reshape(n_kv, lp * groups, d + 3)
+            dos = doa[:, s:t].reshape(n_kv, lp * groups, d + 3)
+            ks = kp[:, s:t]
             # the (L G, L) matrices live in reused buffers, are only ever read untransposed, and are
             # overwritten in place; small operands are transposed
             shape = (n_kv, lp * groups, lp)
             p = ws.view("probs", BF16, size, shape, q.device)
             ds = ws.view("dscores", BF16, size, shape, q.device)
-            torch.bmm(qa[:, s:t].reshape(n_kv, lp * groups, d + 3), ka[:, s:t].transpose(1, 2), out=p)
+            torch.bmm(qs, ka[:, s:t].transpose(1, 2), out=p)
             probs(p, scale, groups, length)
-            dv[:, s:e] = torch.bmm(dos.transpose(1, 2), p)[:, :, :length].transpose(1, 2)  # sums over the group
-            torch.bmm(dos, vs.transpose(1, 2), out=ds)  # d probs, then d scores in place
-            dscores(p, ds, delta[:, s:t].reshape(rows), scale)
+            dv[:, s:e] = torch.bmm(dos.transpose(1, 2), p)[:, :d, :length].transpose(1, 2)  # sums over the group
+            # dp - delta, then d scores in place
+            torch.bmm(dos, va[:, s:t].transpose(1, 2), out=ds)
+            dscores(p, ds, scale)
             dq[:, s:e] = torch.bmm(ds, ks).view(n_kv, lp, groups, d)[:, :length]
-            dk[:, s:e] = torch.bmm(qs.transpose(1, 2), ds)[:, :, :length].transpose(1, 2)
+            dk[:, s:e] = torch.bmm(qs.transpose(1, 2), ds)[:, :d, :length].transpose(1, 2)
         return dq, dk, dv, None, None, None, None
 
 

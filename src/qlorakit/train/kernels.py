@@ -164,14 +164,15 @@ def attn_delta(do: torch.Tensor, o: torch.Tensor, heads: int) -> torch.Tensor:
     return (do.float() * o.float()).view(n, heads, -1).sum(-1)
 
 
-def attn_dscores(p: torch.Tensor, dp: torch.Tensor, delta: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax backward p * (dp - delta) * scale, delta = rowsum(do * o); bf16 (n_kv, L G, L)."""
-    return (p.float() * (dp.float() - delta) * scale).to(BF16)
+def attn_dscores(p: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax backward p * (dp - delta) * scale from x = dp - delta (delta = rowsum(do * o), taken
+    off inside the d-probabilities matmul); bf16 (n_kv, L G, L)."""
+    return (p.float() * x.float() * scale).to(BF16)
 
 
-def attn_dscores_(p: torch.Tensor, dp: torch.Tensor, delta: torch.Tensor, scale: float) -> None:
-    """:func:`attn_dscores` written over ``dp`` in place."""
-    dp.copy_(attn_dscores(p, dp, delta, scale))
+def attn_dscores_(p: torch.Tensor, x: torch.Tensor, scale: float) -> None:
+    """:func:`attn_dscores` written over ``x`` in place."""
+    x.copy_(attn_dscores(p, x, scale))
 
 
 def ce_fwd_bwd(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
