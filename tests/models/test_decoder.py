@@ -95,6 +95,18 @@ def test_greedy_and_sampled_tokens_match_generate_with_the_adapter_on_and_off(pa
     assert res.text == ours.tokenizer.decode(want, skip_special_tokens=True)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "llama3-rope"])
+def test_greedy_tokens_match_generate_on_other_architectures(arch, tmp_path):
+    from conftest import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / arch, arch=arch)
+    ours, ref = _loaded(model_dir), _reference(model_dir)
+    dec = decoder_for(ours.model)
+    assert dec is not None
+    want = _hf_tokens(ref, PROMPT, 24, do_sample=False)
+    assert list(dec.tokens(_ids(ours, PROMPT), 24, min_new_tokens=24, stop_ids=[ours.tokenizer.eos_token_id])) == want
+
+
 def test_switched_adapter_is_read_at_each_generation(tiny_model_dir):
     ours, ref = _loaded(tiny_model_dir, seed=0), _reference(tiny_model_dir, seed=1)
     first = generate(ours.model, ours.tokenizer, PROMPT, max_new_tokens=12, min_new_tokens=12).text
