@@ -64,6 +64,13 @@ def make_tiny_model(out: Path, *, seed: int = 0, hidden: int = 64, layers: int =
 
 
 @pytest.fixture(scope="session")
+def tiny_model_factory():
+    """:func:`make_tiny_model` itself, for tests that build other sizes or architectures (test
+    modules cannot import it: ``conftest`` names several modules in one run)."""
+    return make_tiny_model
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
 

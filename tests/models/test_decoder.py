@@ -96,10 +96,8 @@ def test_greedy_and_sampled_tokens_match_generate_with_the_adapter_on_and_off(pa
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "llama3-rope"])
-def test_greedy_tokens_match_generate_on_other_architectures(arch, tmp_path):
-    from conftest import make_tiny_model
-
-    model_dir = make_tiny_model(tmp_path / arch, arch=arch)
+def test_greedy_tokens_match_generate_on_other_architectures(arch, tmp_path, tiny_model_factory):
+    model_dir = tiny_model_factory(tmp_path / arch, arch=arch)
     ours, ref = _loaded(model_dir), _reference(model_dir)
     dec = decoder_for(ours.model)
     assert dec is not None
