@@ -114,27 +114,12 @@ def test_fast_path_matches_plain_path_losses_and_gradients(kv_heads):
     _assert_close(fast_all, plain)
 
 
-def _tiny_arch(kind: str):
-    """A tiny model of each other architecture the fast path implements, with what sets it apart:
-    Qwen2's q/k/v biases and untied output head, Mistral without a sliding window, Llama 3's
-    scaled rotary embedding with a head width that is not hidden / heads."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
-
+def _tiny_arch(kind: str, arch_model):
+    """A tiny quantized model with LoRA of another architecture the fast path implements (see
+    ``arch_model`` in conftest: Qwen2's biases and untied head, Mistral, Llama 3's rope)."""
     torch.manual_seed(0)
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=PAD)
-    if kind == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))
-        for layer in model.model.layers:  # biases start at zero: give them an effect
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                torch.nn.init.normal_(proj.bias, std=0.2)
-    elif kind == "mistral":
-        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None, tie_word_embeddings=False))
-    else:
-        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 16}
-        model = LlamaForCausalLM(LlamaConfig(**common, head_dim=32, rope_scaling=rope, tie_word_embeddings=True))
+    model = arch_model(kind, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=PAD)
     quantize_decoder_linears(model, compute_dtype=torch.bfloat16)
     model.config.use_cache = False
     attach_lora(model, LoraConfig(r=8, alpha=16, dropout=0.0))
@@ -146,8 +131,8 @@ def _tiny_arch(kind: str):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral", "llama3-rope"])
-def test_fast_path_matches_plain_path_on_other_architectures(kind):
-    model = _tiny_arch(kind)
+def test_fast_path_matches_plain_path_on_other_architectures(kind, arch_model_factory):
+    model = _tiny_arch(kind, arch_model_factory)
     assert fast_supported(model) is None
     batch = _batch(pad_tail=True)
     plain = _grads(model, plain_loss, batch)

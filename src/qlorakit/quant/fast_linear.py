@@ -147,7 +147,6 @@ class GroupSaved:
     x: torch.Tensor  # (N, in) bf16 input
     xa: torch.Tensor | None  # (N, R) LoRA activations of the adapted members, side by side
     idx: list[int]  # the adapted members
-    drop: list[float]  # their dropout rates in this forward
     keys: list[torch.Tensor | None] | None  # their dropout keys (the masks are regenerated), None without dropout
     ranks: list[int]
 
@@ -164,12 +163,12 @@ def group_forward(x: torch.Tensor, group: LoraGroup, training: bool,
         raise ValueError(f"expected {2 * len(idx)} LoRA tensors for this group, got {len(params)}")
     drop = [group.members[i].dropout if training else 0.0 for i in idx]
     if not idx:
-        return y, GroupSaved(x, None, idx, drop, None, [])
+        return y, GroupSaved(x, None, idx, None, [])
     a_cat, b_full, ranks = _factors(group, idx, params)
     if not any(drop):
         xa = x @ a_cat.t()  # (N, R): one matmul for every member
         y.addmm_(xa, b_full.t())
-        return y, GroupSaved(x, xa, idx, drop, None, ranks)
+        return y, GroupSaved(x, xa, idx, None, ranks)
     # dropout: each member draws its own key, in member order, as the plain path's adapters do
     keys: list[torch.Tensor | None] = []
     parts, col = [], 0
@@ -184,7 +183,7 @@ def group_forward(x: torch.Tensor, group: LoraGroup, training: bool,
             parts.append(x @ a_j.t())
     xa = torch.cat(parts, dim=1)
     y.addmm_(xa, b_full.t())
-    return y, GroupSaved(x, xa, idx, drop, keys, ranks)
+    return y, GroupSaved(x, xa, idx, keys, ranks)
 
 
 def group_backward(group: LoraGroup, sv: GroupSaved, dy: torch.Tensor | Sequence[torch.Tensor],
