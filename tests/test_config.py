@@ -23,6 +23,17 @@ def test_yaml_round_trip(tmp_path):
     assert load_recipe(p) == r
 
 
+def test_on_off_settings_take_yaml_booleans(tmp_path):
+    # YAML reads a bare on/off as true/false; the on/off settings take them as meant
+    assert load_recipe(None, ["train.gradient_checkpointing=on"]).train.gradient_checkpointing == "on"
+    assert load_recipe(None, ["train.gradient_checkpointing=off"]).train.gradient_checkpointing == "off"
+    p = tmp_path / "r.yaml"
+    p.write_text("train:\n  gradient_checkpointing: on\n")
+    assert load_recipe(p).train.gradient_checkpointing == "on"
+    with pytest.raises(RecipeError, match="data.licence_policy"):  # other choices still want their own words
+        load_recipe(None, ["data.licence_policy=on"])
+
+
 def test_unknown_key_names_the_nearest_valid_one(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("train:\n  learning_rat: 3e-4\nlora:\n  rank: 8\n")

@@ -237,6 +237,8 @@ def _convert(value: Any, tp: Any, key: str, errors: list[str]) -> Any:
         errors.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
         return None
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(get_args(tp)):
+            value = "on" if value else "off"  # YAML reads a bare on/off (or yes/no, true/false) as a boolean
         if value in get_args(tp):
             return value
         close = difflib.get_close_matches(str(value), [str(a) for a in get_args(tp)], n=1)

@@ -205,6 +205,38 @@ def test_fast_path_is_deterministic_and_checkpointing_gives_the_same_gradients()
     assert ck[0] == a[0] and all(torch.equal(x, y) for x, y in zip(ck[2], a[2]))
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_backward_frees_each_layers_inputs_once_past_it(monkeypatch, checkpointing):
+    """The inputs a layer's linears saved are freed once the backward has gone past that layer, not
+    kept to the end of the pass (with recomputation that would keep every layer's recomputed
+    activations at once: measured +0.8 GB at 4 x 1024 tokens on the packaged model)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    import qlorakit.quant.fast_linear as fl
+    import qlorakit.train.fast as fast_mod
+
+    model = _tiny()
+    batch = _batch()
+    fm = FastModel(model, FastOptions(compile=False, checkpointing=checkpointing), pad_token_id=PAD)
+    seen: list[tuple[int, StorageWeakRef]] = []  # (layer, memory of an input of one of its linear groups)
+    layer_of = {id(g): i for i, L in enumerate(fm.layers) for g in (L.qkv, L.o, L.gu, L.down)}
+
+    original = fl.group_forward
+
+    def recording(x, group, training, params):
+        seen.append((layer_of[id(group)], StorageWeakRef(x.untyped_storage())))
+        return original(x, group, training, params)
+
+    monkeypatch.setattr(fl, "group_forward", recording)
+    monkeypatch.setattr(fast_mod, "group_forward", recording)
+    alive_at_layer0: list[list[int]] = []
+    a0 = model.model.layers[0].self_attn.q_proj.lora_A.weight  # its gradient comes last of all
+    a0.register_hook(lambda g: alive_at_layer0.append(sorted({i for i, r in seen if not r.expired() and i > 0})))
+    s, n = fm(model, batch)
+    (s / n).backward()
+    assert alive_at_layer0 == [[]], f"inputs of layers {alive_at_layer0} still alive when layer 0's backward ran"
+
+
 def test_per_use_weights_equal_cached_weights():
     model = _tiny()
     batch = _batch()

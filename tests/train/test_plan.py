@@ -126,8 +126,62 @@ def test_plan_command_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     p = json.loads(out.read_text())
     assert p["fits"] and p["step_s"] > 0 and p["total_steps"] == 3
     assert p["calibration"]["layer_s"] >= 0
+    # the command it prints runs the chosen settings: a valid recipe holding them and the budget
+    import shlex
+
+    from qlorakit.config import load_recipe
+
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("to run it"))
+    words = shlex.split(line.split("to run it", 1)[1])
+    assert words[:2] == ["qlorakit", "train"]
+    run = load_recipe(None, words[2:])
+    s = p["settings"]
+    assert run.model.base == str(tiny_model_dir) and run.train.max_steps == 3
+    assert (run.train.micro_batch_size, run.train.grad_accum) == (s["micro_batch"], s["grad_accum"])
+    assert run.train.gradient_checkpointing == ("on" if s["checkpointing"] else "off")
+    assert abs(run.train.memory_budget_gb * GB - p["budget_bytes"]) <= 1e-3 * GB
+    assert p["train_overrides"] == words[-len(p["train_overrides"]):]
     rc = plan_main([f"model.base={tiny_model_dir}", "--budget-gb", "0.01", "--no-calibrate"])
     assert rc == 1 and "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_a_run_chooses_what_its_plan_showed(tiny_model_dir):
+    """`qlorakit train` takes checkpointing and the base weights' form from the same candidates and
+    the same estimate as `qlorakit plan`, at every budget from roomy to too small."""
+    from transformers import AutoConfig
+
+    from qlorakit.config import load_recipe
+    from qlorakit.models import load_base_model
+    from qlorakit.train.plan import _file_bytes, _files_fp32, choose_memory_settings
+
+    shape = ModelShape.from_config(AutoConfig.from_pretrained(str(tiny_model_dir)))
+    model = load_base_model(load_recipe(None, [f"model.base={tiny_model_dir}"]).model).model
+    base, seq, mb = 300e6, 96, 4
+    common = dict(model_name="tiny", micro_batch=mb, seq_len=seq, grad_accum=1, r=16, alpha=32, dropout=0.0,
+                  sample=None, total_steps=50, calibrate_time=False, file_bytes=_file_bytes(tiny_model_dir),
+                  files_fp32=_files_fp32(tiny_model_dir), baseline=base)
+    from qlorakit.train.plan import _memory
+
+    # budgets at and just under each candidate's predicted peak at the recipe's micro-batch
+    peaks = [_memory(shape, c, 16, base, common["file_bytes"], common["files_fp32"]).peak
+             for c in _candidates(mb, seq, 1, "auto", False)[:4]]
+    assert len(set(peaks)) == 4
+    seen = set()
+    for budget in sorted({x * f for x in peaks for f in (1.0, 0.999)}):
+        p = plan_run(shape, budget_bytes=budget, **common)
+        if p.settings.micro_batch != mb:
+            continue  # the run keeps the recipe's micro-batch; the plan's command sets the smaller one
+        recipe = load_recipe(None, [f"model.base={tiny_model_dir}", f"data.max_seq_len={seq}", "train.max_steps=50",
+                                    *p.train_overrides()])
+        recipe.train.gradient_checkpointing = "auto"  # the run's own choice, not the plan's written down
+        recipe.train.memory_budget_gb = budget / GB
+        got = choose_memory_settings(recipe, model, seq_len=seq, baseline=base, folder=tiny_model_dir, total_steps=50)
+        assert (got.checkpointing, got.weights) == (p.settings.checkpointing, p.settings.weights), budget
+        assert got.fits == p.fits and abs(got.estimate.peak - p.peak_bytes) <= 1e-6 * p.peak_bytes
+        seen.add((got.checkpointing, got.weights))
+    # three of the four were chosen; the fourth (per-use weights, no recomputation) needs more here
+    # than recomputation with the bf16 copy, which comes before it
+    assert {(False, "cache"), (True, "cache"), (True, "per-use")} <= seen, seen
 
 
 _RSS_FILE_SCRIPT = r"""

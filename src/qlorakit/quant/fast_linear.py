@@ -22,7 +22,7 @@ regenerated from its key in the backward, not kept.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -250,9 +250,10 @@ class _LoraGroupFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        sv: GroupSaved = ctx.sv
         saved = ctx.saved_tensors
-        sv.x, sv.xa = saved[0], (saved[1] if len(saved) > 1 else None)
+        # a local copy holds the saved tensors: set on ctx.sv they would live until the whole backward
+        # pass ends (ctx outlives its node's backward), a layer's inputs each for every layer
+        sv = replace(ctx.sv, x=saved[0], xa=saved[1] if len(saved) > 1 else None)
         dx, grads = group_backward(ctx.group, sv, dy, need_dx=ctx.needs_input_grad[0])
         return (dx, None, None, *grads)
 

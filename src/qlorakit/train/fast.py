@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -39,7 +39,6 @@ from torch.utils.checkpoint import checkpoint
 from ..data.templating import IGNORE_INDEX
 from ..quant.fast_linear import (
     FrozenWeight,
-    GroupSaved,
     LoraGroup,
     LoraMember,
     WeightMode,
@@ -52,8 +51,8 @@ from .kernels import kernel
 from .loss import shift_labels
 from .memory import current_rss_bytes, release_free_memory
 
-__all__ = ["FastOptions", "FastModel", "FastUnsupported", "cuda_fast_options", "fast_supported", "prepare_fast",
-           "fused_head_loss"]
+__all__ = ["FastOptions", "FastModel", "FastUnsupported", "cuda_fast_options", "fast_supported", "fast_path_runs",
+           "prepare_fast", "fused_head_loss"]
 
 log = logging.getLogger(__name__)
 BF16 = torch.bfloat16
@@ -125,8 +124,7 @@ class _GateUpSilu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dm: torch.Tensor):
         gu, x, *xa = ctx.saved_tensors
-        sv: GroupSaved = ctx.sv
-        sv.x, sv.xa = x, (xa[0] if xa else None)
+        sv = replace(ctx.sv, x=x, xa=xa[0] if xa else None)  # local: see _LoraGroupFn.backward
         dg, du = kernel("silu_mul_bwd", ctx.compiled)(dm.contiguous(), gu)
         dx, grads = group_backward(ctx.group, sv, [dg, du], need_dx=ctx.needs_input_grad[0])
         return (dx, None, None, None, *grads)
@@ -400,17 +398,28 @@ def cuda_fast_options(model: nn.Module, *, checkpointing: bool, free_bytes: int 
     return FastOptions(weights=weights, checkpointing=checkpointing, compile=False)
 
 
+def _device_supported(loaded: Any) -> bool:
+    return loaded.device.type in ("cpu", "cuda") and loaded.compute_dtype == BF16
+
+
+def fast_path_runs(model: nn.Module, loaded: Any) -> bool:
+    """Whether :func:`prepare_fast` gives the fast path for ``model`` as ``loaded`` (else it falls back)."""
+    return _device_supported(loaded) and fast_supported(model) is None
+
+
 def prepare_fast(model: nn.Module, recipe: Any, loaded: Any, *, checkpointing: bool = False,
-                 options: FastOptions | None = None) -> Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]:
+                 options: FastOptions | None = None, weights: WeightMode | None = None,
+                 total_steps: int | None = None) -> Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]:
     """A loss function ``(model, batch) -> (loss sum, n tokens)`` on the fast path for ``model``.
 
     Falls back to :func:`qlorakit.train.loss.chunked_loss` (and says why in the log) for models
     the fast path does not implement, compute dtypes other than bf16, and devices other than the
-    CPU and CUDA.
+    CPU and CUDA. On the CPU, ``weights`` (the base weights' form, when the caller chose it with the
+    checkpointing) and ``total_steps`` (whether compiling pays) go to :func:`choose_fast_options`.
     """
     from .loss import chunked_loss
 
-    if loaded.device.type not in ("cpu", "cuda") or loaded.compute_dtype != BF16:
+    if not _device_supported(loaded):
         log.info("fast path: CPU or CUDA with bf16 only; using the chunked loss on %s/%s", loaded.device,
                  loaded.compute_dtype)
         return chunked_loss
@@ -424,7 +433,8 @@ def prepare_fast(model: nn.Module, recipe: Any, loaded: Any, *, checkpointing: b
         else:
             from .plan import choose_fast_options
 
-            options = choose_fast_options(recipe, model, checkpointing=checkpointing)
+            options = choose_fast_options(recipe, model, checkpointing=checkpointing, weights=weights,
+                                          total_steps=total_steps)
     fm = FastModel(model, options, pad_token_id=loaded.tokenizer.pad_token_id)
     log.info("fast path: weights=%s checkpointing=%s compile=%s", options.weights, options.checkpointing, options.compile)
     return fm

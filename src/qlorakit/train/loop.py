@@ -101,14 +101,15 @@ def loss_fn_for(recipe: Recipe) -> Callable[..., tuple[torch.Tensor, int]]:
 
 
 def choose_checkpointing(recipe: Recipe, model: torch.nn.Module) -> bool:
-    """'auto': recompute activations only when the stored ones would not fit the memory budget."""
+    """'auto': recompute activations only when the run would not fit the memory budget without
+    (:func:`qlorakit.train.plan.choose_memory_settings`, the process as it is now as the baseline)."""
     mode = recipe.train.gradient_checkpointing
     if mode != "auto":
         return mode == "on"
-    from .memory import activation_bytes, memory_budget_bytes
+    from .fast import fast_supported
+    from .plan import choose_memory_settings
 
-    need = activation_bytes(model.config, recipe.train.micro_batch_size, recipe.data.max_seq_len)
-    return need > 0.5 * memory_budget_bytes(recipe)
+    return choose_memory_settings(recipe, model, fast=recipe.train.fast and fast_supported(model) is None).checkpointing
 
 
 @torch.no_grad()
@@ -204,6 +205,9 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
     from ..data.ledger_hook import build_run_ledger
 
     ledger = build_run_ledger(recipe, data)  # raises when the licence policy blocks the run
+    from .memory import current_rss_bytes
+
+    baseline = float(current_rss_bytes())  # the process before the base loads, as `qlorakit plan` measures it
     loaded = load_base_model(recipe.model)
     model = loaded.model
     torch.manual_seed(recipe.seed)  # LoRA initialisation depends on the seed only
@@ -220,15 +224,25 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
     params = lora_parameters(model)
     for p in params:
         p.requires_grad_(True)
-    use_gc = choose_checkpointing(recipe, model)
-    if use_gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-
     t = recipe.train
     sched_data = BatchSchedule(len(data.train_rows), t.micro_batch_size, recipe.seed)
     steps_per_epoch = math.ceil(sched_data.batches_per_epoch / t.grad_accum)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    # checkpointing and the base weights' form: the choice `qlorakit plan` shows for these settings
+    from .fast import fast_path_runs
+    from .plan import choose_memory_settings
+
+    mem = choose_memory_settings(recipe, model, seq_len=max((len(r.input_ids) for r in data.train_rows), default=None),
+                                 baseline=baseline, folder=loaded.folder, total_steps=total_steps,
+                                 fast=t.fast and fast_path_runs(model, loaded))
+    if not mem.fits:
+        log.warning("predicted peak memory %.2f GB is over the budget of %.2f GB even with the leanest settings for "
+                    "micro-batch %d x %d tokens; `qlorakit plan` shows a micro-batch and sequence length that fit",
+                    mem.estimate.peak / 2**30, mem.budget_bytes / 2**30, t.micro_batch_size, recipe.data.max_seq_len)
+    use_gc = mem.checkpointing
+    if use_gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
     warmup = int(round(t.warmup_ratio * total_steps))
     opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     sched = make_scheduler(opt, total_steps, warmup, t.schedule)
@@ -239,7 +253,7 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
     if t.fast:  # the fast path (train/fast.py, CPU and CUDA); it falls back to loss_fn_for's choice where unsupported
         from .fast import prepare_fast
 
-        loss_fn = prepare_fast(model, recipe, loaded, checkpointing=use_gc)
+        loss_fn = prepare_fast(model, recipe, loaded, checkpointing=use_gc, weights=mem.weights, total_steps=total_steps)
 
     if ckpt is not None:
         from ..lora import load_lora_state_dict
@@ -265,6 +279,9 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
     pad = loaded.tokenizer.pad_token_id
     bar = _progress(total_steps, state.step, t.progress)
     window_t, window_tok = time.perf_counter(), 0
+    from .memory import MMAP_THRESHOLD_RUN, MMAP_THRESHOLD_TRAIN, set_mmap_threshold
+
+    set_mmap_threshold(MMAP_THRESHOLD_TRAIN)  # the step's tensors in their own mappings (see memory.py)
     try:
         while state.step < total_steps:
             t0 = time.perf_counter()
@@ -313,6 +330,7 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
                 on_step(state)
     finally:
         bar.close()
+        set_mmap_threshold(MMAP_THRESHOLD_RUN)
 
     if use_gc:
         model.gradient_checkpointing_disable()

@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -40,6 +41,8 @@ __all__ = [
     "Calibration",
     "Plan",
     "choose_fast_options",
+    "choose_memory_settings",
+    "MemoryChoice",
     "calibrate",
     "predict_step_time",
     "plan_run",
@@ -110,11 +113,25 @@ class Plan:
     total_s: float | None = None
     calibration: dict[str, Any] | None = None
     tried: list[str] = field(default_factory=list)
+    asked_seq_len: int = 0  # the sequence length planned for (the chosen one may be shorter)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["settings"] = asdict(self.settings)
+        d["train_overrides"] = self.train_overrides()
         return d
+
+    def train_overrides(self) -> list[str]:
+        """The ``qlorakit train`` settings that run this plan: micro-batch, accumulation, checkpointing,
+        the budget (from which the run chooses the base weights' form as the plan did) and, when the
+        plan had to shorten it, the sequence length."""
+        s = self.settings
+        out = [f"train.micro_batch_size={s.micro_batch}", f"train.grad_accum={s.grad_accum}",
+               f"train.gradient_checkpointing={'on' if s.checkpointing else 'off'}",
+               f"train.memory_budget_gb={math.floor(self.budget_bytes / GB * 1000) / 1000:g}"]
+        if self.asked_seq_len and s.seq_len < self.asked_seq_len:
+            out.insert(0, f"data.max_seq_len={s.seq_len}")
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,23 +331,69 @@ def compile_pays(shape: ModelShape, tokens_total: float) -> bool:
     return seconds > 10.0
 
 
-def choose_fast_options(recipe: Any, model: Any, *, checkpointing: bool) -> Any:
+@dataclass
+class MemoryChoice:
+    """Checkpointing and the base weights' form for a run's own micro-batch and sequence length."""
+
+    checkpointing: bool
+    weights: str  # "cache" | "per-use"
+    estimate: MemoryEstimate
+    budget_bytes: float
+    fits: bool
+
+
+def choose_memory_settings(recipe: Any, model: Any, *, seq_len: int | None = None, baseline: float | None = None,
+                           folder: Path | None = None, total_steps: int | None = None,
+                           fast: bool = True) -> MemoryChoice:
+    """What ``qlorakit train`` runs with: of the planner's candidates at the recipe's own micro-batch
+    and sequence length (``seq_len``: the longest training row, default ``data.max_seq_len``), the
+    first, fastest first, whose predicted peak fits the memory budget; the leanest when none does.
+    ``gradient_checkpointing`` 'on' or 'off' is kept as the recipe says.
+
+    With ``baseline`` (the process before the base model loaded, as ``qlorakit plan`` measures it)
+    and ``folder`` (the base model's files) the estimate is the planner's own, so that a run makes
+    the choice its plan showed. Without them the process as it is now stands in for the baseline,
+    the loaded model already in it: a larger estimate, so never a choice that fits less.
+    """
+    shape = ModelShape.from_config(model.config)
+    t = recipe.train
+    seq = seq_len or recipe.data.max_seq_len
+    steps = total_steps or t.max_steps or 100
+    compile_ = compile_pays(shape, steps * t.micro_batch_size * seq * t.grad_accum)
+    file_bytes = _file_bytes(folder) if folder is not None else 0.0
+    files_fp32 = _files_fp32(folder) if folder is not None else False
+    base = float(current_rss_bytes()) if baseline is None else baseline
+    budget = memory_budget_bytes(recipe)
+    cands = [c for c in _candidates(t.micro_batch_size, seq, t.grad_accum, t.gradient_checkpointing, compile_)
+             if c.micro_batch == t.micro_batch_size and c.seq_len == seq and (fast or c.weights == "cache")]
+    for c in cands:
+        e = estimate_memory(shape, micro_batch=c.micro_batch, seq_len=seq, r=recipe.lora.r, checkpointing=c.checkpointing,
+                            weights=c.weights, fast=fast, baseline=base, file_bytes=file_bytes,
+                            compiled=c.compile, files_fp32=files_fp32)
+        if e.peak <= budget:
+            return MemoryChoice(c.checkpointing, c.weights, e, budget, True)
+    return MemoryChoice(c.checkpointing, c.weights, e, budget, False)
+
+
+def choose_fast_options(recipe: Any, model: Any, *, checkpointing: bool, weights: str | None = None,
+                        total_steps: int | None = None) -> Any:
     """The fast path's settings for a run that is about to start (used by :func:`prepare_fast`).
 
-    Weights are held as a bf16 copy when the budget allows it, else dequantized per use; the
-    elementwise kernels are compiled when the run is long enough to pay for it.
+    ``weights``: the base weights' form chosen with the checkpointing (:func:`choose_memory_settings`);
+    when None, a bf16 copy if the budget allows it, else dequantized per use. The elementwise kernels
+    are compiled when the run is long enough to pay for it.
     """
     from .fast import FastOptions
 
     shape = ModelShape.from_config(model.config)
     t = recipe.train
     tokens_step = t.micro_batch_size * recipe.data.max_seq_len * t.grad_accum
-    steps = t.max_steps or 100
-    est = estimate_memory(shape, micro_batch=t.micro_batch_size, seq_len=recipe.data.max_seq_len, r=recipe.lora.r,
-                          checkpointing=checkpointing, weights="cache",
-                          baseline=current_rss_bytes())
+    steps = total_steps or t.max_steps or 100
     budget = memory_budget_bytes(recipe)
-    weights = "cache" if est.train_peak <= budget else "per-use"
+    if weights is None:
+        est = estimate_memory(shape, micro_batch=t.micro_batch_size, seq_len=recipe.data.max_seq_len, r=recipe.lora.r,
+                              checkpointing=checkpointing, weights="cache", baseline=current_rss_bytes())
+        weights = "cache" if est.train_peak <= budget else "per-use"
     return FastOptions(weights=weights, checkpointing=checkpointing, compile=compile_pays(shape, steps * tokens_step),
                        trim_above=0.9 * budget)
 
@@ -440,7 +503,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
         est = _memory(shape, chosen, r, base, file_bytes, files_fp32)
     plan = Plan(model=model_name, shape=asdict(shape), settings=chosen, budget_bytes=budget_bytes,
                 memory=dict(est.parts), peak_bytes=est.peak, load_peak_bytes=est.load_peak, fits=fits,
-                total_steps=total_steps, tried=tried)
+                total_steps=total_steps, tried=tried, asked_seq_len=seq_len)
     # tokens per optimizer step stay what was asked for, unless the sequence had to be shortened
     plan.tokens_per_step = real_step * (chosen.seq_len / seq_len)
     if calibrate_time and sample is not None:
@@ -502,9 +565,16 @@ def _fmt_s(s: float | None) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def format_plan(p: Plan) -> str:
+def format_plan(p: Plan, recipe_path: str | None = None, overrides: list[str] = ()) -> str:
+    """The plan as text; ``recipe_path`` and ``overrides`` (what the plan was asked for) go into the
+    ``qlorakit train`` command that runs it, the plan's own settings replacing overrides of the same keys."""
+    ours = p.train_overrides()
+    keys = {o.split("=", 1)[0] for o in ours}
+    args = [*([recipe_path] if recipe_path else []), *(o for o in overrides if o.split("=", 1)[0] not in keys), *ours]
+    run = " ".join(["qlorakit train", *(shlex.quote(a) for a in args)])
     lines = [f"plan for {p.model} ({p.shape['layers']} layers, hidden {p.shape['hidden']}, vocab {p.shape['vocab']})",
              f"  settings      {p.settings.describe()}",
+             f"  to run it     {run}",
              f"  memory        predicted peak {p.peak_bytes / GB:.2f} GB (training {sum(p.memory.values()) / GB:.2f} GB, "
              f"loading {p.load_peak_bytes / GB:.2f} GB), budget {p.budget_bytes / GB:.2f} GB"
              + ("" if p.fits else "  -- DOES NOT FIT even with the leanest settings")]
@@ -542,7 +612,7 @@ def plan_main(argv: list[str]) -> int:
         return 2
     recipe = load_recipe(path, overrides)
     p = plan_recipe(recipe, budget_bytes=a.budget_gb * GB if a.budget_gb else None, calibrate_time=not a.no_calibrate)
-    print(format_plan(p))
+    print(format_plan(p, path, overrides))
     if a.json:
         from .checkpoint import write_atomic
 
