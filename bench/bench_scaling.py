@@ -97,7 +97,6 @@ def train_worker(a: argparse.Namespace) -> dict[str, Any]:
     from qlorakit.models import load_base_model
     from qlorakit.train.fast import FastModel, FastOptions
     from qlorakit.train.loop import autocast_ctx
-    from qlorakit.train.memory import MMAP_THRESHOLD_TRAIN, set_mmap_threshold
 
     s = json.loads(a.settings)
     recipe = load_recipe(None, [f"model.base={a.base}", "lora.r=16", "lora.alpha=32"])
@@ -110,7 +109,6 @@ def train_worker(a: argparse.Namespace) -> dict[str, Any]:
     params = lora_parameters(model)
     for p in params:
         p.requires_grad_(True)
-    set_mmap_threshold(MMAP_THRESHOLD_TRAIN)  # as `qlorakit train` trains
     # as `qlorakit train` runs them (choose_fast_options): freed heap memory goes back to the OS near the budget
     fm = FastModel(model, FastOptions(weights=s["weights"], checkpointing=s["checkpointing"], compile=s["compile"],
                                       trim_above=0.9 * a.budget_gb * 2**30),

@@ -59,7 +59,6 @@ def _qlorakit_setup(a: argparse.Namespace, fast: bool) -> tuple[Any, Any, Any, l
     from qlorakit.lora import attach_lora, lora_parameters
     from qlorakit.models import load_base_model
     from qlorakit.train.loop import choose_checkpointing
-    from qlorakit.train.memory import MMAP_THRESHOLD_TRAIN, set_mmap_threshold
     from qlorakit.train.loss import plain_loss
 
     recipe = load_recipe(None, [f"model.base={a.model}", f"lora.r={a.r}", f"lora.alpha={2 * a.r}",
@@ -74,7 +73,6 @@ def _qlorakit_setup(a: argparse.Namespace, fast: bool) -> tuple[Any, Any, Any, l
     for p in params:
         p.requires_grad_(True)
     use_gc = choose_checkpointing(recipe, model)
-    set_mmap_threshold(MMAP_THRESHOLD_TRAIN)  # as `qlorakit train` trains
     if fast:
         from qlorakit.train.fast import prepare_fast
 

@@ -120,7 +120,12 @@ class TrainConfig:
     gradient_checkpointing: Literal["auto", "on", "off"] = _f(
         "auto", "Recompute activations in the backward pass; 'auto' turns it on only when memory requires it."
     )
-    memory_budget_gb: float | None = _f(None, "Memory budget for 'auto' choices; default: 80% of available RAM.")
+    memory_budget_gb: float | None = _f(
+        None,
+        "Memory budget (GB) the run is fitted to: checkpointing ('auto') and the base weights' form are "
+        "chosen to fit it; `qlorakit plan` also picks a micro-batch and sequence length that do. "
+        "Default: 80% of available RAM.",
+    )
     fast: bool = _f(True, "Use the fast path on the CPU and on CUDA (cached bf16 base weights, fused LoRA, chunked loss).")
     log_every: int = _f(1, "Write a metrics line every N optimizer steps.")
     checkpoint_every: int = _f(50, "Write a resumable checkpoint every N optimizer steps; 0 turns it off.")

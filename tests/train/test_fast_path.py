@@ -237,6 +237,23 @@ def test_backward_frees_each_layers_inputs_once_past_it(monkeypatch, checkpointi
     assert alive_at_layer0 == [[]], f"inputs of layers {alive_at_layer0} still alive when layer 0's backward ran"
 
 
+def test_recomputation_gives_memory_back_at_every_layer_only_near_the_budget(monkeypatch):
+    import qlorakit.train.fast as fast_mod
+
+    calls = []
+    monkeypatch.setattr(fast_mod, "release_free_memory", lambda: calls.append(1) or True)
+    model = _tiny()
+    batch = _batch()
+    layers = model.config.num_hidden_layers
+    for ckpt, limit, expected in [(True, 1.0, 1 + 2 * layers), (True, 1e15, 0), (False, 1.0, 1)]:
+        calls.clear()
+        fm = FastModel(model, FastOptions(compile=False, checkpointing=ckpt, trim_above=limit), pad_token_id=PAD)
+        s, n = fm(model, batch)
+        (s / n).backward()
+        # once per micro-batch, and with recomputation once per layer forward and per layer recomputed
+        assert len(calls) == expected, (ckpt, limit, len(calls))
+
+
 def test_per_use_weights_equal_cached_weights():
     model = _tiny()
     batch = _batch()

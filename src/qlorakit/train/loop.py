@@ -279,9 +279,6 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
     pad = loaded.tokenizer.pad_token_id
     bar = _progress(total_steps, state.step, t.progress)
     window_t, window_tok = time.perf_counter(), 0
-    from .memory import MMAP_THRESHOLD_RUN, MMAP_THRESHOLD_TRAIN, set_mmap_threshold
-
-    set_mmap_threshold(MMAP_THRESHOLD_TRAIN)  # the step's tensors in their own mappings (see memory.py)
     try:
         while state.step < total_steps:
             t0 = time.perf_counter()
@@ -330,7 +327,6 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
                 on_step(state)
     finally:
         bar.close()
-        set_mmap_threshold(MMAP_THRESHOLD_RUN)
 
     if use_gc:
         model.gradient_checkpointing_disable()

@@ -17,8 +17,6 @@ __all__ = [
     "activation_bytes",
     "release_free_memory",
     "set_mmap_threshold",
-    "MMAP_THRESHOLD_TRAIN",
-    "MMAP_THRESHOLD_RUN",
     "memory_budget_bytes",
     "available_memory_bytes",
     "current_rss_bytes",
@@ -28,12 +26,16 @@ __all__ = [
     "NF4_BYTES_PER_PARAM",
 ]
 
-# freed memory malloc keeps resident, as a fraction of the step's working set. Training runs with
-# every block of 1 MiB or more in its own mapping (MMAP_THRESHOLD_TRAIN), returned when freed; before
-# that, fragmentation kept about a third. `qlorakit train` on the packaged model, peak RSS measured
-# against this estimate, six settings (4 x 512; 4 x 1024 recomputed, both weight forms; 2 x 512,
-# 2 x 2048 and 16 x 256 recomputed): with 0 the estimate was -1.0% to +5.3%, with 0.05 +0.7% to +8.1%.
-ALLOCATOR_SLACK = 0.05
+# freed memory malloc keeps resident, as a fraction of the step's working set (activations kept
+# and one layer's transients): blocks of varying sizes (segment lengths, chunk tails) fragment its
+# heap. Measured on the packaged model without recomputation: about a third.
+ALLOCATOR_SLACK = 0.35
+# ... with recomputation, where the kept layer inputs sit between each layer's transients and the
+# heap grows past them layer after layer. `qlorakit train` on the packaged model, recomputation on,
+# its peak RSS against this estimate without slack: 2 x 512 needed 0.49 of the working set, 4 x 1024
+# 0.78, 4 x 2048 1.04. Near the budget the fast path gives freed memory back at every layer instead
+# (FastModel._layer), which holds the peak under the budget where this falls short.
+ALLOCATOR_SLACK_RECOMPUTE = 0.8
 # the attention backward's score-sized buffers per (query head, query, key) of the longest segment:
 # probabilities and d-scores in bf16 (attention.py), and room for the matmuls' own workspace
 ATTENTION_BYTES = 6
@@ -95,15 +97,6 @@ def set_mmap_threshold(nbytes: int) -> bool:
 
 MMAP_THRESHOLD_LOADING = 1 << 20
 MMAP_THRESHOLD_RUN = 32 << 20  # glibc's own ceiling for its moving threshold: where a long run settles
-# while training: every block of 1 MiB and more gets its own mapping. The training step allocates
-# tensors of a few MB to tens of MB that live for part of a step (activations, recomputed layers,
-# gradients) between ones that live longer; from the heap they fragmented it, and freed memory
-# stayed resident. Measured on the packaged model, 4 x 1024 tokens with recomputation: heap 1270 MB
-# with 900 MB of it free, peak RSS 2.42 GB; with this threshold 1.80-1.92 GB. 4 x 512 without
-# recomputation: 3.00 GB -> 2.76 GB. Step times alternating both thresholds in one process: 4.42 /
-# 4.36 s (4 x 512), 12.2 / 11.0 s (4 x 1024, recomputation, per-use weights), 9.86 / 9.91 s (three
-# layers of the 1.7B shape, 2 x 1024, recomputation, per-use weights): no cost measured.
-MMAP_THRESHOLD_TRAIN = 1 << 20
 
 
 def memory_budget_bytes(recipe: Any) -> float:
@@ -273,7 +266,7 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
     # fp32 files: the mapping is kept (the tensors above are views of it) and its pages stay resident
     p["base model files, memory-mapped by the loader"] = file_bytes if files_fp32 else 0.0
     # what malloc keeps of freed blocks (see ALLOCATOR_SLACK)
-    p["allocator slack (freed blocks malloc keeps)"] = ALLOCATOR_SLACK * (
+    p["allocator slack (freed blocks malloc keeps)"] = (ALLOCATOR_SLACK_RECOMPUTE if checkpointing else ALLOCATOR_SLACK) * (
         p["activations kept for the backward"] + max(v for k, v in p.items() if k.startswith("transients")))
     # loading: the files are mapped whole while each tensor is quantized (or, from other dtypes,
     # converted to fp32 first, malloc keeping part of the largest conversion buffer)
