@@ -68,8 +68,11 @@ def train_worker(a: argparse.Namespace) -> dict[str, Any]:
         try:
             loop.train(overrides=[*json.loads(a.overrides), f"output_dir={out}", "train.progress=false"],
                        on_step=on_step, finish=False)
+            stopped = False
         except _Stop:
-            pass
+            stopped = True
+        if not stopped:
+            raise RuntimeError(f"the run ended before {a.steps} steps; give it more data or fewer --steps")
         for f in Path(out).glob("*/metrics.jsonl"):
             steps = [json.loads(ln)["step_time_s"] for ln in f.read_text().splitlines() if ln.strip()]
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "taken": taken[-1] if taken else "?",

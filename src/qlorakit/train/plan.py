@@ -344,11 +344,12 @@ class MemoryChoice:
 
 def choose_memory_settings(recipe: Any, model: Any, *, seq_len: int | None = None, baseline: float | None = None,
                            folder: Path | None = None, total_steps: int | None = None,
-                           fast: bool = True) -> MemoryChoice:
+                           fast: bool = True, checkpointing: bool | None = None) -> MemoryChoice:
     """What ``qlorakit train`` runs with: of the planner's candidates at the recipe's own micro-batch
     and sequence length (``seq_len``: the longest training row, default ``data.max_seq_len``), the
     first, fastest first, whose predicted peak fits the memory budget; the leanest when none does.
-    ``gradient_checkpointing`` 'on' or 'off' is kept as the recipe says.
+    ``gradient_checkpointing`` 'on' or 'off' is kept as the recipe says (``checkpointing``, when
+    given, in place of the recipe's setting).
 
     With ``baseline`` (the process before the base model loaded, as ``qlorakit plan`` measures it)
     and ``folder`` (the base model's files) the estimate is the planner's own, so that a run makes
@@ -364,7 +365,8 @@ def choose_memory_settings(recipe: Any, model: Any, *, seq_len: int | None = Non
     files_fp32 = _files_fp32(folder) if folder is not None else False
     base = float(current_rss_bytes()) if baseline is None else baseline
     budget = memory_budget_bytes(recipe)
-    cands = [c for c in _candidates(t.micro_batch_size, seq, t.grad_accum, t.gradient_checkpointing, compile_)
+    gc_mode = t.gradient_checkpointing if checkpointing is None else ("on" if checkpointing else "off")
+    cands = [c for c in _candidates(t.micro_batch_size, seq, t.grad_accum, gc_mode, compile_)
              if c.micro_batch == t.micro_batch_size and c.seq_len == seq and (fast or c.weights == "cache")]
     for c in cands:
         e = estimate_memory(shape, micro_batch=c.micro_batch, seq_len=seq, r=recipe.lora.r, checkpointing=c.checkpointing,
@@ -379,9 +381,9 @@ def choose_fast_options(recipe: Any, model: Any, *, checkpointing: bool, weights
                         total_steps: int | None = None) -> Any:
     """The fast path's settings for a run that is about to start (used by :func:`prepare_fast`).
 
-    ``weights``: the base weights' form chosen with the checkpointing (:func:`choose_memory_settings`);
-    when None, a bf16 copy if the budget allows it, else dequantized per use. The elementwise kernels
-    are compiled when the run is long enough to pay for it.
+    ``weights``: the base weights' form chosen with the checkpointing; when None, it is chosen here the
+    same way (:func:`choose_memory_settings`, with this checkpointing). The elementwise kernels are
+    compiled when the run is long enough to pay for it.
     """
     from .fast import FastOptions
 
@@ -391,9 +393,7 @@ def choose_fast_options(recipe: Any, model: Any, *, checkpointing: bool, weights
     steps = total_steps or t.max_steps or 100
     budget = memory_budget_bytes(recipe)
     if weights is None:
-        est = estimate_memory(shape, micro_batch=t.micro_batch_size, seq_len=recipe.data.max_seq_len, r=recipe.lora.r,
-                              checkpointing=checkpointing, weights="cache", baseline=current_rss_bytes())
-        weights = "cache" if est.train_peak <= budget else "per-use"
+        weights = choose_memory_settings(recipe, model, checkpointing=checkpointing, total_steps=total_steps).weights
     return FastOptions(weights=weights, checkpointing=checkpointing, compile=compile_pays(shape, steps * tokens_step),
                        trim_above=0.9 * budget)
 
