@@ -73,7 +73,7 @@ def plan_worker(a: argparse.Namespace) -> dict[str, Any]:
 
     from qlorakit.models import resolve_base
     from qlorakit.train.memory import ModelShape
-    from qlorakit.train.plan import _file_bytes, _files_fp32, plan_run
+    from qlorakit.train.plan import _file_bytes, plan_run
 
     folder = resolve_base(a.base)[0]
     shape = ModelShape.from_config(AutoConfig.from_pretrained(str(folder)))
@@ -84,7 +84,7 @@ def plan_worker(a: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     p = plan_run(shape, model_name=a.base, micro_batch=a.batch, seq_len=a.seq_len, grad_accum=1, r=16, alpha=32,
                  dropout=0.0, budget_bytes=a.budget_gb * 2**30, sample=batch, total_steps=a.steps,
-                 compile_=True, file_bytes=_file_bytes(folder), files_fp32=_files_fp32(folder))
+                 compile_=True, file_bytes=_file_bytes(folder))
     out = p.to_json()
     out["plan_s"] = time.perf_counter() - t
     out["matmul_tflops"] = (rate + matmul_tflops(seconds=2.0)) / 2

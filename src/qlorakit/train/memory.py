@@ -39,9 +39,10 @@ ALLOCATOR_SLACK_RECOMPUTE = 0.8
 # the attention backward's score-sized buffers per (query head, query, key) of the longest segment:
 # probabilities and d-scores in bf16 (attention.py), and room for the matmuls' own workspace
 ATTENTION_BYTES = 6
-# loading from files that are not fp32: each tensor is converted to fp32 (then quantized or kept);
-# malloc keeps about this fraction of the largest converted tensor (the embedding) at the peak.
-# Measured with SmolLM2 shapes from bf16 files: 360M 0.8 (146 MB), 1.7B 0.73 (294 MB)
+# loading: each tensor is read and converted to fp32 (then quantized or kept); malloc keeps about this
+# fraction of the largest converted tensor (the embedding) at the peak. Measured with SmolLM2 shapes
+# from bf16 files, read mapped: 360M 0.8 (146 MB), 1.7B 0.73 (294 MB); read tensor by tensor, 1.7B
+# 0.27 (109 MB): kept as the larger
 LOAD_SLACK = 0.8
 
 # 4 bits per weight + one 8-bit absmax per 64 weights + one fp32 per 256 absmax (double quantization)
@@ -218,17 +219,11 @@ def _fast_saved_per_token_layer(s: ModelShape, r: int) -> float:
 def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int,
                     checkpointing: bool = False, weights: str = "cache", fast: bool = True,
                     loss_chunk: int = 2048, baseline: float = 0.0, file_bytes: float = 0.0,
-                    compiled: bool = True, files_fp32: bool = True) -> MemoryEstimate:
+                    compiled: bool = True) -> MemoryEstimate:
     """Peak resident memory of a training run; ``baseline`` is the process before the model loads
-    (interpreter and libraries), ``file_bytes`` the size of the base model's weight files and
-    ``files_fp32`` whether they hold fp32 tensors.
-
-    The loader memory-maps the files. From fp32 files the tensors it keeps (embeddings, norms) can be
-    views of the mapping, which then stays resident for the whole run (it does for the packaged
-    model: +418 MB of file pages after loading its 513 MB of files); the estimate counts the files as
-    resident then, the larger of the two counts. From files of another dtype every tensor is
-    converted and the mapping is released once the model is loaded (measured on the SmolLM2 360M and
-    1.7B shapes and in a test).
+    (interpreter and libraries), ``file_bytes`` the size of the weight files the loader reads whole
+    (``.bin`` checkpoints; safetensors files are read tensor by tensor and never resident, see
+    :func:`qlorakit.models.loader._files_read_not_mapped`).
 
     The LoRA dropout adds nothing: it keeps no mask (each is regenerated from a key in the backward,
     :mod:`qlorakit.lora.dropout`)."""
@@ -238,8 +233,7 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
     p = est.parts
     p["process (interpreter, libraries)"] = baseline
     p["base weights, NF4"] = s.linear_params * NF4_BYTES_PER_PARAM
-    # from fp32 files the loader's embeddings and norms are views of the mapped files (counted there)
-    p["embeddings, norms, head (fp32)"] = 0.0 if files_fp32 and file_bytes else s.other_params * 4
+    p["embeddings, norms, head (fp32)"] = s.other_params * 4
     lora = s.lora_params(r)
     p["LoRA weights, gradients, AdamW state"] = lora * 4 * 4
     if fast:
@@ -263,18 +257,13 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
         p["activations kept for the backward"] = (activation_bytes(_Cfg(s), micro_batch, seq_len)
                                                   if not checkpointing else s.layers * tokens * 4 * s.hidden)
         p["transients (full logits and their gradient)"] = tokens * s.vocab * (2 + 4 + 4 + 4)
-    # fp32 files: the mapping is kept (the tensors above are views of it) and its pages stay resident
-    p["base model files, memory-mapped by the loader"] = file_bytes if files_fp32 else 0.0
     # what malloc keeps of freed blocks (see ALLOCATOR_SLACK)
     p["allocator slack (freed blocks malloc keeps)"] = (ALLOCATOR_SLACK_RECOMPUTE if checkpointing else ALLOCATOR_SLACK) * (
         p["activations kept for the backward"] + max(v for k, v in p.items() if k.startswith("transients")))
-    # loading: the files are mapped whole while each tensor is quantized (or, from other dtypes,
-    # converted to fp32 first, malloc keeping part of the largest conversion buffer)
-    est.load_peak = baseline + file_bytes + p["base weights, NF4"] + s.other_params * 4
-    if files_fp32 and file_bytes:
-        est.load_peak -= s.other_params * 4  # views of the mapping
-    else:
-        est.load_peak += LOAD_SLACK * s.vocab * s.hidden * 4
+    # loading: each tensor is read, converted to fp32 and quantized (or kept), malloc keeping part of
+    # the largest conversion buffer; a .bin checkpoint is read whole first
+    est.load_peak = (baseline + file_bytes + p["base weights, NF4"] + s.other_params * 4
+                     + LOAD_SLACK * s.vocab * s.hidden * 4)
     return est
 
 

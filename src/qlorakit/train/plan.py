@@ -362,7 +362,6 @@ def choose_memory_settings(recipe: Any, model: Any, *, seq_len: int | None = Non
     steps = total_steps or t.max_steps or 100
     compile_ = compile_pays(shape, steps * t.micro_batch_size * seq * t.grad_accum)
     file_bytes = _file_bytes(folder) if folder is not None else 0.0
-    files_fp32 = _files_fp32(folder) if folder is not None else False
     base = float(current_rss_bytes()) if baseline is None else baseline
     budget = memory_budget_bytes(recipe)
     gc_mode = t.gradient_checkpointing if checkpointing is None else ("on" if checkpointing else "off")
@@ -371,7 +370,7 @@ def choose_memory_settings(recipe: Any, model: Any, *, seq_len: int | None = Non
     for c in cands:
         e = estimate_memory(shape, micro_batch=c.micro_batch, seq_len=seq, r=recipe.lora.r, checkpointing=c.checkpointing,
                             weights=c.weights, fast=fast, baseline=base, file_bytes=file_bytes,
-                            compiled=c.compile, files_fp32=files_fp32)
+                            compiled=c.compile)
         if e.peak <= budget:
             return MemoryChoice(c.checkpointing, c.weights, e, budget, True)
     return MemoryChoice(c.checkpointing, c.weights, e, budget, False)
@@ -403,22 +402,11 @@ def choose_fast_options(recipe: Any, model: Any, *, checkpointing: bool, weights
 
 
 def _file_bytes(folder: Path) -> float:
-    return float(sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-                 or sum(p.stat().st_size for p in folder.glob("*.bin")))
-
-
-def _files_fp32(folder: Path) -> bool:
-    """Whether the model's weight files hold fp32 tensors (read from the safetensors headers; a
-    ``.bin`` checkpoint is copied whole by its loader, so it counts as not)."""
-    import struct
-
-    dtypes: set[str] = set()
-    for f in sorted(folder.glob("*.safetensors")):
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
-    return dtypes == {"F32"}
+    """Bytes of the weight files the loader reads whole: a ``.bin`` checkpoint's (safetensors files,
+    which transformers prefers where both are, are read tensor by tensor)."""
+    if any(folder.glob("*.safetensors")):
+        return 0.0
+    return float(sum(p.stat().st_size for p in folder.glob("*.bin")))
 
 
 def _baseline_bytes() -> float:
@@ -430,11 +418,10 @@ def _baseline_bytes() -> float:
     return float(current_rss_bytes())
 
 
-def _memory(shape: ModelShape, s: Settings, r: int, baseline: float, file_bytes: float,
-            files_fp32: bool) -> MemoryEstimate:
+def _memory(shape: ModelShape, s: Settings, r: int, baseline: float, file_bytes: float) -> MemoryEstimate:
     return estimate_memory(shape, micro_batch=s.micro_batch, seq_len=s.seq_len, r=r,
                            checkpointing=s.checkpointing, weights=s.weights, baseline=baseline,
-                           file_bytes=file_bytes, compiled=s.compile, files_fp32=files_fp32)
+                           file_bytes=file_bytes, compiled=s.compile)
 
 
 def _segment_work(position_ids: torch.Tensor) -> int:
@@ -475,7 +462,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
              alpha: float, dropout: float, budget_bytes: float, sample: dict[str, torch.Tensor] | None,
              total_steps: int = 0, tokens_per_step: float | None = None, gradient_checkpointing: str = "auto",
              compile_: bool | None = None, calibrate_time: bool = True, file_bytes: float = 0.0,
-             files_fp32: bool = True, baseline: float | None = None) -> Plan:
+             baseline: float | None = None) -> Plan:
     """Choose settings that fit ``budget_bytes`` and predict memory and time for them.
 
     ``sample`` is real data (input_ids, labels, position_ids) at the requested sequence length, one
@@ -492,7 +479,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
     chosen: Settings | None = None
     est: MemoryEstimate | None = None
     for s in _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_):
-        e = _memory(shape, s, r, base, file_bytes, files_fp32)
+        e = _memory(shape, s, r, base, file_bytes)
         tried.append(f"{s.describe()}: {e.peak / GB:.2f} GB")
         if e.peak <= budget_bytes:
             chosen, est = s, e
@@ -500,7 +487,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
     fits = chosen is not None
     if chosen is None:  # nothing fits: report the leanest
         chosen = _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_)[-1]
-        est = _memory(shape, chosen, r, base, file_bytes, files_fp32)
+        est = _memory(shape, chosen, r, base, file_bytes)
     plan = Plan(model=model_name, shape=asdict(shape), settings=chosen, budget_bytes=budget_bytes,
                 memory=dict(est.parts), peak_bytes=est.peak, load_peak_bytes=est.load_peak, fits=fits,
                 total_steps=total_steps, tried=tried, asked_seq_len=seq_len)
@@ -552,7 +539,7 @@ def plan_recipe(recipe: Any, *, budget_bytes: float | None = None, calibrate_tim
                     grad_accum=t.grad_accum, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
                     budget_bytes=budget, sample=sample, total_steps=total, tokens_per_step=tokens_per_step,
                     gradient_checkpointing=t.gradient_checkpointing, calibrate_time=calibrate_time,
-                    file_bytes=_file_bytes(folder), files_fp32=_files_fp32(folder))
+                    file_bytes=_file_bytes(folder))
 
 
 def _fmt_s(s: float | None) -> str:
