@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import REPO, cpu_name, run_worker, write_atomic  # noqa: E402
 
-DEFAULT_CASES = "512:4:16,1024:4:2.2,512:4:1.8,2048:4:3.0,1024:8:2.6,256:16:2.4"
+DEFAULT_CASES = "512:4:16,1024:4:1.8,512:4:1.4,2048:4:2.6,1024:8:2.2,256:16:2.0"
 PLANNED_STEPS = 40  # the run length both the plan and the run are told (it decides whether compiling pays)
 
 
