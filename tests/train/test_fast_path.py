@@ -332,6 +332,39 @@ def test_fused_head_loss_matches_cross_entropy():
     assert _rel(h.grad.float(), h2.grad.float()) <= 1e-2
 
 
+@pytest.mark.parametrize("n,chunk", [(64, 2048), (70, 2048), (2100, 2048), (130, 64)])
+def test_head_matmuls_run_on_rounded_row_counts(n, chunk):
+    """The loss-token count differs from batch to batch; oneDNN compiles and keeps a kernel for every
+    matmul shape it meets, so the head's matmuls only ever see row counts rounded up to
+    HEAD_ROW_STEP (zero rows added), and the loss and gradient are those of the n rows alone."""
+    from torch.overrides import TorchFunctionMode
+
+    from qlorakit.train.fast import HEAD_ROW_STEP
+
+    rows: list[int] = []
+
+    class _Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.mm:
+                rows.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    h = torch.randn(n, 32).to(torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(300, 32) * 0.3).to(torch.bfloat16)
+    t = torch.randint(0, 300, (n,))
+    with _Record():
+        loss = fused_head_loss(h, w, t, chunk=chunk)
+    loss.backward()
+    assert rows and all(r % HEAD_ROW_STEP == 0 for r in rows), rows
+    h2 = h.detach().clone().requires_grad_(True)
+    ref = F.cross_entropy((h2 @ w.t()).float(), t, reduction="sum")
+    ref.backward()
+    assert abs(float(loss) - float(ref)) <= 1e-4 * float(ref)
+    assert h.grad.shape == (n, 32)
+    assert _rel(h.grad.float(), h2.grad.float()) <= 1e-2
+
+
 @pytest.mark.parametrize("impl,lengths", [
     ("cpu", (7, 12, 5)),
     ("fused", (7, 12, 5)),
