@@ -248,7 +248,8 @@ def load_base_model(cfg: ModelConfig, *, quantize: bool = True) -> LoadedModel:
 
     # loading converts tensor after tensor to fp32; from the heap, the freed buffers stay resident in
     # amounts that vary from run to run (1.7B shape: peak 5.2 to 7.2 GB, 1.7 to 3.9 GB kept after
-    # loading); from their own mappings they go back at once (peak 5.14 GB, 1.66 GB kept, every run)
+    # loading); from their own mappings they go back at once (peak 5.14 GB, 1.66 GB kept, every run;
+    # measured while the files were still mapped whole, see _files_read_not_mapped for the peak now)
     set_mmap_threshold(MMAP_THRESHOLD_LOADING)
     try:
         with _files_read_not_mapped():

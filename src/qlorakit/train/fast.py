@@ -155,8 +155,7 @@ class _HeadLoss(torch.autograd.Function):
             hp[:n] = h
         else:
             hp = h
-        if workspace is None or workspace.shape[0] < min(chunk, n_pad) or workspace.shape[1] != vocab:
-            workspace = torch.empty(min(chunk, n_pad), vocab, dtype=BF16, device=h.device)
+        workspace = head_workspace(n, chunk, vocab, h.device, workspace)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = h.new_empty(n_pad, h.shape[1]) if want_grad else None
         fn = kernel("ce_fwd_bwd_" if want_grad else "ce_fwd", compiled)
@@ -180,6 +179,17 @@ class _HeadLoss(torch.autograd.Function):
 def head_rows(n: int) -> int:
     """``n`` rounded up to a multiple of :data:`HEAD_ROW_STEP`: the row count the head's matmuls run."""
     return -(-n // HEAD_ROW_STEP) * HEAD_ROW_STEP
+
+
+def head_workspace(n: int, chunk: int, vocab: int, device: torch.device | str,
+                   current: torch.Tensor | None = None) -> torch.Tensor:
+    """The (rows, vocab) bf16 logits buffer the head's loss over ``n`` rows needs: ``current`` when it is
+    large enough, else a new one of at least 256 rows (up to ``chunk``), so that the small batches of a
+    run do not grow it again and again."""
+    rows = min(chunk, head_rows(n))
+    if current is not None and current.shape[0] >= rows and current.shape[1] == vocab:
+        return current
+    return torch.empty(min(chunk, max(rows, 256)), vocab, dtype=BF16, device=device)
 
 
 def fused_head_loss(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, chunk: int = LOSS_CHUNK,
@@ -390,10 +400,7 @@ class FastModel:
         if n == 0:
             return h.float().sum() * 0.0, 0
         w = self.head.get()
-        chunk = min(self.options.loss_chunk, head_rows(n))
-        if self._workspace is None or self._workspace.shape[0] < chunk:
-            self._workspace = torch.empty(min(self.options.loss_chunk, max(chunk, 256)), w.shape[0], dtype=BF16,
-                                          device=h.device)
+        self._workspace = head_workspace(n, self.options.loss_chunk, w.shape[0], h.device, self._workspace)
         with torch.autocast("cpu", enabled=False):
             total = fused_head_loss(h.index_select(0, sel), w, target.index_select(0, sel),
                                     self.options.loss_chunk, self.options.compile, self._workspace)

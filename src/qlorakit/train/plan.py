@@ -208,7 +208,7 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
               settings: Settings, repeats: int = 3) -> Calibration:
     """Time the fast path's pieces for ``shape`` on ``batches`` (one micro-batch each, real data)."""
     from ..data.templating import IGNORE_INDEX
-    from .fast import FastModel, FastOptions, fused_head_loss, head_rows
+    from .fast import FastModel, FastOptions, fused_head_loss, head_workspace
     from .loss import shift_labels
 
     opts = FastOptions(weights=settings.weights, checkpointing=settings.checkpointing, compile=settings.compile)
@@ -259,8 +259,7 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
     tgt = torch.randint(0, shape.vocab, (max(1, n_loss),))
     # the logits buffer is reused from call to call, as the training step reuses it (a fresh one
     # per call costs the kernel's page mapping, about a tenth of the head's time)
-    chunk = min(opts.loss_chunk, head_rows(max(1, n_loss)))
-    logits = torch.empty(min(opts.loss_chunk, max(chunk, 256)), shape.vocab, dtype=torch.bfloat16)
+    logits = head_workspace(max(1, n_loss), opts.loss_chunk, shape.vocab, "cpu")
 
     def head() -> None:
         fused_head_loss(h, w, tgt, opts.loss_chunk, compiled=settings.compile, workspace=logits).backward()
