@@ -2,8 +2,8 @@
 the Hugging Face stack (transformers + peft + bitsandbytes NF4), same base, same adapter, same
 prompts, greedy, the same number of new tokens; the texts are compared.
 
-The adapter is a fixed random one (seeded, B non-zero, so it changes the output) saved in the PEFT
-format; every side loads that folder. Sides: ``qlorakit``; ``hf``, the stack as it comes (on a CPU
+The adapter is by default a fixed random one (seeded, B non-zero, so it changes the output) saved in
+the PEFT format, or a trained one (``--adapter``); every side loads that folder. Sides: ``qlorakit``; ``hf``, the stack as it comes (on a CPU
 with AVX512-BF16, bitsandbytes repacks each 4-bit weight at the first no-grad forward and runs its
 own fused kernel, whose rounding differs from dequantize-then-matmul); ``hf-unpacked``, the same
 stack with that repacking off (``support_avx512bf16_for_cpu = False`` on every ``Linear4bit``, the
@@ -14,6 +14,8 @@ in its own process; a short warm-up generation is excluded from the timing on ev
 side.
 
     python bench/bench_generate.py            # writes bench/results/generation_speed.md
+    python bench/bench_generate.py --adapter runs/<run>/adapter --prompts-file my_prompts.txt \
+        --out /tmp/gen.md                     # a trained adapter, your own prompts (one per line)
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def worker(a: argparse.Namespace) -> None:
             res = generate(model, tok, prompt, max_new_tokens=n, min_new_tokens=n)
             return res.text, res.completion_tokens
     load_s = time.perf_counter() - t0
-    prompts = [_prompt_text(tok, p) for p in PROMPTS[:a.prompts]]
+    prompts = [_prompt_text(tok, p) for p in chosen_prompts(a)]
     t = time.perf_counter()
     gen(prompts[0], 4)  # warm-up (caches, first-call costs), excluded from the timing
     warm_s = time.perf_counter() - t
@@ -126,23 +128,46 @@ def worker(a: argparse.Namespace) -> None:
           flush=True)
 
 
+def read_prompts(path: str) -> list[str]:
+    """The non-empty lines of ``path``, one user prompt each."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise SystemExit(f"--prompts-file {path}: cannot read it ({e.strerror or e})") from e
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise SystemExit(f"--prompts-file {path}: no prompt in it (expected one prompt per non-empty line)")
+    return prompts
+
+
+def chosen_prompts(a: argparse.Namespace) -> list[str]:
+    """The prompts of this run: those of ``--prompts-file`` when given, else the first ``--prompts`` built-in ones."""
+    return read_prompts(a.prompts_file) if a.prompts_file else PROMPTS[:a.prompts]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="default")
     ap.add_argument("--adapter", default=str(REPO / "bench" / "out" / "gen_adapter"))
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--prompts", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=3, help="how many of the built-in prompts to run")
+    ap.add_argument("--prompts-file", help="run these prompts instead: a text file, one user prompt per line")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--sides", default="qlorakit,hf,hf-unpacked")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "generation_speed.md"))
+    ap.add_argument("--json", default=str(REPO / "bench" / "out" / "generation_speed.json"))
     ap.add_argument("--side", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.side:
         worker(a)
         return 0
+    prompts = chosen_prompts(a)  # a bad --prompts-file fails here, before any side loads a model
+    made = not (Path(a.adapter) / "adapter_model.safetensors").is_file()
     make_adapter(Path(a.adapter), a.model)
     common = ["--model", a.model, "--adapter", a.adapter, "--new-tokens", str(a.new_tokens), "--prompts",
               str(a.prompts), "--threads", str(a.threads)]
+    if a.prompts_file:
+        common += ["--prompts-file", str(Path(a.prompts_file).resolve())]
     load_before = os.getloadavg()
     results = {s: run_worker(Path(__file__), ["--side", s, *common], timeout=3600) for s in a.sides.split(",")}
     load_after = os.getloadavg()
@@ -158,20 +183,23 @@ def main(argv: list[str] | None = None) -> int:
             row += f" {r['tokens_per_s'] / h['tokens_per_s']:.2f}x | {'-' if s == ref else same} |"
         rows.append(row)
     cmd = "python bench/bench_generate.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    md = [f"# Generation speed with an adapter: qlorakit vs the Hugging Face stack\n",
+    default_adapter = Path(a.adapter).resolve() == (REPO / "bench" / "out" / "gen_adapter").resolve()
+    adapter_desc = ("seeded random LoRA r=16 on all linear layers (PEFT format)" if made or default_adapter
+                    else f"`{a.adapter}` (PEFT format)")
+    md = ["# Generation speed with an adapter: qlorakit vs the Hugging Face stack\n",
           f"Command: `{cmd.strip()}`  ",
           f"CPU: {cpu_name()}; torch {torch.__version__}; load average before/after {load_before[0]:.2f}/{load_after[0]:.2f}  ",
-          f"Model: {a.model}; adapter: seeded random LoRA r=16 on all linear layers (PEFT format); "
-          f"{len(PROMPTS[:a.prompts])} chat prompts, greedy, {a.new_tokens} new tokens each (no early stop).\n",
+          f"Model: {a.model}; adapter: {adapter_desc}; "
+          f"{len(prompts)} chat prompts, greedy, {a.new_tokens} new tokens each (no early stop).\n",
           "\n".join(rows), ""]
-    for i, p in enumerate(PROMPTS[:a.prompts]):
+    for i, p in enumerate(prompts):
         md.append(f"Prompt {i + 1}: {p}")
         for s, r in results.items():
             md.append(f"- {s}: {json.dumps(r['texts'][i])}")
         md.append("")
     text = "\n".join(md)
     write_atomic(Path(a.out), text)
-    write_atomic(REPO / "bench" / "out" / "generation_speed.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(Path(a.json), json.dumps(results, indent=2) + "\n")
     print(text)
     return 0
 
