@@ -121,3 +121,30 @@ def audit_rows(db: Path, sql: str, args: tuple = (), *, expect: int = 1, timeout
         if len(rows) >= expect or time.monotonic() > deadline:
             return rows
         time.sleep(0.05)
+
+
+class FakeHub:
+    """The hub interface over a real tokenizer, without a model: subclasses supply ``generate`` and
+    ``stream`` (a scripted answer, a slow countable one)."""
+
+    base_id = "base"
+    adapters: dict[str, Any] = {}
+    created = 0
+    context_length = 1024
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def model_ids(self) -> list[str]:
+        return ["base"]
+
+    def has(self, model_id: str) -> bool:
+        return model_id == "base"
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        from qlorakit.models import chat_prompt
+
+        return chat_prompt(self.tokenizer, messages)

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from serve_support import KEYS, audit_rows, auth, server_config, start_server
+from serve_support import KEYS, FakeHub, audit_rows, auth, server_config, start_server
 
 from qlorakit.models import GenerationResult
 from qlorakit.serve import OUTPUT_REFUSAL, Guards
@@ -90,31 +90,13 @@ def test_flag_answers_and_records_off_skips(runs, hub, tmp_path):
         srv.stop()
 
 
-class ScriptedHub:
+class ScriptedHub(FakeHub):
     """The hub interface with a fixed answer, to drive the output guard (a tiny random model
     cannot be made to say something harmful)."""
 
-    base_id = "base"
-    adapters: dict[str, Any] = {}
-    created = 0
-    context_length = 1024
-
     def __init__(self, tokenizer: Any, answer: str) -> None:
-        self.tokenizer, self.answer = tokenizer, answer
-
-    def model_ids(self) -> list[str]:
-        return ["base"]
-
-    def has(self, model_id: str) -> bool:
-        return model_id == "base"
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        from qlorakit.models import chat_prompt
-
-        return chat_prompt(self.tokenizer, messages)
+        super().__init__(tokenizer)
+        self.answer = answer
 
     def generate(self, model_id: str, prompt: str, **kw: Any) -> GenerationResult:
         return GenerationResult(self.answer, self.count_tokens(prompt), self.count_tokens(self.answer), "stop")

@@ -34,7 +34,18 @@ class GenerationResult:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "cancelled" (``cancel`` was set before either)
+
+
+def _stop_when_set(event: threading.Event) -> Any:
+    """A transformers ``StoppingCriteriaList`` that ends ``generate`` once ``event`` is set."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Flag(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Flag()])
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
@@ -120,8 +131,13 @@ def _cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
-             seed: int | None = None, min_new_tokens: int = 0) -> GenerationResult:
-    """Complete ``prompt`` (already chat-templated when chatting); ``min_new_tokens`` delays EOS."""
+             seed: int | None = None, min_new_tokens: int = 0,
+             cancel: threading.Event | None = None) -> GenerationResult:
+    """Complete ``prompt`` (already chat-templated when chatting); ``min_new_tokens`` delays EOS.
+
+    ``cancel``, when set from another thread, ends the generation after the token in progress (a
+    server whose client has gone); the result then holds the tokens made so far, finish "cancelled".
+    """
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     n_prompt = enc["input_ids"].shape[1]
@@ -132,18 +148,25 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tok
     with _eval_mode(model):
         dec = decoder_for(model)
         if dec is not None:
-            new = list(dec.tokens(enc["input_ids"][0].tolist(), max_new_tokens, stop_ids=stop_ids,
-                                  temperature=temperature, top_p=top_p, min_new_tokens=min_new_tokens))
+            new = []
+            for t in dec.tokens(enc["input_ids"][0].tolist(), max_new_tokens, stop_ids=stop_ids,
+                                temperature=temperature, top_p=top_p, min_new_tokens=min_new_tokens):
+                new.append(t)
+                if cancel is not None and cancel.is_set():
+                    break
         else:
+            kw = _gen_kwargs(tokenizer, max_new_tokens, temperature, top_p, stop_ids, min_new_tokens)
+            if cancel is not None:
+                kw["stopping_criteria"] = _stop_when_set(cancel)
             with _precision(model):
-                out = model.generate(**enc, **_gen_kwargs(tokenizer, max_new_tokens, temperature, top_p, stop_ids,
-                                                          min_new_tokens))
+                out = model.generate(**enc, **kw)
             new = out[0, n_prompt:].tolist()
     hit_eos = bool(new) and new[-1] in stop_ids
     if hit_eos:
         new = new[:-1]
     text, hit_stop = _cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
-    finish = "stop" if hit_eos or hit_stop else "length"
+    cancelled = cancel is not None and cancel.is_set() and len(new) < max_new_tokens
+    finish = "stop" if hit_eos or hit_stop else "cancelled" if cancelled else "length"
     return GenerationResult(text, n_prompt, len(new) + (1 if hit_eos else 0), finish)
 
 
@@ -191,20 +214,19 @@ def _stream_decoder(dec: Any, model: torch.nn.Module, tokenizer: Any, prompt: st
 def generate_stream(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tokens: int = 128,
                     temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
                     seed: int | None = None) -> Iterator[str]:
-    """Yield text pieces as they are generated (stops at a stop string, not including it)."""
+    """Yield text pieces as they are generated (stops at a stop string, not including it).
+
+    Closing the generator early (``close()``, or leaving a ``for`` loop over it and dropping it) ends
+    the generation before ``close()`` returns, in every case: the model is idle afterwards.
+    """
     prepare_inference(model)
     dec = decoder_for(model)
     if dec is not None:
         yield from _stream_decoder(dec, model, tokenizer, prompt, max_new_tokens, temperature, top_p, stop, seed)
         return
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from transformers import TextIteratorStreamer
 
-    halt = threading.Event()
-
-    class _Halt(StoppingCriteria):  # lets the consumer stop generation at a stop string
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
-            return torch.full((input_ids.shape[0],), halt.is_set(), dtype=torch.bool, device=input_ids.device)
-
+    halt = threading.Event()  # set by the consumer: at a stop string, or when it closes this generator
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -216,7 +238,7 @@ def generate_stream(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_
             if seed is not None:
                 torch.manual_seed(seed)
             with torch.no_grad(), _precision(model):
-                model.generate(**enc, **kw, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Halt()]))
+                model.generate(**enc, **kw, streamer=streamer, stopping_criteria=_stop_when_set(halt))
         except BaseException as e:  # re-raised in the consuming thread below
             errors.append(e)
             streamer.end()
@@ -225,16 +247,17 @@ def generate_stream(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_
     t = threading.Thread(target=work, daemon=True)
     t.start()
     emitted = ""
-    for piece in streamer:
-        candidate = emitted + piece
-        text, hit = _cut_at_stop(candidate, stop)
-        if text[len(emitted):]:
-            yield text[len(emitted):]
-        emitted = text
-        if hit:
-            halt.set()
-            break
-    halt.set()
-    t.join()
+    try:
+        for piece in streamer:
+            candidate = emitted + piece
+            text, hit = _cut_at_stop(candidate, stop)
+            if text[len(emitted):]:
+                yield text[len(emitted):]
+            emitted = text
+            if hit:
+                break
+    finally:  # also when the consumer closes this generator: the generating thread stops and is joined
+        halt.set()
+        t.join()
     if errors:
         raise errors[0]

@@ -11,8 +11,11 @@ Every ``/v1`` request passes the :class:`Gate` first: a request id, the API key 
 per-key request limit (429 + ``Retry-After``) and the body size limit (413); then the handler checks
 the body (400 in the OpenAI error shape, never FastAPI's 422), the model (404 naming the served
 ones), the prompt length and ``max_tokens`` (400), the per-key token limit (429), the input guards,
-and queues the generation on the fair scheduler (503 or 429 with ``Retry-After`` when full). Each
-request leaves one row in the audit log.
+and queues the generation on the fair scheduler (503 or 429 with ``Retry-After`` when full). A
+client that disconnects before its answer is complete takes its generation with it: a queued one
+never runs, one under way stops at its next token (streamed or not), and what it cost still counts
+against the key (the tokens made; for a stream, the tokens it reserved). Each request leaves one row
+in the audit log (status 499 for a client that left before the answer began).
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ _UNSUPPORTED = {
     "best_of": lambda v: v not in (None, 1),
 }
 _HOLD_CHARS = 24  # streamed text waits for the output guard in pieces of at least this many characters
+DISCONNECT_POLL_S = 0.25  # how often a request waiting for its answer checks that its client is still there
 _GREEDY_BELOW = 1e-4  # temperatures below this decode greedily (dividing logits by ~0 overflows)
 
 
@@ -347,6 +351,33 @@ def _submit(st: ServerState, ctx: RequestContext, fn: Any) -> Any:
                            f"{e.retry_after_s:.0f} s.", e.retry_after_s, code="too_many_queued") from e
 
 
+async def _unless_client_gone(request: Request, st: ServerState, ctx: RequestContext, fut: Any,
+                              cancel: threading.Event) -> Any:
+    """The result of the queued generation ``fut``, watching the connection meanwhile.
+
+    When the client disconnects first (a client timeout, a closed tab), a generation still waiting in
+    the queue is taken out of it, and one under way is stopped at its next token (``cancel``); its
+    tokens are counted against the key, and the request ends as 499. Without this, an abandoned long
+    answer would hold the one generation worker, and every request queued behind it would wait.
+    """
+    waiter = asyncio.wrap_future(fut)
+    while True:
+        done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return waiter.result()
+        if await request.is_disconnected():
+            break
+    cancel.set()
+    if not fut.cancel():  # under way (a queued job is cancelled and never runs): wait for its next token
+        result = await waiter
+        # the tokens it made count against the key's token limit
+        ctx.audit.prompt_tokens, ctx.audit.completion_tokens = result.prompt_tokens, result.completion_tokens
+        ctx.audit.finish_reason = result.finish_reason
+        if ctx.reservation is not None:
+            st.limiter.settle(ctx.reservation, result.prompt_tokens + result.completion_tokens)
+    raise APIError(499, "client disconnected before the answer was ready", "client_closed")
+
+
 def _guard_headers(outcome: GuardOutcome) -> dict[str, str]:
     marks = [f"blocked={c}" for c in outcome.blocked] + [f"flagged={c}" for c in outcome.flagged]
     return {_GUARD_HEADER: ",".join(marks)} if marks else {}
@@ -477,12 +508,13 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
                            outcome, headers, bool(body.stream_options and body.stream_options.include_usage))
         t_queued = time.monotonic()
         started: list[float] = []
+        cancel = threading.Event()  # set when the client has gone: the generation stops at its next token
 
         def work() -> Any:
             started.append(time.monotonic())
-            return hub.generate(model_id, prompt, **params)
+            return hub.generate(model_id, prompt, cancel=cancel, **params)
 
-        result = await asyncio.wrap_future(_submit(st, ctx, work))
+        result = await _unless_client_gone(request, st, ctx, _submit(st, ctx, work), cancel)
         ctx.audit.queue_ms = (started[0] - t_queued) * 1000 if started else None
         text, finish = result.text, result.finish_reason
         out = await asyncio.to_thread(st.guards.check_output, text)
@@ -513,14 +545,22 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
         started: list[float] = []
 
         def work() -> str:
-            # runs in the worker thread; always drains the generator, so that the model is idle when
-            # the next request switches adapters, even if this client has gone
+            # runs in the worker thread. Once ``cancel`` is set (the client has gone, or the output guard
+            # blocked the answer) no more tokens are made: closing the generator ends the generation
+            # here, in this thread, so the model is idle when the next request switches adapters
             started.append(time.monotonic())
             got = []
-            for piece in hub.stream(model_id, prompt, **params):
-                got.append(piece)
-                if not cancel.is_set():
+            gen = hub.stream(model_id, prompt, **params)
+            try:
+                for piece in gen:
+                    got.append(piece)
+                    if cancel.is_set():
+                        break
                     loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
+            finally:
+                close = getattr(gen, "close", None)  # a generator: ends its generation now
+                if close is not None:
+                    close()
             return "".join(got)
 
         fut = _submit(st, ctx, work)  # QueueFull is answered as 503/429 before the stream starts
@@ -613,6 +653,7 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
                 yield f"data: {json.dumps(err)}\n\n"
             finally:
                 cancel.set()
+                fut.cancel()  # still queued (the client left before its turn): it never runs
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", **headers})
