@@ -550,17 +550,12 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
             # here, in this thread, so the model is idle when the next request switches adapters
             started.append(time.monotonic())
             got = []
-            gen = hub.stream(model_id, prompt, **params)
-            try:
+            with contextlib.closing(hub.stream(model_id, prompt, **params)) as gen:
                 for piece in gen:
                     got.append(piece)
                     if cancel.is_set():
                         break
                     loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
-            finally:
-                close = getattr(gen, "close", None)  # a generator: ends its generation now
-                if close is not None:
-                    close()
             return "".join(got)
 
         fut = _submit(st, ctx, work)  # QueueFull is answered as 503/429 before the stream starts
