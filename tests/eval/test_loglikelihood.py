@@ -93,3 +93,47 @@ def test_long_context_is_left_truncated(tiny_llama, tiny_tokenizer):
     (s,) = scorer.score_tokens(ctx, [cont])
     keep = ctx[-(8 - (len(cont) - 1)):]
     assert s.logprob == pytest.approx(_direct(tiny_llama, keep, cont), abs=1e-4)
+
+
+class WidthRecorder(torch.nn.Module):
+    """The tiny model behind the full interface, recording the width and last position of every forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+        self.seen = []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
+        if position_ids is None:
+            past = 0 if past_key_values is None else past_key_values.get_seq_length()
+            last = past + input_ids.shape[1] - 1
+        else:
+            last = int(position_ids.max())
+        self.seen.append((input_ids.shape[1], last))
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          past_key_values=past_key_values, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("strategy", ["shared_prefix", "concat"])
+def test_padded_widths_are_rounded_within_max_length(tiny_llama, tiny_tokenizer, strategy):
+    """Every forward's width is a multiple of width_multiple (oneDNN then meets a few matmul shapes,
+    not one per length), no padded position passes max_length, and the scores stay the unpadded ones."""
+    items = [("A man is sitting on a roof. He", [" starts pulling up roofing.", " is a dog."]),
+             ("Question: what is the capital of France? Answer:", [" Paris", " the lazy dog"]),
+             ("The quick brown fox jumps over the lazy dog. " * 3, [" b", " brown fox jumps"])]
+    for max_length, multiple in ((256, 16), (40, 16)):
+        rec = WidthRecorder(tiny_llama)
+        scorer = LoglikelihoodScorer(rec, tiny_tokenizer, precision="fp32", strategy=strategy, batch_tokens=4096,
+                                     width_multiple=multiple, max_length=max_length)
+        got = scorer.score_many(items)
+        assert rec.seen and all(last < max_length for _, last in rec.seen), rec.seen
+        if max_length == 256:  # room everywhere: every width rounded
+            assert all(w % multiple == 0 for w, _ in rec.seen), rec.seen
+        plain = LoglikelihoodScorer(tiny_llama, tiny_tokenizer, precision="fp32", strategy=strategy,
+                                    width_multiple=1, max_length=max_length).score_many(items)
+        for a, b in zip(got, plain):
+            for x, y in zip(a, b):
+                assert x.logprob == pytest.approx(y.logprob, abs=1e-4) and x.is_greedy == y.is_greedy
+    with pytest.raises(ValueError, match="width_multiple"):
+        LoglikelihoodScorer(tiny_llama, tiny_tokenizer, width_multiple=0)

@@ -145,10 +145,16 @@ def test_plan_command_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert rc == 1 and "DOES NOT FIT" in capsys.readouterr().out
 
 
-def test_a_run_chooses_what_its_plan_showed(tiny_model_dir):
+def test_a_run_chooses_what_its_plan_showed(tiny_model_dir, monkeypatch):
     """`qlorakit train` takes checkpointing and the base weights' form from the same candidates and
     the same estimate as `qlorakit plan`, at every budget from roomy to too small."""
     from transformers import AutoConfig
+
+    from qlorakit.train import memory
+
+    # the tiny model's evaluation after training (a fixed overhead) would outweigh every training
+    # candidate; without it the candidates' own peaks decide, as they do for real models
+    monkeypatch.setattr(memory, "EVAL_OVERHEAD", 0)
 
     from qlorakit.config import load_recipe
     from qlorakit.models import load_base_model
@@ -327,3 +333,24 @@ def test_extrapolated_layer_time_pairs_the_two_depths_against_a_slow_spell(monke
     assert layer_s == pytest.approx(1.0)
     assert (per_few, per_more) == (pytest.approx(1.0), pytest.approx(6.0))
     assert first == pytest.approx(6.0)
+
+
+def test_the_evaluation_after_training_counts_in_the_peak():
+    """`qlorakit train` evaluates in the same process after training: the predicted peak is the
+    highest of loading, training and that evaluation, and a budget below the evaluation's need
+    does not fit even where the training would."""
+    from qlorakit.train import memory
+
+    shape = SHAPE_135M
+    small = estimate_memory(shape, micro_batch=1, seq_len=128, r=16, checkpointing=True, weights="per-use",
+                            baseline=525 * 2**20)
+    assert small.eval_peak > small.train_peak and small.peak == small.eval_peak
+    # the model, the decoder's copies and the overhead, above the process
+    need = small.eval_peak - 525 * 2**20
+    assert need >= memory.EVAL_OVERHEAD + 2 * shape.linear_params * memory.NF4_BYTES_PER_PARAM
+    big = estimate_memory(shape, micro_batch=4, seq_len=512, r=16, baseline=525 * 2**20)
+    assert big.peak == big.train_peak > big.eval_peak
+    p = plan_run(shape, model_name="m", micro_batch=1, seq_len=128, grad_accum=1, r=16, alpha=32, dropout=0.0,
+                 sample=None, total_steps=10, calibrate_time=False, baseline=525 * 2**20,
+                 budget_bytes=0.5 * (small.train_peak + small.eval_peak))
+    assert not p.fits and p.eval_peak_bytes == p.peak_bytes

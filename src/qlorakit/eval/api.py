@@ -25,6 +25,7 @@ def run_eval(
     loss_curve: str | Path | None = None,
     precision: str = "auto",
     batch_size: int = 8,
+    batch_tokens: int = 4096,
     n_resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,
@@ -37,12 +38,13 @@ def run_eval(
     tuned with base on the same items; without it only the model's own values are reported and
     comparison checks are skipped. ``limits`` maps ``suite``, ``task`` or ``suite/task`` (or ``*``)
     to an item count (None: all items). ``thresholds`` defaults to
-    :data:`qlorakit.eval.DEFAULT_THRESHOLDS`. ``loss_curve`` is a training ``metrics.jsonl``
+    :data:`qlorakit.eval.DEFAULT_THRESHOLDS`. ``batch_tokens`` bounds the padded tokens of one
+    log-likelihood forward (whose logits take tokens x vocabulary values). ``loss_curve`` is a training ``metrics.jsonl``
     plotted in the report. The returned dict is what ``results.json`` holds, with ``gate``
     (``passed`` and every check's status, observed value, margin and message) and, when written,
     ``report_files``.
     """
-    options = EvalOptions(precision=precision, batch_size=batch_size, n_resamples=n_resamples, seed=seed,
+    options = EvalOptions(precision=precision, batch_size=batch_size, batch_tokens=batch_tokens, n_resamples=n_resamples, seed=seed,
                           confidence=confidence, limits=dict(limits or {}))
     root = Path(data_root) if data_root is not None else None
     if base_context is not None:

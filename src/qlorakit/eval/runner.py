@@ -53,6 +53,7 @@ class EvalOptions:
     confidence: float = 0.95
     strategy: str = "auto"
     limits: Mapping[str, int | None] = field(default_factory=dict)
+    batch_tokens: int = 4096  # padded tokens per log-likelihood forward (its logits: tokens x vocabulary)
 
 
 def resolve_limit(suite: str, task: TaskSpec, limits: Mapping[str, int | None]) -> int | None:
@@ -120,7 +121,8 @@ def run_task(task: TaskSpec, model: Any, tokenizer: Any, items: Sequence[Item], 
     outputs: list[Any] = []
     tokens = 0
     if task.kind in ("multiple_choice", "loglikelihood"):
-        scorer = LoglikelihoodScorer(model, tokenizer, precision=options.precision, strategy=options.strategy)  # type: ignore[arg-type]
+        scorer = LoglikelihoodScorer(model, tokenizer, precision=options.precision, strategy=options.strategy,  # type: ignore[arg-type]
+                                     batch_tokens=options.batch_tokens)
         if task.kind == "multiple_choice":
             for item in items:
                 if not isinstance(item, MCItem):

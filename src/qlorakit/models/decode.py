@@ -209,15 +209,24 @@ class _GreedyHead:
     product."""
 
     MAX_CANDIDATES = 2048
+    ROWS = 4096  # rows of the head per block while the int8 copy is made
 
     def __init__(self, w: torch.Tensor):
-        k = w.shape[1]
+        n, k = w.shape
         s = w.abs().amax(dim=1) / 127
         s = torch.where(s > 0, s, torch.ones_like(s)).to(BF16)
-        q = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-        wq = q.double() * s.double()[:, None]
-        err = (w.double() - wq).abs().amax(dim=1)
-        m = torch.maximum(w.abs().amax(dim=1).double(), wq.abs().amax(dim=1))
+        q = torch.empty(n, k, dtype=torch.int8, device=w.device)
+        err = torch.empty(n, dtype=torch.float64, device=w.device)
+        m = torch.empty(n, dtype=torch.float64, device=w.device)
+        # row by row in blocks: the float64 temporaries of the whole head would take 4 x 8 bytes per
+        # weight at once (900 MB for a 49k x 576 head, against its 113 MB)
+        for i in range(0, n, self.ROWS):
+            wc, sc = w[i:i + self.ROWS], s[i:i + self.ROWS]
+            qc = q[i:i + self.ROWS]
+            qc.copy_(torch.round(wc / sc.float()[:, None]).clamp_(-127, 127))
+            wq = qc.double() * sc.double()[:, None]
+            err[i:i + self.ROWS] = (wc.double() - wq).abs().amax(dim=1)
+            m[i:i + self.ROWS] = torch.maximum(wc.abs().amax(dim=1).double(), wq.abs().amax(dim=1))
         self.gamma = 2 * (k + 1) * 2.0 ** -24  # fp32 dot products of length k: |error| <= gamma/2 * sum|x w|
         # per unit of ||h||_1: weight error + bf16 rounding of h (2^-8 |h| |w|, generous) + summation
         self.radius = ((err + m * (2.0 ** -8 + self.gamma)) * (1 + 2.0 ** -10)).float()

@@ -64,18 +64,21 @@ def autocast_for(model: torch.nn.Module) -> Any:
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_supports_bf16())
 
 
-def prepare_inference(model: torch.nn.Module) -> int:
+def prepare_inference(model: torch.nn.Module, max_bytes: float | None = None) -> int:
     """Cache bf16 copies of the 4-bit base weights for generation; the bytes added (0: none).
 
-    When the fast decoder runs the model with bitsandbytes' packed kernel, one-token products never
-    read these copies, so no fp32 copies are made; the bf16 ones serve long prompts."""
+    The copies are made only when they fit in ``max_bytes`` (default: a quarter of the available
+    memory); the first call decides, later ones return 0. When the fast decoder runs the model with
+    bitsandbytes' packed kernel, one-token products never read these copies, so no fp32 copies are
+    made; the bf16 ones serve long prompts."""
     if getattr(model, "_qlk_inference_ready", False):
         return 0
     from ..quant.fast_linear import cache_bf16_weights
     from ..train.memory import available_memory_bytes
 
     dec = decoder_for(model)
-    added = cache_bf16_weights(model, max_bytes=0.25 * available_memory_bytes(),
+    limit = 0.25 * available_memory_bytes()
+    added = cache_bf16_weights(model, max_bytes=limit if max_bytes is None else min(limit, max_bytes),
                                decode_fp32=dec is None or not dec.packs)
     model._qlk_inference_ready = True
     return added

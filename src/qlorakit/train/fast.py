@@ -297,9 +297,18 @@ class FastModel:
         self._workspace: torch.Tensor | None = None  # reused (chunk, vocabulary) logits buffer
         self._attn_ws = Workspace()  # reused score-sized buffers of the attention backward
 
+    def release(self) -> None:
+        """Drop the bf16 weight copies and the reused buffers (at the end of training, before the
+        evaluation); the model itself is untouched. The object cannot run afterwards."""
+        self.layers = []
+        self.head = None
+        self._weight_buffers.clear()
+        self._workspace = None
+        self._attn_ws = Workspace()
+
     # -- sizes, for the planner -------------------------------------------------------------
     def cached_weight_bytes(self) -> int:
-        n = self.head.nbytes_cached()
+        n = self.head.nbytes_cached() if self.head is not None else 0
         for L in self.layers:
             n += sum(g.weight.nbytes_cached() for g in (L.qkv, L.o, L.gu, L.down))
         return n
@@ -393,6 +402,8 @@ class FastModel:
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """(sum of token losses, number of loss tokens), as :func:`qlorakit.train.loss.plain_loss`."""
+        if self.head is None:
+            raise RuntimeError("this fast path was released (FastModel.release); prepare a new one")
         self._trim()
         h, target = self.hidden(batch)
         sel = (target != IGNORE_INDEX).nonzero().squeeze(1)

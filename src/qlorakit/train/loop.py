@@ -343,5 +343,9 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
     if finish:
         from .report import finish_run
 
-        finish_run(run_dir, recipe, loaded, model, data, ledger, state, targets)
+        # the evaluation after training keeps within the memory training took (and the budget):
+        # the optimizer's state goes first, and the evaluation sizes its buffers to what is left
+        cap = min(mem.budget_bytes, max(mem.estimate.peak, peak_rss_mb() * 2**20))
+        del opt, sched
+        finish_run(run_dir, recipe, loaded, model, data, ledger, state, targets, loss_fn=loss_fn, memory_cap=cap)
     return run_dir

@@ -46,6 +46,13 @@ ATTENTION_BYTES = 6
 # from bf16 files 0.42 (61 MB), the 1.7B shape 0.76 (293 MB)
 LOAD_SLACK = 1.5
 
+# what the evaluation after training adds to the model and the decoder's copies at its smallest
+# batches: what training left resident (compiled kernels, heap), oneDNN's kernels for the new shapes,
+# a 256-token log-likelihood batch's logits. Measured: `qlorakit train` on the packaged model with
+# a 1 GB budget (128 tokens x 1, recomputation, 10 steps), whole-process peak 1342 MB, 557 MB above
+# the process baseline, the weights and the copies
+EVAL_OVERHEAD = 560 * 2**20
+
 # 4 bits per weight + one 8-bit absmax per 64 weights + one fp32 per 256 absmax (double quantization)
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
@@ -189,6 +196,7 @@ class MemoryEstimate:
 
     parts: dict[str, float] = field(default_factory=dict)
     load_peak: float = 0.0  # while the base loads and quantizes
+    eval_peak: float = 0.0  # the evaluation after training, in the same process
 
     @property
     def train_peak(self) -> float:
@@ -196,7 +204,7 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> float:
-        return max(self.train_peak, self.load_peak)
+        return max(self.train_peak, self.load_peak, self.eval_peak)
 
 
 def _fast_saved_per_token_layer(s: ModelShape, r: int) -> float:
@@ -252,7 +260,9 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
         attn_tr = s.heads * seq_len * seq_len * ATTENTION_BYTES
         deq_tr = 2 * max(s.hidden * (s.q_out + 2 * s.kv_out), 2 * s.hidden * s.inter) if weights == "per-use" else 0
         chunk = min(loss_chunk, tokens)
-        head_tr = chunk * s.vocab * (4 if compiled else 16) + tokens * s.hidden * 2 * 2
+        # the (chunk, vocabulary) logits in bf16 and, eager, the fp32 log-softmax and the gradient's
+        # conversions (measured: 8.1 bytes per logit above the bf16 buffer on a 2048 x 49152 chunk)
+        head_tr = chunk * s.vocab * (4 if compiled else 10) + tokens * s.hidden * 2 * 2
         p["transients (one layer's backward, one head chunk)"] = max(grad_tr + attn_tr + deq_tr, head_tr)
     else:
         p["activations kept for the backward"] = (activation_bytes(_Cfg(s), micro_batch, seq_len)
@@ -265,6 +275,11 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
     # the largest conversion buffer; a .bin checkpoint is read whole first
     est.load_peak = (baseline + file_bytes + p["base weights, NF4"] + s.other_params * 4
                      + LOAD_SLACK * s.vocab * s.hidden * 4)
+    # the evaluation after training, which sizes its buffers to what training took (or the budget),
+    # needs at least: the model and adapter, the generation decoder's packed copy of the 4-bit
+    # weights and int8 copy of the head, and EVAL_OVERHEAD
+    est.eval_peak = (baseline + 2 * p["base weights, NF4"] + s.other_params * 4 + lora * 4
+                     + s.vocab * s.hidden + EVAL_OVERHEAD)
     return est
 
 

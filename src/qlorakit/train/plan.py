@@ -3,7 +3,8 @@ this machine, and the settings that fit a memory budget, before the run starts.
 
 Memory comes from the model's configuration and counts what the fast path keeps
 (:func:`qlorakit.train.memory.estimate_memory`), plus this machine's process baseline measured
-here. Time comes from a short calibration on this machine: one and six decoder layers of the
+here; the peak is the highest of loading, training and the evaluation that ``qlorakit train`` runs
+after training in the same process (which sizes its buffers to what training took). Time comes from a short calibration on this machine: one and six decoder layers of the
 model's exact shape (random weights, quantized to NF4, LoRA attached as the recipe says) run
 forward and backward on micro-batches taken from the recipe's own data, so packing and segment
 lengths are the real ones; the output head with the real vocabulary and the optimizer step are
@@ -106,6 +107,7 @@ class Plan:
     peak_bytes: float
     load_peak_bytes: float
     fits: bool
+    eval_peak_bytes: float = 0.0
     step_s: float | None = None
     tokens_per_step: float = 0.0
     tokens_per_s: float | None = None
@@ -488,7 +490,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
         chosen = _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_)[-1]
         est = _memory(shape, chosen, r, base, file_bytes)
     plan = Plan(model=model_name, shape=asdict(shape), settings=chosen, budget_bytes=budget_bytes,
-                memory=dict(est.parts), peak_bytes=est.peak, load_peak_bytes=est.load_peak, fits=fits,
+                memory=dict(est.parts), peak_bytes=est.peak, load_peak_bytes=est.load_peak, fits=fits, eval_peak_bytes=est.eval_peak,
                 total_steps=total_steps, tried=tried, asked_seq_len=seq_len)
     # tokens per optimizer step stay what was asked for, unless the sequence had to be shortened
     plan.tokens_per_step = real_step * (chosen.seq_len / seq_len)
@@ -562,7 +564,8 @@ def format_plan(p: Plan, recipe_path: str | None = None, overrides: list[str] = 
              f"  settings      {p.settings.describe()}",
              f"  to run it     {run}",
              f"  memory        predicted peak {p.peak_bytes / GB:.2f} GB (training {sum(p.memory.values()) / GB:.2f} GB, "
-             f"loading {p.load_peak_bytes / GB:.2f} GB), budget {p.budget_bytes / GB:.2f} GB"
+             f"loading {p.load_peak_bytes / GB:.2f} GB, evaluation after training {p.eval_peak_bytes / GB:.2f} GB), "
+             f"budget {p.budget_bytes / GB:.2f} GB"
              + ("" if p.fits else "  -- DOES NOT FIT even with the leanest settings")]
     for k, v in p.memory.items():
         lines.append(f"      {v / 2**20:9.0f} MB  {k}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,17 @@ from .checkpoint import write_atomic
 __all__ = ["finish_run", "write_model_card", "sample_generations"]
 
 log = logging.getLogger(__name__)
+EVAL_BATCH_TOKENS = 4096  # the log-likelihood scorer's own default
+EVAL_MIN_BATCH_TOKENS = 256
+# bytes per token and vocabulary entry of a log-likelihood forward: the bf16 logits (of the contexts
+# and of the continuations on their cache, both alive at once), the fp32 result the output head's
+# matmul writes before rounding, and the fp32 log-softmax of the scored rows
+EVAL_LOGIT_BYTES = 14
+# what the evaluation's forwards add besides their logits: oneDNN's kernels for the new matmul
+# shapes (bounded at 256 shapes, about 160 MB; see qlorakit/__init__.py) and heap growth (measured
+# on the packaged model: the evaluation came within 16 MB of its cap with 200 MB kept back here)
+EVAL_RESERVE = 256 * 2**20
+EVAL_MMAP_THRESHOLD = 4 << 20
 
 
 def sample_generations(model: torch.nn.Module, loaded: LoadedModel, data: PreparedData, n: int,
@@ -38,18 +50,82 @@ def sample_generations(model: torch.nn.Module, loaded: LoadedModel, data: Prepar
     return out
 
 
+@dataclass
+class EvalMemory:
+    """How the evaluation after training sizes its buffers to the memory it may use."""
+
+    cache_bytes: float  # the bf16 copy of the base weights for generation, when it fits (else 0)
+    batch_tokens: int  # padded tokens per log-likelihood forward
+
+
+def eval_memory(model: torch.nn.Module, cap: float | None, rss: float | None = None) -> EvalMemory:
+    """Buffer sizes that keep the evaluation's process under ``cap`` bytes (None: no limit).
+
+    Of what is left under the cap (``rss``: the process now, read when None), less
+    :data:`EVAL_RESERVE` for the kernels and heap the evaluation's new shapes add, the bf16 weight
+    copy generation reads takes its share when it needs at most half, and the rest bounds the
+    log-likelihood forwards, at ``vocabulary x`` :data:`EVAL_LOGIT_BYTES` bytes per token.
+    """
+    from .memory import ModelShape, current_rss_bytes
+
+    if cap is None:
+        return EvalMemory(cache_bytes=float("inf"), batch_tokens=EVAL_BATCH_TOKENS)
+    room = max(0.0, cap - (current_rss_bytes() if rss is None else rss) - EVAL_RESERVE)
+    copy = 2.0 * ModelShape.from_config(model.config).linear_params
+    cache = copy if copy <= 0.5 * room else 0.0
+    tokens = int((room - cache) // (EVAL_LOGIT_BYTES * model.config.vocab_size))
+    return EvalMemory(cache_bytes=cache, batch_tokens=max(EVAL_MIN_BATCH_TOKENS, min(EVAL_BATCH_TOKENS, tokens)))
+
+
+def _free_training_memory(loss_fn: Any) -> None:
+    """Drop the fast path's weight copies and buffers and give malloc's free memory back."""
+    import gc
+
+    from .memory import release_free_memory
+
+    release = getattr(loss_fn, "release", None)
+    if release is not None:
+        release()
+    gc.collect()
+    release_free_memory()
+
+
 def finish_run(run_dir: Path, recipe: Recipe, loaded: LoadedModel, model: torch.nn.Module, data: PreparedData,
-               ledger: dict[str, Any], state: Any, targets: list[str]) -> dict[str, Any]:
+               ledger: dict[str, Any], state: Any, targets: list[str], *, loss_fn: Any = None,
+               memory_cap: float | None = None) -> dict[str, Any]:
+    """Held-out loss of base and tuned, sample generations, the short gate and the model card.
+
+    ``loss_fn``: the training's loss function (the fast path's, which computes the held-out loss
+    in the memory training took; released afterwards); the recipe's plain choice when None.
+    ``memory_cap``: bytes the process may take meanwhile (the run's budget, or its training peak
+    when lower); the generation's weight copy and the log-likelihood batches are sized to fit.
+    """
+    from ..models.decode import decoder_for
+    from ..models.generation import prepare_inference
     from .loop import heldout_loss, loss_fn_for
+    from .memory import MMAP_THRESHOLD_RUN, release_free_memory, set_mmap_threshold
 
     t0 = time.perf_counter()
     pad = loaded.tokenizer.pad_token_id
     val_rows = no_pack(data.val_tokens, recipe.data.max_seq_len, pad)
     bs = recipe.train.micro_batch_size
-    loss_fn = loss_fn_for(recipe)
+    loss_fn = loss_fn if loss_fn is not None else loss_fn_for(recipe)
     with adapters_disabled(model):
         base_loss = heldout_loss(model, loaded, val_rows, bs, loss_fn)
     tuned_loss = heldout_loss(model, loaded, val_rows, bs, loss_fn)
+    _free_training_memory(loss_fn)
+    loss_fn = None
+    if memory_cap is not None:
+        # blocks of 4 MB and more (logits, activations) from their own mappings, returned when
+        # freed, and the generation decoder's own copies made first, so that what is left is measured
+        set_mmap_threshold(EVAL_MMAP_THRESHOLD)
+        decoder_for(model)
+        release_free_memory()
+    room = eval_memory(model, memory_cap)
+    log.info("evaluation within %s: weight copy %s, %d tokens per log-likelihood batch",
+             "no limit" if memory_cap is None else f"{memory_cap / 2**30:.2f} GB",
+             "on" if room.cache_bytes else "off", room.batch_tokens)
+    prepare_inference(model, max_bytes=room.cache_bytes)
     samples = sample_generations(model, loaded, data, recipe.eval.samples, recipe.eval.max_new_tokens)
     results = {
         "heldout": {"examples": len(val_rows), "base_loss": base_loss, "tuned_loss": tuned_loss,
@@ -61,17 +137,19 @@ def finish_run(run_dir: Path, recipe: Recipe, loaded: LoadedModel, model: torch.
     }
     (run_dir / "eval").mkdir(exist_ok=True)
     if recipe.eval.suites and recipe.eval.gate.enabled:
-        results["gate_run"] = _short_gate(run_dir, recipe, loaded, model, data)
+        results["gate_run"] = _short_gate(run_dir, recipe, loaded, model, data, room.batch_tokens)
     path = run_dir / "eval" / "results.json"
     suite_results = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     write_atomic(path, json.dumps(suite_results | results, indent=2, default=str) + "\n")
+    if memory_cap is not None:
+        set_mmap_threshold(MMAP_THRESHOLD_RUN)
     write_model_card(run_dir, recipe, loaded, data, ledger, results, targets)
     _print_summary(run_dir, results)
     return results
 
 
 def _short_gate(run_dir: Path, recipe: Recipe, loaded: LoadedModel, model: torch.nn.Module,
-                data: PreparedData) -> dict[str, Any]:
+                data: PreparedData, batch_tokens: int = 4096) -> dict[str, Any]:
     """The recipe's evaluation suites (by default the quality suite alone) with the release gate."""
     from ..eval.api import run_eval
     from ..eval.cli import thresholds_from_recipe
@@ -80,7 +158,8 @@ def _short_gate(run_dir: Path, recipe: Recipe, loaded: LoadedModel, model: torch
     limits = {"*": recipe.eval.limit} if recipe.eval.limit else {"quality/heldout_generation": 8}
     out = run_eval(model, loaded.tokenizer, suites=list(recipe.eval.suites), heldout_records=records,
                    base_context=lambda: adapters_disabled(model), limits=limits, out_dir=run_dir / "eval",
-                   thresholds=thresholds_from_recipe(recipe.eval.gate), loss_curve=run_dir / "metrics.jsonl")
+                   thresholds=thresholds_from_recipe(recipe.eval.gate), loss_curve=run_dir / "metrics.jsonl",
+                   batch_tokens=batch_tokens)
     gate = out.get("gate", {})
     return {"suites": list(recipe.eval.suites), "passed": gate.get("passed"), "checks": gate.get("checks", []),
             "report": "eval/report.md"}
