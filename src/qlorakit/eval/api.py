@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 from qlorakit.eval.gate import GateCheck, apply_gate
+from qlorakit.eval.loglikelihood import DEFAULT_BATCH_TOKENS
 from qlorakit.eval.report import write_report
 from qlorakit.eval.runner import DEFAULT_SUITES, EvalOptions, evaluate, evaluate_pair
 
@@ -25,7 +26,7 @@ def run_eval(
     loss_curve: str | Path | None = None,
     precision: str = "auto",
     batch_size: int = 8,
-    batch_tokens: int = 4096,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     n_resamples: int = 1000,
     seed: int = 0,
     confidence: float = 0.95,

@@ -43,6 +43,7 @@ log = logging.getLogger("qlorakit.eval")
 
 Strategy = Literal["auto", "shared_prefix", "concat"]
 _DEFAULT_MAX_LENGTH = 2048
+DEFAULT_BATCH_TOKENS = 4096  # padded tokens per forward (its logits: tokens x vocabulary values)
 WIDTH_MULTIPLE = 32  # padded widths are rounded up to a multiple of this (see the module text)
 
 
@@ -152,7 +153,7 @@ class LoglikelihoodScorer:
         strategy: Strategy = "auto",
         max_length: int | None = None,
         add_special_tokens: bool | None = None,
-        batch_tokens: int = 4096,
+        batch_tokens: int = DEFAULT_BATCH_TOKENS,
         width_multiple: int = WIDTH_MULTIPLE,
     ) -> None:
         if strategy not in ("auto", "shared_prefix", "concat"):

@@ -19,7 +19,7 @@ import numpy as np
 
 from qlorakit.eval.bootstrap import bootstrap_interval, paired_bootstrap
 from qlorakit.eval.generation import chat_prompt, greedy_generate
-from qlorakit.eval.loglikelihood import LoglikelihoodScorer, encode_pair
+from qlorakit.eval.loglikelihood import DEFAULT_BATCH_TOKENS, LoglikelihoodScorer, encode_pair
 from qlorakit.eval.suites import SUITE_NAMES, SUITES, suite_tasks
 from qlorakit.eval.tasks import GenItem, Item, LLItem, LoadContext, MCItem, MCOutput, TaskSpec, apply_limit
 
@@ -53,7 +53,7 @@ class EvalOptions:
     confidence: float = 0.95
     strategy: str = "auto"
     limits: Mapping[str, int | None] = field(default_factory=dict)
-    batch_tokens: int = 4096  # padded tokens per log-likelihood forward (its logits: tokens x vocabulary)
+    batch_tokens: int = DEFAULT_BATCH_TOKENS  # padded tokens per log-likelihood forward
 
 
 def resolve_limit(suite: str, task: TaskSpec, limits: Mapping[str, int | None]) -> int | None:

@@ -244,20 +244,17 @@ def load_base_model(cfg: ModelConfig, *, quantize: bool = True) -> LoadedModel:
             bnb_4bit_quant_storage=torch.uint8,
         )
         kwargs["device_map"] = {"": device}
-    from ..train.memory import MMAP_THRESHOLD_LOADING, MMAP_THRESHOLD_RUN, release_free_memory, set_mmap_threshold
+    from ..train.memory import MMAP_THRESHOLD_LOADING, mmap_threshold, release_free_memory
 
     # loading converts tensor after tensor to fp32; from the heap, the freed buffers stay resident in
     # amounts that vary from run to run (1.7B shape: peak 5.2 to 7.2 GB, 1.7 to 3.9 GB kept after
     # loading); from their own mappings they go back at once (peak 5.14 GB, 1.66 GB kept, every run;
     # measured while the files were still mapped whole, see _files_read_not_mapped for the peak now)
-    set_mmap_threshold(MMAP_THRESHOLD_LOADING)
     try:
-        with _files_read_not_mapped():
+        with mmap_threshold(MMAP_THRESHOLD_LOADING), _files_read_not_mapped():
             model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"model.base: could not load {folder}: {e}") from e
-    finally:
-        set_mmap_threshold(MMAP_THRESHOLD_RUN)
     if not quantize:
         model.to(device)
     guard_linear4bit(model)

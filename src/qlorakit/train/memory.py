@@ -9,7 +9,9 @@ count of what the Hugging Face forward keeps under autocast.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,7 @@ __all__ = [
     "activation_bytes",
     "release_free_memory",
     "set_mmap_threshold",
+    "mmap_threshold",
     "memory_budget_bytes",
     "available_memory_bytes",
     "current_rss_bytes",
@@ -106,6 +109,17 @@ def set_mmap_threshold(nbytes: int) -> bool:
 
 MMAP_THRESHOLD_LOADING = 1 << 20
 MMAP_THRESHOLD_RUN = 32 << 20  # glibc's own ceiling for its moving threshold: where a long run settles
+
+
+@contextlib.contextmanager
+def mmap_threshold(nbytes: int) -> Iterator[None]:
+    """Within the block, blocks of at least ``nbytes`` come from their own mappings (returned to the
+    OS when freed); afterwards the threshold is :data:`MMAP_THRESHOLD_RUN`, also on an exception."""
+    set_mmap_threshold(nbytes)
+    try:
+        yield
+    finally:
+        set_mmap_threshold(MMAP_THRESHOLD_RUN)
 
 
 def memory_budget_bytes(recipe: Any) -> float:

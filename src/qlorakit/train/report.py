@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -13,6 +14,7 @@ import torch
 
 from ..config import Recipe
 from ..data import PreparedData, no_pack
+from ..eval.loglikelihood import DEFAULT_BATCH_TOKENS
 from ..lora import adapters_disabled
 from ..models import LoadedModel, chat_prompt, generate
 from .checkpoint import write_atomic
@@ -20,7 +22,7 @@ from .checkpoint import write_atomic
 __all__ = ["finish_run", "write_model_card", "sample_generations"]
 
 log = logging.getLogger(__name__)
-EVAL_BATCH_TOKENS = 4096  # the log-likelihood scorer's own default
+EVAL_BATCH_TOKENS = DEFAULT_BATCH_TOKENS  # the most: the log-likelihood scorer's own default
 EVAL_MIN_BATCH_TOKENS = 256
 # bytes per token and vocabulary entry of a log-likelihood forward: the bf16 logits (of the contexts
 # and of the continuations on their cache, both alive at once), the fp32 result the output head's
@@ -103,7 +105,7 @@ def finish_run(run_dir: Path, recipe: Recipe, loaded: LoadedModel, model: torch.
     from ..models.decode import decoder_for
     from ..models.generation import prepare_inference
     from .loop import heldout_loss, loss_fn_for
-    from .memory import MMAP_THRESHOLD_RUN, release_free_memory, set_mmap_threshold
+    from .memory import mmap_threshold, release_free_memory
 
     t0 = time.perf_counter()
     pad = loaded.tokenizer.pad_token_id
@@ -115,41 +117,38 @@ def finish_run(run_dir: Path, recipe: Recipe, loaded: LoadedModel, model: torch.
     tuned_loss = heldout_loss(model, loaded, val_rows, bs, loss_fn)
     _free_training_memory(loss_fn)
     loss_fn = None
-    if memory_cap is not None:
-        # blocks of 4 MB and more (logits, activations) from their own mappings, returned when
-        # freed, and the generation decoder's own copies made first, so that what is left is measured
-        set_mmap_threshold(EVAL_MMAP_THRESHOLD)
+    # capped, blocks of 4 MB and more (logits, activations) come from their own mappings, returned
+    # when freed; the generation decoder's own copies are made first, so that what is left is measured
+    with mmap_threshold(EVAL_MMAP_THRESHOLD) if memory_cap is not None else contextlib.nullcontext():
         decoder_for(model)
         release_free_memory()
-    room = eval_memory(model, memory_cap)
-    log.info("evaluation within %s: weight copy %s, %d tokens per log-likelihood batch",
-             "no limit" if memory_cap is None else f"{memory_cap / 2**30:.2f} GB",
-             "on" if room.cache_bytes else "off", room.batch_tokens)
-    prepare_inference(model, max_bytes=room.cache_bytes)
-    samples = sample_generations(model, loaded, data, recipe.eval.samples, recipe.eval.max_new_tokens)
-    results = {
-        "heldout": {"examples": len(val_rows), "base_loss": base_loss, "tuned_loss": tuned_loss,
-                    "base_ppl": float(torch.tensor(base_loss).exp()), "tuned_ppl": float(torch.tensor(tuned_loss).exp())},
-        "samples": samples,
-        "train": {"steps": state.step, "tokens": state.tokens, "seconds": round(state.elapsed, 1),
-                  "tokens_per_s": round(state.tokens / max(1e-9, state.elapsed), 1)},
-        "eval_seconds": round(time.perf_counter() - t0, 1),
-    }
-    (run_dir / "eval").mkdir(exist_ok=True)
-    if recipe.eval.suites and recipe.eval.gate.enabled:
-        results["gate_run"] = _short_gate(run_dir, recipe, loaded, model, data, room.batch_tokens)
-    path = run_dir / "eval" / "results.json"
-    suite_results = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    write_atomic(path, json.dumps(suite_results | results, indent=2, default=str) + "\n")
-    if memory_cap is not None:
-        set_mmap_threshold(MMAP_THRESHOLD_RUN)
+        room = eval_memory(model, memory_cap)
+        log.info("evaluation within %s: weight copy %s, %d tokens per log-likelihood batch",
+                 "no limit" if memory_cap is None else f"{memory_cap / 2**30:.2f} GB",
+                 "on" if room.cache_bytes else "off", room.batch_tokens)
+        prepare_inference(model, max_bytes=room.cache_bytes)
+        samples = sample_generations(model, loaded, data, recipe.eval.samples, recipe.eval.max_new_tokens)
+        results = {
+            "heldout": {"examples": len(val_rows), "base_loss": base_loss, "tuned_loss": tuned_loss,
+                        "base_ppl": float(torch.tensor(base_loss).exp()), "tuned_ppl": float(torch.tensor(tuned_loss).exp())},
+            "samples": samples,
+            "train": {"steps": state.step, "tokens": state.tokens, "seconds": round(state.elapsed, 1),
+                      "tokens_per_s": round(state.tokens / max(1e-9, state.elapsed), 1)},
+            "eval_seconds": round(time.perf_counter() - t0, 1),
+        }
+        (run_dir / "eval").mkdir(exist_ok=True)
+        if recipe.eval.suites and recipe.eval.gate.enabled:
+            results["gate_run"] = _short_gate(run_dir, recipe, loaded, model, data, room.batch_tokens)
+        path = run_dir / "eval" / "results.json"
+        suite_results = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        write_atomic(path, json.dumps(suite_results | results, indent=2, default=str) + "\n")
     write_model_card(run_dir, recipe, loaded, data, ledger, results, targets)
     _print_summary(run_dir, results)
     return results
 
 
 def _short_gate(run_dir: Path, recipe: Recipe, loaded: LoadedModel, model: torch.nn.Module,
-                data: PreparedData, batch_tokens: int = 4096) -> dict[str, Any]:
+                data: PreparedData, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> dict[str, Any]:
     """The recipe's evaluation suites (by default the quality suite alone) with the release gate."""
     from ..eval.api import run_eval
     from ..eval.cli import thresholds_from_recipe
