@@ -117,11 +117,16 @@ class WidthRecorder(torch.nn.Module):
 
 @pytest.mark.parametrize("strategy", ["shared_prefix", "concat"])
 def test_padded_widths_are_rounded_within_max_length(tiny_llama, tiny_tokenizer, strategy):
-    """Every forward's width is a multiple of width_multiple (oneDNN then meets a few matmul shapes,
-    not one per length), no padded position passes max_length, and the scores stay the unpadded ones."""
+    """Every forward's width is rounded up to its step (a few widths per doubling, so oneDNN meets a
+    few matmul shapes, not one per length), no padded position passes max_length, and the scores stay
+    the unpadded ones."""
+    from qlorakit.eval.loglikelihood import width_step
+
     items = [("A man is sitting on a roof. He", [" starts pulling up roofing.", " is a dog."]),
              ("Question: what is the capital of France? Answer:", [" Paris", " the lazy dog"]),
-             ("The quick brown fox jumps over the lazy dog. " * 3, [" b", " brown fox jumps"])]
+             ("The quick brown fox jumps over the lazy dog. " * 3, [" b", " brown fox jumps"]),
+             ("Once upon a time there was a small shop by the river. " * 6, [" It sold bread.", " The end"])]
+    assert [width_step(n, 16) for n in (7, 20, 45, 100, 300)] == [1, 2, 4, 8, 16]
     for max_length, multiple in ((256, 16), (40, 16)):
         rec = WidthRecorder(tiny_llama)
         scorer = LoglikelihoodScorer(rec, tiny_tokenizer, precision="fp32", strategy=strategy, batch_tokens=4096,
@@ -129,7 +134,8 @@ def test_padded_widths_are_rounded_within_max_length(tiny_llama, tiny_tokenizer,
         got = scorer.score_many(items)
         assert rec.seen and all(last < max_length for _, last in rec.seen), rec.seen
         if max_length == 256:  # room everywhere: every width rounded
-            assert all(w % multiple == 0 for w, _ in rec.seen), rec.seen
+            assert all(w % width_step(w, multiple) == 0 for w, _ in rec.seen), rec.seen
+            assert any(w >= 64 for w, _ in rec.seen), rec.seen  # steps of 8 and more were met
         plain = LoglikelihoodScorer(tiny_llama, tiny_tokenizer, precision="fp32", strategy=strategy,
                                     width_multiple=1, max_length=max_length).score_many(items)
         for a, b in zip(got, plain):
