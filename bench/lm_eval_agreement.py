@@ -158,7 +158,11 @@ def run_lm_eval(model_dir: Path, task_dir: Path, out_dir: Path, limit: int | Non
         files = sorted(glob.glob(str(out_dir / "**" / f"samples_{task}_*.jsonl"), recursive=True), key=os.path.getmtime)
         per_doc: dict[int, list[float]] = {}
         if files:
-            for line in Path(files[-1]).read_text().splitlines():
+            # one JSON row per "\n": str.splitlines() would also split inside texts holding U+2028 and
+            # other line separators, which MMLU's and HellaSwag's items do
+            for line in Path(files[-1]).read_text(encoding="utf-8").split("\n"):
+                if not line.strip():
+                    continue
                 row = json.loads(line)
                 per_doc[int(row["doc_id"])] = [float(r[0][0]) for r in row["resps"]]
         samples[task] = per_doc

@@ -130,6 +130,24 @@ def test_bad_json_line_names_file_and_line(tmp_path):
         read_records(p)
 
 
+def test_unicode_line_separators_inside_json_strings_stay_in_their_record(tmp_path):
+    # JSON allows U+2028, U+2029 and U+0085 unescaped inside strings (json.dumps with
+    # ensure_ascii=False writes them so); records are split at "\n" only, and later lines keep
+    # their line numbers
+    first = {"instruction": "Opening hours\u2028weekdays", "output": "9 to 5\x85Sat 10 to 2\u2029"}
+    p = tmp_path / "sep.jsonl"
+    p.write_text(json.dumps(first, ensure_ascii=False) + "\r\n" + '{"instruction": "q", "output": "r"}\n'
+                 + '{"instruction": broken}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"sep\.jsonl:3: malformed JSON"):
+        read_records(p)
+    p.write_text(p.read_text(encoding="utf-8").rsplit("{", 1)[0], encoding="utf-8")
+    recs = read_records(p)
+    assert [r["_line"] for r in recs] == [1, 2]
+    assert recs[0]["instruction"] == first["instruction"] and recs[0]["output"] == first["output"]
+    ex = to_examples(recs, p, "instruction")
+    assert ex[0].messages[-1]["content"] == first["output"]
+
+
 def test_missing_column_names_row(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("instruction,input\nhello,\n", encoding="utf-8")

@@ -42,7 +42,9 @@ def _read_text(path: Path) -> str:
 
 def _read_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
     records = []
-    for i, line in enumerate(text.splitlines(), start=1):
+    # JSON Lines separates records by "\n" only; str.splitlines() would also split inside strings
+    # that hold U+2028, U+2029 or U+0085, which JSON allows unescaped
+    for i, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
