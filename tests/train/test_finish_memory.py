@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from qlorakit.eval.loglikelihood import DEFAULT_BATCH_TOKENS
 from qlorakit.train.memory import ModelShape
-from qlorakit.train.report import (EVAL_BATCH_TOKENS, EVAL_LOGIT_BYTES, EVAL_MIN_BATCH_TOKENS, EVAL_RESERVE,
+from qlorakit.train.report import (EVAL_LOGIT_BYTES, EVAL_MIN_BATCH_TOKENS, EVAL_RESERVE,
                                    EvalMemory, eval_memory)
 
 MB = 2**20
@@ -29,18 +30,18 @@ def test_eval_memory_fits_what_is_left_under_the_cap():
     copy = 2 * ModelShape.from_config(model.config).linear_params
     per_token = EVAL_LOGIT_BYTES * model.config.vocab_size
     # no cap: the weight copy (as roomy as generation allows) and the scorer's own batches
-    assert eval_memory(model, None) == EvalMemory(float("inf"), EVAL_BATCH_TOKENS)
+    assert eval_memory(model, None) == EvalMemory(float("inf"), DEFAULT_BATCH_TOKENS)
     # roomy: the copy, and full batches
     roomy = eval_memory(model, 8000 * MB, rss=1000 * MB)
-    assert roomy.cache_bytes == copy and roomy.batch_tokens == EVAL_BATCH_TOKENS
+    assert roomy.cache_bytes == copy and roomy.batch_tokens == DEFAULT_BATCH_TOKENS
     # the copy only where it takes at most half of what is left; the rest bounds the batches
     room = 1500 * MB
     mid = eval_memory(model, 1000 * MB + EVAL_RESERVE + room, rss=1000 * MB)
     assert mid.cache_bytes == copy and copy <= 0.5 * room
-    assert mid.batch_tokens == min(EVAL_BATCH_TOKENS, int((room - copy) // per_token))
+    assert mid.batch_tokens == min(DEFAULT_BATCH_TOKENS, int((room - copy) // per_token))
     tight = eval_memory(model, 1000 * MB + EVAL_RESERVE + 1.5 * copy, rss=1000 * MB)
     assert tight.cache_bytes == 0
-    assert tight.batch_tokens == min(EVAL_BATCH_TOKENS, int(1.5 * copy // per_token))
+    assert tight.batch_tokens == min(DEFAULT_BATCH_TOKENS, int(1.5 * copy // per_token))
     # nothing left: no copy, the smallest batches
     assert eval_memory(model, 900 * MB, rss=1000 * MB) == EvalMemory(0.0, EVAL_MIN_BATCH_TOKENS)
 

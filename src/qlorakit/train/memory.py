@@ -109,6 +109,8 @@ def set_mmap_threshold(nbytes: int) -> bool:
 
 MMAP_THRESHOLD_LOADING = 1 << 20
 MMAP_THRESHOLD_RUN = 32 << 20  # glibc's own ceiling for its moving threshold: where a long run settles
+# the evaluation after a budgeted run: its logits and activations come from their own mappings
+MMAP_THRESHOLD_EVAL = 4 << 20
 
 
 @contextlib.contextmanager

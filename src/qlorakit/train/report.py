@@ -22,7 +22,6 @@ from .checkpoint import write_atomic
 __all__ = ["finish_run", "write_model_card", "sample_generations"]
 
 log = logging.getLogger(__name__)
-EVAL_BATCH_TOKENS = DEFAULT_BATCH_TOKENS  # the most: the log-likelihood scorer's own default
 EVAL_MIN_BATCH_TOKENS = 256
 # bytes per token and vocabulary entry of a log-likelihood forward: the bf16 logits (of the contexts
 # and of the continuations on their cache, both alive at once), the fp32 result the output head's
@@ -32,7 +31,6 @@ EVAL_LOGIT_BYTES = 14
 # shapes (bounded at 256 shapes, about 160 MB; see qlorakit/__init__.py) and heap growth (measured
 # on the packaged model: the evaluation came within 16 MB of its cap with 200 MB kept back here)
 EVAL_RESERVE = 256 * 2**20
-EVAL_MMAP_THRESHOLD = 4 << 20
 
 
 def sample_generations(model: torch.nn.Module, loaded: LoadedModel, data: PreparedData, n: int,
@@ -71,12 +69,12 @@ def eval_memory(model: torch.nn.Module, cap: float | None, rss: float | None = N
     from .memory import ModelShape, current_rss_bytes
 
     if cap is None:
-        return EvalMemory(cache_bytes=float("inf"), batch_tokens=EVAL_BATCH_TOKENS)
+        return EvalMemory(cache_bytes=float("inf"), batch_tokens=DEFAULT_BATCH_TOKENS)
     room = max(0.0, cap - (current_rss_bytes() if rss is None else rss) - EVAL_RESERVE)
     copy = 2.0 * ModelShape.from_config(model.config).linear_params
     cache = copy if copy <= 0.5 * room else 0.0
     tokens = int((room - cache) // (EVAL_LOGIT_BYTES * model.config.vocab_size))
-    return EvalMemory(cache_bytes=cache, batch_tokens=max(EVAL_MIN_BATCH_TOKENS, min(EVAL_BATCH_TOKENS, tokens)))
+    return EvalMemory(cache_bytes=cache, batch_tokens=max(EVAL_MIN_BATCH_TOKENS, min(DEFAULT_BATCH_TOKENS, tokens)))
 
 
 def _free_training_memory(loss_fn: Any) -> None:
@@ -105,7 +103,7 @@ def finish_run(run_dir: Path, recipe: Recipe, loaded: LoadedModel, model: torch.
     from ..models.decode import decoder_for
     from ..models.generation import prepare_inference
     from .loop import heldout_loss, loss_fn_for
-    from .memory import mmap_threshold, release_free_memory
+    from .memory import MMAP_THRESHOLD_EVAL, mmap_threshold, release_free_memory
 
     t0 = time.perf_counter()
     pad = loaded.tokenizer.pad_token_id
@@ -119,7 +117,7 @@ def finish_run(run_dir: Path, recipe: Recipe, loaded: LoadedModel, model: torch.
     loss_fn = None
     # capped, blocks of 4 MB and more (logits, activations) come from their own mappings, returned
     # when freed; the generation decoder's own copies are made first, so that what is left is measured
-    with mmap_threshold(EVAL_MMAP_THRESHOLD) if memory_cap is not None else contextlib.nullcontext():
+    with mmap_threshold(MMAP_THRESHOLD_EVAL) if memory_cap is not None else contextlib.nullcontext():
         decoder_for(model)
         release_free_memory()
         room = eval_memory(model, memory_cap)
