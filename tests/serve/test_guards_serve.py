@@ -68,6 +68,20 @@ def test_input_guards_block_with_400_content_policy_violation(blocking):
     assert any(v["flagged"] and v["action"] == "block" for v in json.loads(verdicts))
 
 
+def test_a_prompt_too_long_is_refused_before_the_guards_read_it(blocking):
+    """Lengths are checked first: the guards' models never spend time on a prompt refused anyway
+    (an injection repeated past the server's prompt limit is refused for its length, unread)."""
+    with httpx.Client(base_url=blocking.url, timeout=120) as c:
+        for path, body in (("/v1/chat/completions", _chat(" ".join([INJECTION] * 40))),
+                           ("/v1/completions", {"model": "tone", "prompt": " ".join([INJECTION] * 40), "max_tokens": 3})):
+            r = c.post(path, json=body, headers=auth("alice"))
+            assert r.status_code == 400
+            assert r.json()["error"]["code"] == "context_length_exceeded", r.json()
+            [(verdicts,)] = audit_rows(blocking.db, "SELECT guard_verdicts FROM requests WHERE request_id=?",
+                                       (r.headers["x-request-id"],))
+            assert not json.loads(verdicts or "[]")
+
+
 def test_flag_answers_and_records_off_skips(runs, hub, tmp_path):
     cfg = server_config(runs, tmp_path / "flag.db", guards="flag")
     cfg.guards.input_harmful = "off"

@@ -122,3 +122,50 @@ def test_sampling_params_seed_stop_top_p(client):
     # max_tokens bounds the answer
     short = client.chat.completions.create(model="support", messages=MESSAGES, max_tokens=3, temperature=0)
     assert short.usage.completion_tokens <= 3 and short.choices[0].finish_reason == "length"
+
+
+def test_stream_and_plain_answers_count_the_same_tokens_and_finish_the_same(client):
+    """The stream reports the tokens the generation made and why it ended, as the plain answer
+    does, for sampled answers cut by max_tokens or by a stop string."""
+    seen = set()
+    for seed in range(6):
+        for max_tokens, stop in ((5, None), (24, None), (24, ["e", "a"])):
+            kw = dict(model="support", messages=MESSAGES, max_tokens=max_tokens, temperature=1.3, seed=seed, stop=stop)
+            full = client.chat.completions.create(**kw)
+            chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+            assert text == full.choices[0].message.content
+            assert finish == [full.choices[0].finish_reason]
+            assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens <= max_tokens
+            if full.choices[0].finish_reason == "length":
+                assert full.usage.completion_tokens == max_tokens
+            seen.add(full.choices[0].finish_reason)
+    assert seen == {"stop", "length"}
+
+
+def test_a_stop_string_ends_the_generation_and_only_its_tokens_count(client):
+    kw = dict(model="support", messages=MESSAGES, temperature=0)
+    whole = client.chat.completions.create(max_tokens=24, **kw)
+    text = whole.choices[0].message.content
+    assert whole.usage.completion_tokens >= 8, text
+    stop = text[8:10]
+    assert stop.strip() and text.find(stop) >= 4, text
+    plain = client.chat.completions.create(max_tokens=24, stop=[stop], **kw)
+    streamed = list(client.chat.completions.create(max_tokens=24, stop=[stop], stream=True,
+                                                   stream_options={"include_usage": True}, **kw))
+    assert plain.choices[0].message.content == text[:text.find(stop)]
+    assert plain.choices[0].finish_reason == "stop"
+    # the tokens up to the one that completes the stop string: fewer than the whole answer's
+    assert plain.usage.completion_tokens < whole.usage.completion_tokens
+    assert streamed[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_a_seeded_request_leaves_unseeded_sampling_random(client):
+    """A seed fixes its own request only: the answers that follow it without a seed differ."""
+    kw = dict(model="support", messages=MESSAGES, max_tokens=12, temperature=1.3)
+    after = []
+    for _ in range(3):
+        client.chat.completions.create(seed=7, **kw)
+        after.append(client.chat.completions.create(**kw).choices[0].message.content)
+    assert len(set(after)) == 3, after

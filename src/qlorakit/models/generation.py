@@ -48,6 +48,24 @@ def _stop_when_set(event: threading.Event) -> Any:
     return StoppingCriteriaList([_Flag()])
 
 
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Sampling from ``seed`` inside, and the random state of the process as it was afterwards: a
+    seeded request must not make the next unseeded one predictable (a server answers many)."""
+    if seed is None:
+        yield
+        return
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _stop_strings(tokenizer: Any, stop: list[str] | None) -> dict[str, Any]:
+    """transformers' ``generate`` arguments that end the generation at a stop string."""
+    return {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
+
+
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     from ..data.templating import render_prompt
 
@@ -145,10 +163,8 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tok
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     n_prompt = enc["input_ids"].shape[1]
     stop_ids = _stop_ids(tokenizer)
-    if seed is not None:
-        torch.manual_seed(seed)
     prepare_inference(model)
-    with _eval_mode(model):
+    with _eval_mode(model), _seeded(seed):
         dec = decoder_for(model)
         if dec is not None:
             new = []
@@ -157,8 +173,12 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tok
                 new.append(t)
                 if cancel is not None and cancel.is_set():
                     break
+                # a stop string ends the generation at the token that completes it
+                if stop and t not in stop_ids and _cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)[1]:
+                    break
         else:
             kw = _gen_kwargs(tokenizer, max_new_tokens, temperature, top_p, stop_ids, min_new_tokens)
+            kw.update(_stop_strings(tokenizer, stop))
             if cancel is not None:
                 kw["stopping_criteria"] = _stop_when_set(cancel)
             with _precision(model):
@@ -170,7 +190,21 @@ def generate(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tok
     text, hit_stop = _cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop)
     cancelled = cancel is not None and cancel.is_set() and len(new) < max_new_tokens
     finish = "stop" if hit_eos or hit_stop else "cancelled" if cancelled else "length"
+    if finish != "stop":
+        text = _whole_characters(tokenizer, new, text)
     return GenerationResult(text, n_prompt, len(new) + (1 if hit_eos else 0), finish)
+
+
+def _whole_characters(tokenizer: Any, toks: list[int], text: str) -> str:
+    """``text`` without the replacement characters that stand for a character whose bytes the cut
+    (max_tokens, a cancel) left incomplete: those the last tokens alone decode to."""
+    n = 0
+    while text.endswith("\ufffd" * (n + 1)):
+        n += 1
+    if not n:
+        return text
+    tail = tokenizer.decode(toks[-n:], skip_special_tokens=True) if toks else ""
+    return text[:-n] if tail.endswith("\ufffd" * n) else text
 
 
 def _held_back(text: str, stop: list[str] | None) -> int:
@@ -185,62 +219,89 @@ def _held_back(text: str, stop: list[str] | None) -> int:
 
 
 def _stream_decoder(dec: Any, model: torch.nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int,
-                    temperature: float, top_p: float, stop: list[str] | None, seed: int | None) -> Iterator[str]:
+                    temperature: float, top_p: float, stop: list[str] | None, seed: int | None,
+                    stats: dict[str, Any]) -> Iterator[str]:
     """Text pieces from the fast decoder, in the consumer's thread: a stop string is never emitted
     (text that could begin one is held back until it cannot), nor a half-decoded character."""
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     stop_ids = _stop_ids(tokenizer)
-    if seed is not None:
-        torch.manual_seed(seed)
     toks: list[int] = []
     emitted = ""
-    with _eval_mode(model):
-        for t in dec.tokens(ids, max_new_tokens, stop_ids=stop_ids, temperature=temperature, top_p=top_p):
-            if t in stop_ids:
-                break
-            toks.append(t)
-            text = tokenizer.decode(toks, skip_special_tokens=True)
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
-                continue
-            text, hit = _cut_at_stop(text, stop)
-            ready = text if hit else text[:len(text) - _held_back(text, stop)]
-            if len(ready) > len(emitted):
-                yield ready[len(emitted):]
-                emitted = ready
-            if hit:
-                return
-        text, _ = _cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), stop)
-        if len(text) > len(emitted):
-            yield text[len(emitted):]
+    stats["completion_tokens"] = 0
+    try:
+        with _eval_mode(model), _seeded(seed):
+            for t in dec.tokens(ids, max_new_tokens, stop_ids=stop_ids, temperature=temperature, top_p=top_p):
+                stats["completion_tokens"] += 1  # an end token too, as :func:`generate` counts
+                if t in stop_ids:
+                    stats["finish_reason"] = "stop"
+                    break
+                toks.append(t)
+                text = tokenizer.decode(toks, skip_special_tokens=True)
+                if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+                    continue
+                text, hit = _cut_at_stop(text, stop)
+                ready = text if hit else text[:len(text) - _held_back(text, stop)]
+                if len(ready) > len(emitted):
+                    yield ready[len(emitted):]
+                    emitted = ready
+                if hit:
+                    stats["finish_reason"] = "stop"
+                    return
+            text, _ = _cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), stop)
+            text = _whole_characters(tokenizer, toks, text)
+            if len(text) > len(emitted):
+                yield text[len(emitted):]
+            stats.setdefault("finish_reason", "length")
+    finally:  # closed by the consumer before the end
+        stats.setdefault("finish_reason", "cancelled")
 
 
 def generate_stream(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_new_tokens: int = 128,
                     temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | None = None,
-                    seed: int | None = None) -> Iterator[str]:
+                    seed: int | None = None, stats: dict[str, Any] | None = None) -> Iterator[str]:
     """Yield text pieces as they are generated (stops at a stop string, not including it).
+
+    ``stats``, when given, receives ``completion_tokens`` (the tokens generated, an end token
+    included, as :func:`generate` counts them) and ``finish_reason`` ("stop", "length", or
+    "cancelled" when the consumer closed the stream first) once the stream ends.
 
     Closing the generator early (``close()``, or leaving a ``for`` loop over it and dropping it) ends
     the generation before ``close()`` returns, in every case: the model is idle afterwards.
     """
+    stats = {} if stats is None else stats
     prepare_inference(model)
     dec = decoder_for(model)
     if dec is not None:
-        yield from _stream_decoder(dec, model, tokenizer, prompt, max_new_tokens, temperature, top_p, stop, seed)
+        yield from _stream_decoder(dec, model, tokenizer, prompt, max_new_tokens, temperature, top_p, stop, seed,
+                                   stats)
         return
     from transformers import TextIteratorStreamer
+
+    class _Counting(TextIteratorStreamer):
+        """Also counts the generated tokens and keeps the last one."""
+
+        count, last = 0, None
+
+        def put(self, value: torch.Tensor) -> None:
+            if not (self.skip_prompt and self.next_tokens_are_prompt):
+                v = value.reshape(-1)
+                self.count += v.numel()
+                if v.numel():
+                    self.last = int(v[-1])
+            super().put(value)
 
     halt = threading.Event()  # set by the consumer: at a stop string, or when it closes this generator
     device = next(model.parameters()).device
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kw = _gen_kwargs(tokenizer, max_new_tokens, temperature, top_p, _stop_ids(tokenizer))
+    streamer = _Counting(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop_ids = _stop_ids(tokenizer)
+    kw = _gen_kwargs(tokenizer, max_new_tokens, temperature, top_p, stop_ids)
+    kw.update(_stop_strings(tokenizer, stop))
     errors: list[BaseException] = []
 
     def work() -> None:
         try:
-            if seed is not None:
-                torch.manual_seed(seed)
-            with torch.no_grad(), _precision(model):
+            with torch.no_grad(), _precision(model), _seeded(seed):
                 model.generate(**enc, **kw, streamer=streamer, stopping_criteria=_stop_when_set(halt))
         except BaseException as e:  # re-raised in the consuming thread below
             errors.append(e)
@@ -249,7 +310,7 @@ def generate_stream(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_
     model.eval()
     t = threading.Thread(target=work, daemon=True)
     t.start()
-    emitted = ""
+    emitted, hit, ended = "", False, False
     try:
         for piece in streamer:
             candidate = emitted + piece
@@ -259,8 +320,13 @@ def generate_stream(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_
             emitted = text
             if hit:
                 break
+        ended = True
     finally:  # also when the consumer closes this generator: the generating thread stops and is joined
         halt.set()
         t.join()
+        stats["completion_tokens"] = streamer.count
+        stats["finish_reason"] = ("stop" if hit or streamer.last in stop_ids else
+                                  "length" if streamer.count >= max_new_tokens else
+                                  "stop" if ended else "cancelled")
     if errors:
         raise errors[0]

@@ -261,6 +261,25 @@ def _one_branch(errs: list[dict[str, Any]], body: Any) -> list[dict[str, Any]]:
     return [{**e, "loc": (e["loc"][0], *e["loc"][2:])} for e in mine] or errs
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
+
+
+def _param(loc: Any) -> str:
+    """A validation error's location as OpenAI names a parameter: ``messages[0].content``, without
+    "body" and without the type a union member was tried as (pydantic's ``str``, ``constrained-str``,
+    ``list[ContentPart]``...)."""
+    out = ""
+    for x in loc:
+        if isinstance(x, int):
+            out += f"[{x}]"
+            continue
+        x = str(x)
+        if x == "body" or x in _TYPE_TAGS or "[" in x or "-" in x:
+            continue
+        out += f".{x}" if out else x
+    return out
+
+
 def _check_unsupported(body: Any) -> None:
     fields = dict(body.model_extra or {})
     for name, is_set in _UNSUPPORTED.items():
@@ -313,7 +332,8 @@ def _max_tokens(requested: int | None, st: ServerState, param: str = "max_tokens
     return requested
 
 
-def _admit_tokens(ctx: RequestContext, st: ServerState, n_prompt: int, max_tokens: int) -> None:
+def _check_length(st: ServerState, n_prompt: int, max_tokens: int) -> None:
+    """400 for a prompt that is empty, longer than this server takes, or too long for the model."""
     lim = st.cfg.limits
     if n_prompt == 0:
         raise bad_request("The prompt is empty.", param="prompt")
@@ -325,6 +345,10 @@ def _admit_tokens(ctx: RequestContext, st: ServerState, n_prompt: int, max_token
         raise bad_request(f"This model's context is {ctxlen} tokens; the prompt ({n_prompt}) plus max_tokens "
                           f"({max_tokens}) is {n_prompt + max_tokens}. Shorten the prompt or lower max_tokens.",
                           param="max_tokens", code="context_length_exceeded")
+
+
+def _admit_tokens(ctx: RequestContext, st: ServerState, n_prompt: int, max_tokens: int) -> None:
+    """Reserve the request's tokens against its key's per-minute limit (429 when it is spent)."""
     assert ctx.key is not None and ctx.reservation is not None  # set by the gate on every /v1 route
     _, tpm = st.limits_of(ctx.key)
     need = n_prompt + max_tokens
@@ -415,13 +439,12 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errs = _one_branch(list(exc.errors()), exc.body)
         first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
         if first.get("type") == "json_invalid":
+            param = None
             msg = f"The body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})."
         else:
-            msg = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
-                            for e in errs[:5])
+            param = _param(first.get("loc", ())) or None
+            msg = "; ".join(f"{_param(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errs[:5])
         ctx = request.scope.get("state", {}).get("ctx")
         if ctx is not None:
             ctx.audit.error_code = "invalid_request"
@@ -474,11 +497,12 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
         ctx.audit.model = body.model
         ctx.audit.stream = bool(body.stream)
         _check_unsupported(body)
+        if body.stream_options is not None and not body.stream:
+            raise bad_request("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
         model_id = _model_id(body.model)
         if kind == "chat":
             messages = _flatten_messages(body)
             stored_prompt: Any = messages
-            outcome = await asyncio.to_thread(st.guards.check_messages, messages)
             try:
                 prompt = hub.chat_prompt(messages)
             except Exception as e:  # jinja's TemplateError and friends: the template refused these messages
@@ -490,14 +514,19 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
         else:
             prompt = _utf8(body.prompt if isinstance(body.prompt, str) else body.prompt[0], "prompt")
             stored_prompt = prompt
-            outcome = await asyncio.to_thread(st.guards.check_prompt, prompt)
             max_tokens = _max_tokens(body.max_tokens, st)
+        # lengths first: the guards' models never read a prompt that is refused anyway
+        n_prompt = hub.count_tokens(prompt)
+        _check_length(st, n_prompt, max_tokens)
+        if kind == "chat":
+            outcome = await asyncio.to_thread(st.guards.check_messages, messages)
+        else:
+            outcome = await asyncio.to_thread(st.guards.check_prompt, prompt)
         ctx.audit.guard_verdicts = list(outcome.verdicts)
         ctx.audit.guard_action = outcome.action
         if outcome.blocked:
             raise policy_violation(f"The request was blocked by the input guard ({', '.join(outcome.blocked)}).",
                                    [v for v in outcome.verdicts if v["action"] == "block"])
-        n_prompt = hub.count_tokens(prompt)
         _admit_tokens(ctx, st, n_prompt, max_tokens)
         params = _sampling(body, st, max_tokens)
         cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -544,19 +573,20 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
         t_queued = time.monotonic()
         started: list[float] = []
 
-        def work() -> str:
+        def work() -> tuple[str, dict[str, Any]]:
             # runs in the worker thread. Once ``cancel`` is set (the client has gone, or the output guard
             # blocked the answer) no more tokens are made: closing the generator ends the generation
             # here, in this thread, so the model is idle when the next request switches adapters
             started.append(time.monotonic())
             got = []
-            with contextlib.closing(hub.stream(model_id, prompt, **params)) as gen:
+            stats: dict[str, Any] = {}  # the generation's own token count and finish reason
+            with contextlib.closing(hub.stream(model_id, prompt, stats=stats, **params)) as gen:
                 for piece in gen:
                     got.append(piece)
                     if cancel.is_set():
                         break
                     loop.call_soon_threadsafe(pieces.put_nowait, ("piece", piece))
-            return "".join(got)
+            return "".join(got), stats
 
         fut = _submit(st, ctx, work)  # QueueFull is answered as 503/429 before the stream starts
         fut.add_done_callback(lambda f: loop.call_soon_threadsafe(pieces.put_nowait, ("done", f)))
@@ -617,14 +647,14 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
                             yield chunk(held, None)
                             sent += held
                         held = ""
-                text = fut.result()
+                text, stats = fut.result()
                 if not blocking:
                     # 'flag' (or 'off'): checked once at the end, recorded only
                     verdict_out = await asyncio.to_thread(st.guards.check_output, text)
                 ctx.audit.queue_ms = (started[0] - t_queued) * 1000 if started else None
-                n_completion = hub.count_tokens(text)
+                n_completion = int(stats.get("completion_tokens", 0))
                 if finish is None:
-                    finish = "length" if n_completion >= params["max_new_tokens"] else "stop"
+                    finish = stats.get("finish_reason", "stop")
                 total = outcome.merge(verdict_out)
                 answer = OUTPUT_REFUSAL if finish == "content_filter" else text
                 _finish(ctx, st, total, n_prompt, n_completion, finish, cid)
