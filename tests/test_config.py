@@ -66,3 +66,37 @@ def test_every_setting_has_help():
     assert len(rows) > 30
     assert all(help_ for _, _, help_ in rows), [k for k, _, h in rows if not h]
     assert Recipe().train.max_grad_norm == 0.3
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.epochs=.inf", "train.epochs: expected a finite number, got inf"),
+    ("train.lr=.nan", "train.lr: expected a finite number, got nan"),
+    ("lora.alpha=inf", "lora.alpha: expected a finite number, got inf"),
+    ("train.betas=[0.9, .inf]", "train.betas[1]: expected a finite number, got inf"),
+    ("train.weight_decay=-5", "train.weight_decay: expected >= 0, got -5.0"),
+    ("train.memory_budget_gb=-3", "train.memory_budget_gb: expected a positive number of GB, got -3.0"),
+    ("eval.samples=-1", "eval.samples: expected >= 0, got -1"),
+    ("eval.limit=-5", "eval.limit: expected a positive integer or null, got -5"),
+    ("eval.gate.max_retention_drop=-1", "eval.gate.max_retention_drop: expected >= 0, got -1.0"),
+    ("export.max_token_disagreement=1.5", "export.max_token_disagreement: expected a share between 0 and 1, got 1.5"),
+    ("export.loss_examples=-2", "export.loss_examples: expected >= 0, got -2"),
+    ("data.train=", "data.train: expected a data file or folder, or 'sample'; got an empty value"),
+    ("eval.suites=[quality, retension]",
+     "eval.suites: unknown suite(s) 'retension' (did you mean 'retention'?); expected some of quality, retention"),
+])
+def test_values_out_of_range_are_refused_before_any_work(override, message):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, [override])
+    assert message in str(e.value)
+    assert "1 problem(s)" in str(e.value)
+
+
+def test_type_and_range_problems_are_reported_together_each_once():
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, ["train.lr=abc", "train.epochs=-1", "train.betas=[0.9, x]", "eval.suites=[nope]"])
+    msg = str(e.value)
+    assert "4 problem(s)" in msg
+    for part in ("train.lr: expected a number, got 'abc'", "train.epochs: expected a positive number, got -1.0",
+                 "train.betas[1]: expected a number, got 'x'", "eval.suites: unknown suite(s) 'nope'"):
+        assert part in msg
+    assert load_recipe(None, ["eval.suites=[quality, safety]"]).eval.suites == ["quality", "safety"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ __all__ = [
     "recipe_to_dict",
     "dump_recipe",
     "describe_recipe",
+    "export_problems",
 ]
 
 
@@ -97,7 +99,8 @@ class DataConfig:
     )
     sources: list[SourceConfig] = _f([], "Several sources mixed with weights (replaces 'train' when given).")
     format: Literal["auto", "instruction", "chat", "completion"] = _f("auto", "Record form; 'auto' detects it.")
-    val_fraction: float = _f(0.1, "Share of the training data held out when 'eval' is null.")
+    val_fraction: float = _f(0.1, "Share of the training data held out when 'eval' is null (drawn from the "
+                                  "distinct records, before source weights repeat them).")
     max_seq_len: int = _f(512, "Tokens per training sequence; longer examples are truncated.")
     packing: bool = _f(True, "Pack short examples into full sequences (attention stays within each example).")
     licence_policy: Literal["warn", "block"] = _f(
@@ -321,9 +324,49 @@ def _allows_none(tp: Any) -> bool:
     return get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp)
 
 
+def _non_finite(obj: Any, prefix: str, errors: list[str]) -> None:
+    """Every number of the recipe must be finite: inf or nan (YAML's .inf, .nan) pass the type check."""
+    for f in dataclasses.fields(obj):
+        v, key = getattr(obj, f.name), prefix + f.name
+        if dataclasses.is_dataclass(v):
+            _non_finite(v, key + ".", errors)
+            continue
+        items = enumerate(v) if isinstance(v, list) else [(None, v)]
+        for i, x in items:
+            if dataclasses.is_dataclass(x):
+                _non_finite(x, f"{key}[{i}].", errors)
+            elif isinstance(x, float) and not math.isfinite(x):
+                errors.append(f"{key}{'' if i is None else f'[{i}]'}: expected a finite number, got {x}")
+
+
+def export_problems(cfg: ExportConfig) -> list[str]:
+    """What is wrong with the export parity thresholds (also for an ``ExportConfig`` built in code)."""
+    errors = []
+    for k in ("max_token_disagreement", "lossy_max_token_disagreement"):
+        if not 0.0 <= getattr(cfg, k) <= 1.0:
+            errors.append(f"export.{k}: expected a share between 0 and 1, got {getattr(cfg, k)}")
+    for k in ("max_loss_increase", "lossy_max_loss_increase"):
+        if getattr(cfg, k) < 0:
+            errors.append(f"export.{k}: expected >= 0, got {getattr(cfg, k)}")
+    for k in ("golden_prompts", "agreement_tokens", "max_new_tokens"):
+        if getattr(cfg, k) < 1:
+            errors.append(f"export.{k}: expected a positive integer, got {getattr(cfg, k)}")
+    if cfg.max_new_tokens < cfg.agreement_tokens:
+        errors.append(f"export.max_new_tokens ({cfg.max_new_tokens}) must be at least export.agreement_tokens "
+                      f"({cfg.agreement_tokens})")
+    if cfg.loss_examples < 0:
+        errors.append(f"export.loss_examples: expected >= 0, got {cfg.loss_examples}")
+    return errors
+
+
 def _check_values(r: Recipe, errors: list[str]) -> None:
+    """Ranges of the values that passed their type check (a field whose type was wrong holds its
+    default here, so that its one error is all that is said of it)."""
+    _non_finite(r, "", errors)
+    bad = {e.split(":", 1)[0].split("[", 1)[0] for e in errors}  # keys already reported
+
     def need(cond: bool, msg: str) -> None:
-        if not cond:
+        if not cond and msg.split(":", 1)[0] not in bad:
             errors.append(msg)
 
     need(r.lora.r > 0, f"lora.r: expected a positive integer, got {r.lora.r}")
@@ -332,23 +375,48 @@ def _check_values(r: Recipe, errors: list[str]) -> None:
     need(len(r.lora.targets) > 0, "lora.targets: expected at least one module name or 'all-linear'")
     need(r.data.max_seq_len >= 16, f"data.max_seq_len: expected at least 16, got {r.data.max_seq_len}")
     need(0.0 < r.data.val_fraction < 1.0, f"data.val_fraction: expected 0 < x < 1, got {r.data.val_fraction}")
+    need(bool(r.data.sources) or bool(r.data.train.strip()),
+         "data.train: expected a data file or folder, or 'sample'; got an empty value")
     t = r.train
     need(t.epochs > 0, f"train.epochs: expected a positive number, got {t.epochs}")
     need(t.max_steps is None or t.max_steps > 0, f"train.max_steps: expected a positive integer, got {t.max_steps}")
     need(t.micro_batch_size > 0, f"train.micro_batch_size: expected a positive integer, got {t.micro_batch_size}")
     need(t.grad_accum > 0, f"train.grad_accum: expected a positive integer, got {t.grad_accum}")
     need(t.lr > 0, f"train.lr: expected a positive number, got {t.lr}")
+    need(t.weight_decay >= 0, f"train.weight_decay: expected >= 0, got {t.weight_decay}")
     need(0.0 <= t.warmup_ratio < 1.0, f"train.warmup_ratio: expected 0 <= x < 1, got {t.warmup_ratio}")
     need(t.max_grad_norm >= 0, f"train.max_grad_norm: expected >= 0, got {t.max_grad_norm}")
-    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+    need(len(t.betas) == 2 and all(isinstance(b, float) and 0 <= b < 1 for b in t.betas),
          f"train.betas: expected two numbers in [0, 1), got {t.betas}")
+    need(t.memory_budget_gb is None or t.memory_budget_gb > 0,
+         f"train.memory_budget_gb: expected a positive number of GB, got {t.memory_budget_gb}")
     need(t.checkpoint_every >= 0, f"train.checkpoint_every: expected >= 0, got {t.checkpoint_every}")
     need(t.keep_checkpoints >= 1, f"train.keep_checkpoints: expected >= 1, got {t.keep_checkpoints}")
     need(t.log_every >= 1, f"train.log_every: expected >= 1, got {t.log_every}")
     need(t.threads is None or t.threads >= 1, f"train.threads: expected >= 1, got {t.threads}")
+    ev = r.eval
+    need(ev.samples >= 0, f"eval.samples: expected >= 0, got {ev.samples}")
+    need(ev.max_new_tokens >= 1, f"eval.max_new_tokens: expected >= 1, got {ev.max_new_tokens}")
+    need(ev.limit is None or ev.limit >= 1, f"eval.limit: expected a positive integer or null, got {ev.limit}")
+    g = ev.gate
+    need(g.max_retention_drop >= 0, f"eval.gate.max_retention_drop: expected >= 0, got {g.max_retention_drop}")
+    need(g.max_injection_rise >= 0, f"eval.gate.max_injection_rise: expected >= 0, got {g.max_injection_rise}")
+    for msg in export_problems(r.export):
+        need(False, msg)
     for i, s in enumerate(r.data.sources):
+        if s is None:
+            continue
         need(bool(s.path), f"data.sources[{i}].path: expected a file or folder")
         need(s.weight > 0, f"data.sources[{i}].weight: expected a positive number, got {s.weight}")
+    suites = [x for x in ev.suites if x is not None]
+    if suites != ["quality"] and "eval.suites" not in bad:
+        from .eval.suites import SUITE_NAMES  # the registry (its import loads torch: only when asked)
+
+        unknown = [x for x in suites if x not in SUITE_NAMES]
+        if unknown:
+            hints = [difflib.get_close_matches(x, SUITE_NAMES, n=1) for x in unknown]
+            said = ", ".join(f"{x!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for x, h in zip(unknown, hints))
+            errors.append(f"eval.suites: unknown suite(s) {said}; expected some of {', '.join(SUITE_NAMES)}")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -406,8 +474,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         _set_path(data, keys, value)
     errors: list[str] = []
     recipe = _build(Recipe, data, "", errors)
-    if not errors:
-        _check_values(recipe, errors)
+    _check_values(recipe, errors)
     if errors:
         raise RecipeError(f"{where}: {len(errors)} problem(s) in the recipe:\n  " + "\n  ".join(errors))
     return recipe

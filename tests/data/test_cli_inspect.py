@@ -104,6 +104,39 @@ def test_output_may_not_overwrite_input(tmp_path, write_jsonl, capsys):
     assert "would overwrite its input" in capsys.readouterr().err
 
 
+def test_drop_contaminated_needs_the_contamination_check(tmp_path, write_jsonl, capsys):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world"}])
+    out = tmp_path / "clean.jsonl"
+    assert data_main(["check", str(path), "--no-contamination", "--drop-contaminated", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("qlorakit data check: --drop-contaminated") and "--no-contamination" in err
+    assert err.count("qlorakit data check:") == 1
+    assert not out.exists()
+    assert data_main(["check"]) == 2
+    assert capsys.readouterr().err.strip() == "qlorakit data check: name at least one FILE, or --recipe RECIPE.yaml"
+
+
+def test_written_copies_and_plots_are_as_readable_as_other_files(tmp_path, write_jsonl, tiny_tokenizer, capsys):
+    """Outputs get the mode a plain open() would give them (0666 less the umask), not mkstemp's 0600."""
+    import os
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "my e-mail is jo.bloggs@gmail.com", "output": "ok"}])
+    old = os.umask(0o022)
+    try:
+        assert data_main(["check", str(path), "--licence", "MIT", "--no-contamination",
+                          "--redact", str(tmp_path / "red.jsonl")]) == 0
+        assert data_main(["inspect", str(path), "--tokenizer", str(tiny_tokenizer.folder),
+                          "--plot", str(tmp_path / "h.png")]) == 0
+    finally:
+        os.umask(old)
+    for name in ("red.jsonl", "h.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert "jo.bloggs@gmail.com" not in (tmp_path / "red.jsonl").read_text(encoding="utf-8")
+    with pytest.raises(SystemExit):
+        data_main(["inspect", str(path), "--max-seq-len", "-5"])
+    assert "--max-seq-len: expected at least 16, got -5" in capsys.readouterr().err
+
+
 def test_other_modules_can_register_a_subcommand(capsys):
     def setup(sub):
         p = sub.add_parser("hello-test", help="a test subcommand")

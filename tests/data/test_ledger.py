@@ -39,7 +39,13 @@ def test_share_alike_and_non_commercial_sources(shared, tmp_path, tiny_tokenizer
     assert s_sgd["sha256"] == sha256_path(sgd) and s_nc["sha256"] == sha256_path(nc)
     assert (s_sgd["licence"], s_sgd["licence_from"]) == ("CC-BY-SA-4.0", "manifest")
     assert (s_nc["licence"], s_nc["licence_from"], s_nc["origin"]) == ("CC-BY-NC-4.0", "sidecar", "ticket export")
-    assert s_sgd["rows"] == 192 and s_sgd["rows_used"] == 96 and s_nc["rows_used"] == 24
+    # the validation split is held out of the records first; the weights then apply to the rest
+    assert s_sgd["rows"] == 192 and s_nc["rows"] == 12
+    held = s_sgd["rows_held_out"] + s_nc["rows_held_out"]
+    assert held == len(prepared.val_examples) == round(204 * cfg.val_fraction)
+    assert s_sgd["rows_used"] == round(0.5 * (192 - s_sgd["rows_held_out"]))
+    assert s_nc["rows_used"] == 2 * (12 - s_nc["rows_held_out"])
+    assert len(prepared.train_examples) == s_sgd["rows_used"] + s_nc["rows_used"]
     assert (s_sgd["weight"], s_nc["weight"]) == (0.5, 2.0)
     # findings counted on the training examples, each once although weight 2 repeats them
     n_nc_train = len({id(e) for e in prepared.train_examples if e.source == str(nc)})
@@ -56,6 +62,8 @@ def test_share_alike_and_non_commercial_sources(shared, tmp_path, tiny_tokenizer
     assert "**Commercial use:** not allowed" in card
     assert "must be shared under CC-BY-SA-4.0" in card
     assert "support.jsonl" in card and "CC-BY-NC-4.0 (sidecar)" in card
+    assert s_sgd["rows_held_out"] > 0
+    assert f"| {s_sgd['rows_used']} of 192 (weight 0.5, {s_sgd['rows_held_out']} held out for validation) |" in card
     meta = adapter_metadata(ledger)
     assert meta["data_commercial_use"] == "false" and meta["data_share_alike"] == "true"
     assert meta["adapter_licence"] == "CC-BY-SA-4.0"
@@ -66,6 +74,36 @@ def test_share_alike_and_non_commercial_sources(shared, tmp_path, tiny_tokenizer
     msg = str(e.value)
     assert "CC-BY-NC-4.0 is non-commercial" in msg and "CC-BY-SA-4.0 is share-alike" in msg
     assert "data.licence_policy=warn" in msg
+
+
+def _key(ex):
+    return json.dumps([ex.text, ex.messages], sort_keys=True)
+
+
+def test_weighted_sources_never_train_on_a_held_out_record(tmp_path, tiny_tokenizer, write_jsonl):
+    """A weight repeats training records only: the validation split is drawn from the distinct
+    records before, and copies of one record (in the data itself) stay on one side."""
+    recs = [{"instruction": f"how do I reset device {i}?", "output": f"hold button {i} for ten seconds"}
+            for i in range(40)]
+    recs += recs[:5]  # five records twice in the file
+    path = write_jsonl(tmp_path / "w.jsonl", recs)
+    for weight in (3.0, 2.5, 1.0, 0.5):
+        cfg = DataConfig(sources=[SourceConfig(path=str(path), weight=weight, licence="MIT")], eval=None,
+                         max_seq_len=128, val_fraction=0.3)
+        prepared = prepare_data(cfg, tiny_tokenizer, seed=3)
+        train_keys = {_key(e) for e in prepared.train_examples}
+        val_keys = {_key(e) for e in prepared.val_examples}
+        assert val_keys and not (train_keys & val_keys), weight
+        if weight >= 1:
+            assert len(train_keys) + len(val_keys) == 40
+        info = prepared.sources[0]
+        assert info.rows == 45 and info.rows_held_out == len(prepared.val_examples) >= round(45 * 0.3)
+        assert info.rows_used == len(prepared.train_examples)
+        kept = 45 - info.rows_held_out
+        assert info.rows_used == int(weight) * kept + round((weight - int(weight)) * kept)
+        ledger = build_ledger(cfg, prepared)
+        assert ledger["sources"][0]["rows_used"] == info.rows_used
+        assert ledger["sources"][0]["rows_held_out"] == info.rows_held_out
 
 
 def test_warn_policy_logs_and_goes_on(tmp_path, tiny_tokenizer, write_jsonl, caplog):

@@ -16,6 +16,12 @@ from qlorakit.data.licences import licence_findings, lookup_licence, normalise_s
     ("cc-by-sa 4.0", "CC-BY-SA-4.0"), ("CC BY-NC-SA 4.0", "CC-BY-NC-SA-4.0"), ("GPL-3.0", "GPL-3.0-only"),
     ("Apache-2.0 (oasst1 data); repo MIT", "Apache-2.0"), ("MIT (MMLU hendrycks/test MIT; qlora repo MIT)", "MIT"),
     ("llama3", "other"), ("", ""), ("  ", ""),
+    # several licences named: the most restrictive stands for them all, as all of them apply
+    ("Apache-2.0 and CC-BY-NC-4.0", "CC-BY-NC-4.0"), ("MIT; data CC-BY-NC-4.0", "CC-BY-NC-4.0"),
+    ("MIT (code), CC-BY-NC-SA-4.0 (data)", "CC-BY-NC-SA-4.0"), ("(MIT OR Apache-2.0) AND CC-BY-SA-4.0", "CC-BY-SA-4.0"),
+    ("CC-BY-4.0 with a CC-BY-ND-4.0 appendix", "CC-BY-ND-4.0"),
+    # a choice between licences: the least restrictive one may be taken
+    ("MIT OR GPL-3.0", "MIT"), ("CC-BY-NC-4.0 or CC-BY-4.0", "CC-BY-4.0"),
 ])
 def test_normalise(text, spdx):
     assert normalise_spdx(text) == spdx
@@ -111,3 +117,13 @@ def test_check_a_recipe_uses_its_sources_and_policy(shared, tmp_path, write_json
     assert sorted(f["kind"] for f in out["findings"] if f["blocking"]) == ["non_commercial", "share_alike"]
     # --policy on the command line overrides the recipe's
     assert data_main(["check", "--recipe", str(recipe), "--no-contamination", "--policy", "warn"]) == 0
+
+
+def test_a_licence_text_naming_a_non_commercial_licence_second_is_not_waved_through(tmp_path, write_jsonl, capsys):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"instruction": "reset my password?", "output": "use the link"}])
+    for text in ("Apache-2.0 and CC-BY-NC-4.0", "MIT; data CC-BY-NC-4.0"):
+        assert data_main(["check", str(path), "--licence", text, "--policy", "block", "--no-contamination",
+                          "--json"]) == 1
+        out = json.loads(capsys.readouterr().out)
+        assert out["sources"][0]["licence"] == "CC-BY-NC-4.0"
+        assert [f["kind"] for f in out["findings"] if f["blocking"]] == ["non_commercial"]

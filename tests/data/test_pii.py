@@ -185,3 +185,19 @@ def test_redacted_copy_has_no_pii_and_keeps_the_rest(planted_file, tmp_path):
 def test_redact_masks_inside_text():
     text, found = redact("mail maria.gonzalez84@gmail.com now")
     assert text == "mail [EMAIL] now" and len(found) == 1
+
+
+def test_published_test_cards_fictional_numbers_and_versions_are_not_personal_data():
+    def found(text):
+        return [(m.kind, m.value, m.placeholder) for m in find_pii(text)]
+
+    # the networks' test numbers are reported as placeholders (no one's card); a real-looking one is PII
+    assert found("pay with 4242 4242 4242 4242") == [("credit_card", "4242 4242 4242 4242", True)]
+    assert found("card 4556 7375 8689 9855") == [("credit_card", "4556 7375 8689 9855", False)]
+    # a 555 number is fictional however it is written
+    assert found("call 212-555-0123") == found("call 2125550123".replace("2125550123", "212-555-0123"))
+    assert found("call 2125550123") == [("phone", "2125550123", True)]
+    assert found("call 2125550123")[0][2] and not found("call 2125560123")[0][2]
+    # dotted version and section numbers are not addresses; an address still is
+    assert found("Chrome 120.0.0.0 on Windows") == [] and found("see section 1.2.3.4") == []
+    assert found("server at 8.8.4.4") == [("ip_address", "8.8.4.4", False)]

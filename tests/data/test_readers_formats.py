@@ -120,6 +120,22 @@ def test_oasst_marked_turns_and_self_instruct_instances(shared):
     assert ex[0].messages[-1]["content"] == recs[0]["instances"][0]["output"]
 
 
+def test_instruction_input_is_kept_unless_the_instruction_ends_with_it(tmp_path):
+    """OASST's prompt is a preamble and then its input: the input is not repeated. A short input
+    that merely occurs inside the instruction is data of its own and is kept."""
+    recs = [{"instruction": "Is the following word positive or negative?", "input": "positive", "output": "Positive."},
+            {"instruction": "What is 12 times 3?", "input": "3", "output": "36"},
+            {"instruction": "Preamble. ### Human: what is a prime number?", "input": "### Human: what is a prime number?",
+             "output": "A number with exactly two divisors."},
+            {"instruction": "Summarise.", "input": "Summarise.", "output": "Done."}]
+    ex = to_examples(recs, tmp_path / "x.jsonl")
+    users = [e.messages[-2]["content"] for e in ex]
+    assert users[0] == "Is the following word positive or negative?\n\npositive"
+    assert users[1] == "What is 12 times 3?\n\n3"
+    assert users[2] == "what is a prime number?" and ex[2].messages[0] == {"role": "system", "content": "Preamble."}
+    assert users[3] == "Summarise."
+
+
 # ---- malformed input: one clear error naming the file and the row ----
 
 
@@ -148,6 +164,26 @@ def test_unicode_line_separators_inside_json_strings_stay_in_their_record(tmp_pa
     assert ex[0].messages[-1]["content"] == first["output"]
 
 
+def test_json_lines_in_a_json_file_name_the_bad_line(tmp_path):
+    p = tmp_path / "jl.json"
+    p.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d"}\n'
+                 '{"instruction": "e", "output": }\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"jl\.json:3: malformed JSON"):
+        read_records(p)
+    p.write_text(p.read_text(encoding="utf-8").rsplit("{", 1)[0], encoding="utf-8")
+    assert [r["_line"] for r in read_records(p)] == [1, 2]
+    p.write_text('[{"text": "a"},\n{"text": }]\n', encoding="utf-8")  # a broken array: JSON's own error
+    with pytest.raises(DataError, match=r"jl\.json:2: malformed JSON \(Expecting value"):
+        read_records(p)
+
+
+def test_csv_header_naming_a_column_twice_is_refused(tmp_path):
+    p = tmp_path / "dup.csv"
+    p.write_text("instruction,output,instruction\nq,a,q2\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"dup\.csv:1: column\(s\) 'instruction' named more than once"):
+        read_records(p)
+
+
 def test_missing_column_names_row(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("instruction,input\nhello,\n", encoding="utf-8")
@@ -162,6 +198,11 @@ def test_wrong_types_name_row(tmp_path, write_jsonl):
     p = write_jsonl(tmp_path / "t.jsonl", [{"turns": [{"speaker": "USER", "utterance": 3}]}])
     with pytest.raises(DataError, match=r"t\.jsonl:1: turns\[0\]"):
         to_examples(read_records(p), p)
+    for role in (["user"], {"a": 1}, 3):
+        p = write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": role, "content": "hi"},
+                                                            {"role": "assistant", "content": "hello"}]}])
+        with pytest.raises(DataError, match=r"r\.jsonl:1: messages\[0\]\.role must be one of system, user, assistant"):
+            to_examples(read_records(p), p)
     q = tmp_path / "w.parquet"
     pq.write_table(pa.Table.from_pylist([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": None}]), q)
     with pytest.raises(DataError, match=r"w\.parquet:2: missing field 'output'"):
@@ -186,3 +227,27 @@ def test_folder_that_is_not_a_dataset(tmp_path):
     (tmp_path / "x.txt").write_text("hi", encoding="utf-8")
     with pytest.raises(DataError, match="not a saved `datasets` folder"):
         read_records(tmp_path)
+
+
+def test_a_conversation_opened_by_the_assistant_tokenizes(shared):
+    """ABCD's agent speaks first; a chat record may too. The first turn's answer tokens are what
+    the template writes for its text, and the ids are those of the rendered conversation."""
+    from qlorakit.data import IGNORE_INDEX
+    from qlorakit.data.templating import tokenize_example
+    from qlorakit.models import load_tokenizer, resolve_base
+
+    tok = load_tokenizer(resolve_base("default")[0])
+    path = shared / "dialogue" / "abcd_sample.json"
+    abcd = to_examples(read_records(path), path)[0]
+    hand = to_examples([{"messages": [{"role": "assistant", "content": "Hello, how can I help?"},
+                                      {"role": "user", "content": "hi"},
+                                      {"role": "assistant", "content": "hello"}]}], "x.jsonl")[0]
+    for ex in (abcd, hand):
+        assert ex.messages[0]["role"] == "assistant"
+        t = tokenize_example(tok, ex, 4096)
+        last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+        full = tok.apply_chat_template(ex.messages[:last + 1], tokenize=False)  # turns after the last answer teach nothing
+        assert t.input_ids == list(tok(full, add_special_tokens=False)["input_ids"])
+        learned = tok.decode([i for i, lab in zip(t.input_ids, t.labels) if lab != IGNORE_INDEX])
+        assistant = [m["content"] for m in ex.messages if m["role"] == "assistant"]
+        assert learned == "".join(f"{c}<|im_end|>\n" for c in assistant)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from .._files import as_created
 from .contamination import DEFAULT_MIN_WORDS, DEFAULT_N, build_index, find_contamination
 from .dedup import exact_duplicates, near_duplicates
 from .formats import Example, detect_format, example_text, to_examples
@@ -345,6 +346,7 @@ def _write_all_atomic(files: dict[Path, bytes]) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
             temps.append((tmp, path))
+            as_created(tmp)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()

@@ -38,6 +38,20 @@ def register_subcommand(setup: Callable[[Any], None]) -> Callable[[Any], None]:
     return setup
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than ``low`` (data.max_seq_len's own minimum)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _fields(items: list[str]) -> dict[str, str] | None:
     out = {}
     for it in items or []:
@@ -81,6 +95,9 @@ def _inspect(a: argparse.Namespace) -> int:
 def _check(a: argparse.Namespace) -> int:
     from .check import CheckOptions, format_report, load_source, run_checks, write_fixed_copies
 
+    if a.drop_contaminated and a.no_contamination:
+        raise DataError("--drop-contaminated drops the records that overlap evaluation sets, which "
+                        "--no-contamination does not look for; give one of the two")
     fields = _fields(a.field)
     try:
         opts = CheckOptions(
@@ -89,13 +106,13 @@ def _check(a: argparse.Namespace) -> int:
             fail_on=tuple(s.strip() for s in a.fail_on.split(",") if s.strip()) if a.fail_on else (),
             base_licence=a.base_licence, contamination=not a.no_contamination)
     except ValueError as e:
-        raise DataError(f"qlorakit data check: {e}") from e
+        raise DataError(str(e)) from e
     sources = [load_source(f, form=a.format, fields=fields, licence=a.licence or "", origin=a.origin or "")
                for f in a.files]
     if a.recipe:
         sources += _recipe_sources(a.recipe, opts, policy_given=a.policy is not None)
     if not sources:
-        raise DataError("qlorakit data check: name at least one FILE, or --recipe RECIPE.yaml")
+        raise DataError("name at least one FILE, or --recipe RECIPE.yaml")
     report = run_checks(sources, opts)
     written = []
     outs: dict[str, dict[str, bool]] = {}
@@ -151,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_args(pi)
     pi.add_argument("--tokenizer", default="default",
                     help="base model whose tokenizer and chat template count the tokens: 'default', a HF folder or a .gguf")
-    pi.add_argument("--max-seq-len", type=int, default=512, help="sequence length for the packing estimate")
+    pi.add_argument("--max-seq-len", type=_at_least(16), default=512, help="sequence length for the packing estimate")
     pi.add_argument("--plot", default="token_lengths.png", help="where to write the histogram PNG ('none': no plot)")
     pi.add_argument("--no-tokens", action="store_true", help="skip tokenizing (no tokenizer is loaded)")
     pi.set_defaults(func=_inspect)

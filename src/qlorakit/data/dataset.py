@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ class SourceInfo:
     origin: str = ""
     commercial_use: bool | None = None
     role: str = "train"  # train | eval
+    rows_held_out: int = 0  # records of this source held out as the validation split
 
 
 @dataclass
@@ -77,26 +79,69 @@ def _weighted(examples: list[Example], weight: float, rng: random.Random) -> lis
     return out
 
 
+def _example_key(ex: Example) -> str:
+    """The content of an example, for telling copies apart from distinct examples."""
+    return json.dumps([ex.text, ex.messages], sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _hold_out(pools: list[list[Example]], fraction: float, seed: int, first_path: str) -> tuple[list[list[Example]], list[Example]]:
+    """A validation split drawn from the sources' own records, before any weighting repeats them.
+
+    Copies of one example (the same content twice in the data) fall on the same side, so that no
+    held-out example is also trained on. Returns each source's remaining examples, in file order,
+    and the held-out ones.
+    """
+    flat = [(i, j) for i, pool in enumerate(pools) for j in range(len(pool))]
+    n_val = max(1, round(len(flat) * fraction))
+    if len(flat) - n_val < 1:
+        raise DataError(f"{first_path}: {len(flat)} record(s) are too few to hold out a validation split")
+    groups: dict[str, list[int]] = {}
+    for n, (i, j) in enumerate(flat):
+        groups.setdefault(_example_key(pools[i][j]), []).append(n)
+    order = list(range(len(flat)))
+    random.Random(seed + 1).shuffle(order)
+    val_idx: set[int] = set()
+    for n in order:
+        if len(val_idx) >= n_val:
+            break
+        if n not in val_idx:
+            i, j = flat[n]
+            val_idx.update(groups[_example_key(pools[i][j])])
+    if len(val_idx) >= len(flat):
+        raise DataError(f"{first_path}: every record is a copy of the others; no distinct record is left to train on "
+                        f"after holding out a validation split")
+    val = [pools[i][j] for n, (i, j) in enumerate(flat) if n in val_idx]
+    kept: list[list[Example]] = [[] for _ in pools]
+    for n, (i, j) in enumerate(flat):
+        if n not in val_idx:
+            kept[i].append(pools[i][j])
+    return kept, val
+
+
 def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
     rng = random.Random(seed)
     sources: list[SourceInfo] = []
-    train: list[Example] = []
+    pools: list[list[Example]] = []
+    weights: list[float] = []
     specs = cfg.sources or []
     if specs:
         for s in specs:
             path = resolve_data_path(s.path)
             ex = load_examples(path, s.format if s.format != "auto" else cfg.format, s.fields or None)
-            used = _weighted(ex, s.weight, rng)
-            sources.append(SourceInfo(str(path), sha256_file(path), len(ex), len(used), s.licence, s.origin,
+            pools.append(ex)
+            weights.append(s.weight)
+            sources.append(SourceInfo(str(path), sha256_file(path), len(ex), len(ex), s.licence, s.origin,
                                       s.commercial_use))
-            train += used
     else:
         path = resolve_data_path(cfg.train)
-        train = load_examples(path, cfg.format)
+        ex = load_examples(path, cfg.format)
+        pools.append(ex)
+        weights.append(1.0)
         licence = "Apache-2.0" if cfg.train == SAMPLE else ""
         origin = "qlorakit sample data (fictional customer support)" if cfg.train == SAMPLE else ""
-        sources.append(SourceInfo(str(path), sha256_file(path), len(train), len(train), licence, origin,
+        sources.append(SourceInfo(str(path), sha256_file(path), len(ex), len(ex), licence, origin,
                                   True if cfg.train == SAMPLE else None))
+    n_sources = len(sources)
 
     if cfg.eval == "auto" and cfg.train == SAMPLE and not specs:
         vpath = resolve_data_path(SAMPLE, role="eval")
@@ -104,18 +149,22 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
         sources.append(SourceInfo(str(vpath), sha256_file(vpath), len(val), len(val), "Apache-2.0",
                                   "qlorakit sample data (held-out part)", True, role="eval"))
     elif cfg.eval in ("auto", None, ""):
-        order = list(range(len(train)))
-        random.Random(seed + 1).shuffle(order)
-        n_val = max(1, round(len(train) * cfg.val_fraction))
-        if len(train) - n_val < 1:
-            raise DataError(f"{sources[0].path}: {len(train)} record(s) are too few to hold out a validation split")
-        val_idx = set(order[:n_val])
-        val = [train[i] for i in sorted(val_idx)]
-        train = [train[i] for i in range(len(train)) if i not in val_idx]
+        # held out from the distinct records first, weighted after: a weight > 1 repeats only
+        # training records, never a held-out one
+        held = pools
+        pools, val = _hold_out(pools, cfg.val_fraction, seed, sources[0].path)
+        for info, before, after in zip(sources, held, pools):
+            info.rows_held_out = len(before) - len(after)
     else:
         vpath = resolve_data_path(cfg.eval, role="eval")
         val = load_examples(vpath, cfg.format)
         sources.append(SourceInfo(str(vpath), sha256_file(vpath), len(val), len(val), role="eval"))
+
+    train: list[Example] = []
+    for info, pool, weight in zip(sources[:n_sources], pools, weights):
+        used = _weighted(pool, weight, rng) if weight != 1.0 else pool
+        info.rows_used = len(used)
+        train += used
 
     toks = tokenize_examples(tokenizer, train, cfg.max_seq_len)
     if not toks:

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._files import as_created
 from .readers import DataError
 
 __all__ = ["export_feedback", "FeedbackExport", "register", "LICENCE_NOTE", "SCHEMA_VERSIONS"]
@@ -65,6 +66,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
+        as_created(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -33,6 +33,7 @@ class Example:
 INSTRUCTION_ALIASES = ("instruction", "prompt", "question", "query", "input")
 OUTPUT_ALIASES = ("output", "response", "answer", "completion", "target")
 CONTEXT_ALIASES = ("input", "context")
+MIN_HELD_INPUT = 16  # characters: a shorter input is appended even when the instruction ends with it
 # dialogue files: the list field, the speaker and text keys of a turn, and speaker -> role
 _DIALOGUE_ROLES = {
     "user": "user", "customer": "user", "human": "user", "client": "user",
@@ -116,6 +117,14 @@ def _split_marked_turns(text: str) -> list[dict[str, str]] | None:
     return msgs if msgs and msgs[-1]["role"] == "user" else None
 
 
+def _holds_input(instruction: str, inp: str) -> bool:
+    """Whether the instruction already ends with the whole input, as OASST's ``prompt`` (a preamble
+    and then the ``input``) does; the input is then not repeated. A short input found inside the
+    instruction ("What is 12 times 3?" with input "3") is data of its own and is kept."""
+    s = inp.strip()
+    return s == instruction.strip() or (len(s) >= MIN_HELD_INPUT and instruction.rstrip().endswith(s))
+
+
 def _instruction(rec: dict, where: str) -> list[list[dict[str, str]]]:
     """One conversation per (instruction, output) pair; self-instruct ``instances`` give several."""
     ikey = _find_key(rec, INSTRUCTION_ALIASES) or "instruction"
@@ -140,8 +149,7 @@ def _instruction(rec: dict, where: str) -> list[list[dict[str, str]]]:
             inp = ""
         if not isinstance(inp, str):
             raise DataError(f"{where}: field 'input' must be a string, got {type(inp).__name__}")
-        # an input that the instruction already holds (OASST's prompt and input) is not repeated
-        user = instruction if not inp.strip() or inp.strip() in instruction else f"{instruction}\n\n{inp}"
+        user = instruction if not inp.strip() or _holds_input(instruction, inp) else f"{instruction}\n\n{inp}"
         turns = _split_marked_turns(user)
         msgs = turns if turns is not None else [{"role": "user", "content": user}]
         if head and msgs[0]["role"] == "system":
@@ -192,8 +200,9 @@ def _chat(rec: dict, where: str) -> list[dict[str, str]]:
             raise DataError(f"{where}: messages[{j}] must be an object with 'role' and 'content'")
         role = m.get("role", m.get("from"))
         content = m.get("content", m.get("value"))
-        role = {"human": "user", "gpt": "assistant", "bot": "assistant"}.get(role, role)
-        if role not in ROLES:
+        if isinstance(role, str):
+            role = {"human": "user", "gpt": "assistant", "bot": "assistant"}.get(role, role)
+        if not isinstance(role, str) or role not in ROLES:
             raise DataError(f"{where}: messages[{j}].role must be one of {', '.join(ROLES)}, got {role!r}")
         if not isinstance(content, str):
             raise DataError(f"{where}: messages[{j}].content must be a string, got {type(content).__name__}")

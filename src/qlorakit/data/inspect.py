@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .._files import as_created
 from .formats import detect_format, to_examples
 from .packing import pack
 from .readers import read_records
@@ -123,6 +124,7 @@ def plot_lengths(results: list[dict[str, Any]], out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
     try:
+        as_created(tmp)
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=100)
             f.flush()

@@ -85,7 +85,7 @@ def build_ledger(cfg: DataConfig, prepared: Any, base_licence: str = DEFAULT_BAS
         src_cfg = declared.get(str(s.path))
         sources.append({
             "path": str(s.path), "role": "train", "sha256": s.sha256, "rows": s.rows, "rows_used": s.rows_used,
-            "weight": src_cfg.weight if src_cfg is not None else 1.0,
+            "rows_held_out": s.rows_held_out, "weight": src_cfg.weight if src_cfg is not None else 1.0,
             "licence": spdx, "licence_from": how, "licence_name": (lookup_licence(spdx).name if spdx else ""),
             "licence_flags": _licence_flags(spdx), "origin": origin, "commercial_use": s.commercial_use,
             "findings": report.per_source.get(str(s.path), {}),
@@ -242,7 +242,10 @@ def terms_markdown(ledger: dict[str, Any]) -> str:
         lic = s["licence"] or "none given"
         if s.get("licence_from"):
             lic += f" ({s['licence_from']})"
-        used = f"{s['rows_used']} of {s['rows']}" + (f" (weight {s['weight']:g})" if s.get("weight", 1.0) != 1.0 else "")
+        notes = [f"weight {s['weight']:g}"] if s.get("weight", 1.0) != 1.0 else []
+        if s.get("rows_held_out"):
+            notes.append(f"{s['rows_held_out']} held out for validation")
+        used = f"{s['rows_used']} of {s['rows']}" + (f" ({', '.join(notes)})" if notes else "")
         lines.append(f"| `{Path(s['path']).name}` | {lic} | {used} | "
                      f"`{s['sha256'][:12]}` | {_finding_words(s.get('findings', {}))} |")
     evals = [s for s in ledger["sources"] if s["role"] != "train"]

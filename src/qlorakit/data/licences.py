@@ -139,18 +139,9 @@ def _squeeze(text: str) -> str:
 _BY_SQUEEZE = {_squeeze(k): k for k in LICENCES} | {_squeeze(k): v for k, v in _DEPRECATED.items()}
 
 
-def normalise_spdx(text: str | None) -> str:
-    """The SPDX id for a licence name (``'apache 2.0'`` -> ``'Apache-2.0'``); ``''`` when none is given.
-
-    A name the table does not know comes back unchanged; :func:`lookup_licence` then treats it as
-    'other'. A text naming a licence first and more after it (as in ``'Apache-2.0 (oasst1 data);
-    repo MIT'``) gives the first licence.
-    """
-    if text is None:
-        return ""
+def _one(text: str) -> str | None:
+    """The SPDX id of a text that names one licence and nothing else, or None."""
     t = text.strip()
-    if not t:
-        return ""
     if t in LICENCES:
         return t
     if t in _DEPRECATED:
@@ -158,11 +149,58 @@ def normalise_spdx(text: str | None) -> str:
     sq = _squeeze(t)
     if sq in _BY_SQUEEZE:
         return _BY_SQUEEZE[sq]
-    if sq in _ALIASES:
-        return _ALIASES[sq]
-    head = re.split(r"[;(,]| and | or ", t, maxsplit=1)[0].strip()
-    if head and head != t:
-        return normalise_spdx(head)
+    return _ALIASES.get(sq)
+
+
+_IDS = sorted([*LICENCES, *_DEPRECATED], key=len, reverse=True)
+_ID_RE = re.compile(r"(?<![\w.-])(" + "|".join(re.escape(i) for i in _IDS) + r")(?![\w-]|\.\d)", re.IGNORECASE)
+_BY_LOWER = {i.lower(): _DEPRECATED.get(i, i) for i in _IDS}
+_PARTS = re.compile(r"[;,()\[\]/&+]|\s+(?:and|with|plus)\s+", re.IGNORECASE)
+_CHOICE = re.compile(r"\s+or\s+", re.IGNORECASE)
+
+
+def _named(text: str) -> list[str]:
+    """Every licence a text names, in order: each part that is a licence name, and the SPDX ids
+    written inside the other parts ("data CC-BY-NC-4.0")."""
+    out: list[str] = []
+    for part in _PARTS.split(text):
+        one = _one(part) if part.strip() else None
+        found = [one] if one else [_BY_LOWER[m.group(1).lower()] for m in _ID_RE.finditer(part)]
+        out += [f for f in found if f not in out]
+    return out
+
+
+def _restriction(spdx: str) -> tuple[int, ...]:
+    """How much a licence restricts an adapter trained on data under it (larger: more)."""
+    info = LICENCES.get(spdx)
+    if info is None:  # outside the table: nothing can be vouched for
+        return (2,)
+    return (1, info.no_derivatives, not info.commercial, info.share_alike, info.copyleft, info.attribution)
+
+
+def normalise_spdx(text: str | None) -> str:
+    """The SPDX id for a licence name (``'apache 2.0'`` -> ``'Apache-2.0'``); ``''`` when none is given.
+
+    A name the table does not know comes back unchanged; :func:`lookup_licence` then treats it as
+    'other'. A text naming several licences stands for the one whose terms restrict the adapter
+    most, as all of them apply (``'MIT (code), CC-BY-NC-SA-4.0 (data)'`` -> ``'CC-BY-NC-SA-4.0'``;
+    ``'Apache-2.0 (oasst1 data); repo MIT'`` -> ``'Apache-2.0'``, the first of equals), except a
+    choice (``'MIT OR GPL-3.0-only'``), which stands for the least restrictive alternative.
+    """
+    if text is None:
+        return ""
+    t = text.strip()
+    if not t:
+        return ""
+    one = _one(t)
+    if one is not None:
+        return one
+    choices = [_named(c) for c in _CHOICE.split(t)]
+    if len(choices) > 1 and all(len(c) == 1 for c in choices):  # "A OR B": one licence per alternative
+        return min((c[0] for c in choices), key=_restriction)
+    named = _named(t)
+    if named:
+        return max(named, key=_restriction)  # max keeps the first of equals
     return t
 
 

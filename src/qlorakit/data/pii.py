@@ -7,8 +7,8 @@ secret when it has a known key format, or follows ``api_key=`` / ``secret:`` and
 
 Reserved and fictional values are not personal data: e-mail addresses at documentation domains
 (RFC 2606/6761: ``example.com``, ``.example``, ``.test``, ``.invalid``, ``localhost``), North American
-``555`` numbers (reserved for fiction), and private, loopback and documentation IP ranges
-(RFC 1918/5737). They are reported with ``placeholder=True`` (the kind of finding the packaged sample
+``555`` numbers (reserved for fiction), the card networks' published test numbers, and private,
+loopback and documentation IP ranges (RFC 1918/5737). They are reported with ``placeholder=True`` (the kind of finding the packaged sample
 data holds on purpose: a fictional shop's contact details); they count as information, not as PII,
 and :func:`redact` leaves them in place.
 """
@@ -169,7 +169,10 @@ def _phones(text: str) -> Iterator[PiiMatch]:
     for m in _BARE_DIGITS.finditer(text):
         if _PHONE_WORDS.search(text[max(0, m.start() - 40):m.start()]) and len(set(m.group())) > 1:
             if not (13 <= len(m.group()) <= 19 and luhn_ok(m.group()) and _card_network(m.group())):
-                yield PiiMatch("phone", m.start(), m.end(), m.group(), "after a phone word")
+                d = m.group()
+                fictional = (len(d) == 10 and d[3:6] == "555") or (len(d) == 11 and d[0] == "1" and d[4:7] == "555")
+                yield PiiMatch("phone", m.start(), m.end(), d, "fictional 555" if fictional else "after a phone word",
+                               placeholder=fictional)
 
 
 _CARD = re.compile(r"(?<![\w.-])\d(?:[ -]?\d){11,18}(?![\w]|[.-]\d)")
@@ -193,6 +196,16 @@ def _card_in(value: str) -> tuple[str, str] | None:
     return value, network
 
 
+# the networks' and payment processors' published test numbers: no one's card
+TEST_CARDS = frozenset({
+    "4111111111111111", "4242424242424242", "4012888888881881", "4000056655665556", "4000000000000002",
+    "4222222222222", "5555555555554444", "5105105105105100", "5200828282828210", "2223003122003222",
+    "378282246310005", "371449635398431", "378734493671000", "6011111111111117", "6011000990139424",
+    "3530111333300000", "3566002020360505", "30569309025904", "38520000023237", "36227206271667",
+    "6200000000000005",
+})
+
+
 def _cards(text: str) -> Iterator[PiiMatch]:
     for m in _CARD.finditer(text):
         value = m.group()
@@ -201,7 +214,9 @@ def _cards(text: str) -> Iterator[PiiMatch]:
         for cut in cuts:
             hit = _card_in(value[:cut])
             if hit is not None:
-                yield PiiMatch("credit_card", m.start(), m.start() + cut, hit[0], hit[1])
+                test = re.sub(r"\D", "", hit[0]) in TEST_CARDS
+                yield PiiMatch("credit_card", m.start(), m.start() + cut, hit[0],
+                               f"{hit[1]} test number" if test else hit[1], placeholder=test)
                 break
 
 
@@ -234,7 +249,10 @@ def _ibans(text: str) -> Iterator[PiiMatch]:
 
 _IPV4 = re.compile(r"(?<![\w.])(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?![\w]|\.\d)")
 _IPV6 = re.compile(r"(?<![\w:])(?=[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:)[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?![\w:])")
-_VERSION_WORD = re.compile(r"(?:\bv|version|ver\.?|release|build|python|node)\s*$", re.IGNORECASE)
+# words after which four dotted numbers are a version or a section number, not an address
+_VERSION_WORD = re.compile(r"(?:\bv|version|ver\.?|release|build|python|node|chrome|chromium|firefox|safari|edge|"
+                           r"opera|section|sect\.|§|chapter|clause|article|art\.|figure|fig\.|table|paragraph|para\.|"
+                           r"rule|item|step|no\.)\s*$", re.IGNORECASE)
 
 
 def _ips(text: str) -> Iterator[PiiMatch]:

@@ -58,16 +58,21 @@ def _read_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
     return records
 
 
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def _read_json(path: Path, text: str) -> list[dict[str, Any]]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        # a .json file holding JSON Lines is common; read it as such when every line parses
-        if "\n" in text.strip():
-            try:
-                return _read_jsonl(path, text)
-            except DataError:
-                pass
+        # a .json file holding JSON Lines is common: when its first line is a whole JSON object, it is
+        # read as JSON Lines, whose errors name the line that is wrong
+        if e.msg == "Extra data" and "\n" in text.strip() and _is_json_object(text.lstrip().split("\n", 1)[0]):
+            return _read_jsonl(path, text)
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from e
     if isinstance(obj, dict):
         for key in ("data", "records", "rows", "examples"):
@@ -92,6 +97,10 @@ def _read_csv(path: Path, text: str) -> list[dict[str, Any]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     if not reader.fieldnames:
         raise DataError(f"{path}:1: expected a CSV header row naming the columns")
+    twice = sorted({c for c in reader.fieldnames if reader.fieldnames.count(c) > 1})
+    if twice:
+        raise DataError(f"{path}:1: column(s) {', '.join(repr(c) for c in twice)} named more than once in the header; "
+                        "expected one column per name")
     records = []
     try:
         for row in reader:

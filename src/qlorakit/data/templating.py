@@ -42,6 +42,18 @@ def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     return _render(tokenizer, messages, add_generation_prompt=True)
 
 
+def _lead_in(tokenizer: Any, first: dict[str, str], where: str) -> str:
+    """What the template writes before the content of an assistant turn that opens the conversation
+    (a dialogue where the agent speaks first): a chat template cannot render the empty conversation
+    before it, so the turn is rendered with a marker in place of its content and cut there."""
+    marker = "\ue000qlorakit-answer\ue000"
+    text = _render(tokenizer, [{**first, "content": marker}], add_generation_prompt=False)
+    pos = text.find(marker)
+    if pos < 0:
+        raise DataError(f"{where}: the chat template does not write the first turn's text; cannot find the answer tokens")
+    return text[:pos]
+
+
 def tokenize_example(tokenizer: Any, ex: Example, max_len: int) -> Tokenized:
     """Token ids and labels for one example; labels are IGNORE_INDEX outside assistant turns.
 
@@ -61,7 +73,8 @@ def tokenize_example(tokenizer: Any, ex: Example, max_len: int) -> Tokenized:
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
-            prompt_text = _render(tokenizer, msgs[:i], add_generation_prompt=True)
+            prompt_text = (_render(tokenizer, msgs[:i], add_generation_prompt=True) if i
+                           else _lead_in(tokenizer, m, f"{ex.source}:{ex.line}"))
             full_text = _render(tokenizer, msgs[: i + 1], add_generation_prompt=False)
             if not prompt_text.startswith(prev_text) or not full_text.startswith(prompt_text):
                 raise DataError(

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
+from .._files import as_created
+
 __all__ = ["write_report", "render_markdown", "render_html", "read_loss_curve", "atomic_write"]
 
 
@@ -25,9 +27,7 @@ def atomic_write(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; reports are meant to be read
+        as_created(tmp)  # mkstemp creates 0600; reports are meant to be read
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 
-from ..config import ExportConfig, Recipe, RecipeError, load_recipe
+from ..config import ExportConfig, Recipe, RecipeError, export_problems, load_recipe
 from .common import (
     FORMATS,
     GGUF_QUANTS,
@@ -67,21 +67,7 @@ def _thresholds(cfg: ExportConfig, lossy: bool) -> tuple[float, float]:
 
 
 def _check_export_config(cfg: ExportConfig) -> None:
-    errors = []
-    for k in ("max_token_disagreement", "lossy_max_token_disagreement"):
-        if not 0.0 <= getattr(cfg, k) <= 1.0:
-            errors.append(f"export.{k}: expected a share between 0 and 1, got {getattr(cfg, k)}")
-    for k in ("max_loss_increase", "lossy_max_loss_increase"):
-        if getattr(cfg, k) < 0:
-            errors.append(f"export.{k}: expected >= 0, got {getattr(cfg, k)}")
-    for k in ("golden_prompts", "agreement_tokens", "max_new_tokens"):
-        if getattr(cfg, k) < 1:
-            errors.append(f"export.{k}: expected a positive integer, got {getattr(cfg, k)}")
-    if cfg.max_new_tokens < cfg.agreement_tokens:
-        errors.append(f"export.max_new_tokens ({cfg.max_new_tokens}) must be at least export.agreement_tokens "
-                      f"({cfg.agreement_tokens})")
-    if cfg.loss_examples < 0:
-        errors.append(f"export.loss_examples: expected >= 0, got {cfg.loss_examples}")
+    errors = export_problems(cfg)
     if errors:
         raise ExportError("; ".join(errors))
 

@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .._files import as_created
+
 __all__ = [
     "ExportError",
     "FORMATS",
@@ -51,6 +53,7 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     raw = data.encode("utf-8") if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        as_created(tmp)
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
