@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -88,3 +89,59 @@ def test_hub_id_fails_fast_offline(capsys, tmp_path, monkeypatch):
 def test_unknown_command(capsys):
     assert main(["trian"]) == 2
     assert "did you mean 'train'" in capsys.readouterr().err
+
+
+def test_output_dir_that_cannot_hold_runs_fails_before_any_work(capsys, tmp_path, tiny_model_dir):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    code, err = _train(capsys, f"model.base={tiny_model_dir}", f"output_dir={a_file}", "name=x")
+    assert code == 2 and f"output_dir={a_file}: {a_file} is a file, not a folder" in err
+    assert a_file.read_text() == "mine"
+    taken = tmp_path / "runs" / "taken"
+    taken.mkdir(parents=True)
+    (taken / "keep.txt").write_text("mine")
+    code, err = _train(capsys, f"model.base={tiny_model_dir}", f"output_dir={tmp_path / 'runs'}", "name=taken",
+                       "data.train=/nonexistent.jsonl")
+    assert code == 2 and f"{taken} exists" in err  # said before the data is even read
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model_dir):
+    """A finished one-step run of the tiny model (no end-of-run evaluation)."""
+    from qlorakit.config import load_recipe
+    from qlorakit.train import train
+
+    return train(load_recipe(None, [f"model.base={tiny_model_dir}", f"output_dir={tmp_path_factory.mktemp('runs')}",
+                                    "name=r", "train.max_steps=1", "data.max_seq_len=64", "train.progress=false",
+                                    "train.checkpoint_every=0"]), finish=False)
+
+
+def test_a_damaged_adapter_file_is_named(capsys, tmp_path, finished_run):
+    import shutil
+
+    run = Path(shutil.copytree(finished_run, tmp_path / "copy"))
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:64])
+    capsys.readouterr()
+    assert main(["generate", str(run), "hello"]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights}: cannot be read as safetensors" in err and "Traceback" not in err
+
+
+def test_a_prompt_longer_than_the_context_is_refused(capsys, finished_run):
+    capsys.readouterr()
+    assert main(["generate", str(finished_run), "hello world " * 700]) == 2  # the tiny model reads 1024 positions
+    err = capsys.readouterr().err
+    assert "the model reads at most 1024" in err and "shorten the prompt" in err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-new-tokens", "-5"], "argument --max-new-tokens: expected a value >= 1, got -5"),
+    (["--temperature", "-1"], "argument --temperature: expected a value >= 0, got -1"),
+    (["--temperature", "nan"], "argument --temperature: expected a value >= 0, got nan"),
+    (["--top-p", "0"], "argument --top-p: expected a value > 0 and <= 1, got 0"),
+])
+def test_generate_refuses_sampling_settings_out_of_range(capsys, tmp_path, args, message):
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(tmp_path), "hello", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err

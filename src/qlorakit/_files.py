@@ -8,9 +8,10 @@ __all__ = ["as_created"]
 
 
 def as_created(path: str | os.PathLike[str]) -> None:
-    """Give a temporary file (``tempfile.mkstemp`` makes it 0600) the mode ``open()`` would have
-    given the file it replaces: 0666 less the process's umask (usually 0644), so that outputs are
-    as readable as any other file the user writes."""
+    """Give a temporary file or folder (``tempfile.mkstemp``/``mkdtemp`` make them 0600/0700) the
+    mode ``open()``/``mkdir()`` would have given what it replaces: 0666 (files) or 0777 (folders)
+    less the process's umask (usually 0644/0755), so that outputs are as readable as any other
+    file the user writes (a model server running as another user reads exports, for one)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)

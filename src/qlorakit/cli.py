@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["main", "USER_ERRORS"]
 
@@ -94,13 +95,33 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _number(kind: type, low: float, *, above: bool = False, high: float | None = None) -> Callable[[str], Any]:
+    """An argparse type: a ``kind`` number >= ``low`` (> with ``above``) and <= ``high``."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value != value or (value <= low if above else value < low) or (high is not None and value > high):
+            rng = f"{'>' if above else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"expected a value {rng}, got {text}")
+        return value
+
+    return parse
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=_number(int, 1), default=max_new_tokens)
+    p.add_argument("--temperature", type=_number(float, 0.0), default=0.0, help="0: greedy")
+
+
 def _generate(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="qlorakit generate", description="Answer one prompt with the tuned model.")
     p.add_argument("run_dir")
     p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    _sampling_args(p, 128)
+    p.add_argument("--top-p", type=_number(float, 0.0, above=True, high=1.0), default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--base", action="store_true", help="answer with the base model (adapter off)")
     p.add_argument("--raw", action="store_true", help="complete the prompt as plain text, no chat template")
@@ -113,8 +134,15 @@ def _generate(argv: list[str]) -> int:
     from .models import chat_prompt, generate
     from .train import load_run
 
+    from .train import RunError
+
     loaded, _ = load_run(a.run_dir)
     prompt = a.prompt if a.raw else chat_prompt(loaded.tokenizer, [{"role": "user", "content": a.prompt}])
+    n_prompt = len(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    context = int(getattr(loaded.model.config, "max_position_embeddings", 0) or 0)
+    if context and n_prompt >= context:
+        raise RunError(f"the prompt has {n_prompt} tokens (chat template included); the model reads at most "
+                       f"{context}, and an answer needs room after the prompt: shorten the prompt")
     ctx = adapters_disabled(loaded.model) if a.base else contextlib.nullcontext()
     with ctx:
         out = generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=a.max_new_tokens,
@@ -126,8 +154,7 @@ def _generate(argv: list[str]) -> int:
 def _chat(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="qlorakit chat", description="Chat with the tuned model in the terminal.")
     p.add_argument("run_dir")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
+    _sampling_args(p, 256)
     p.add_argument("--system", default=None, help="a system message")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)

@@ -144,3 +144,19 @@ def test_default_sample_checks_are_fast_and_clean(tiny_tokenizer):
     assert c["pii_records"] == 0 and c["placeholders"] > 0 and c["contaminated_records"] == 0
     assert ledger["effective_terms"]["commercial_use"] is True
     assert [s["role"] for s in ledger["sources"]] == ["train", "eval"]
+
+
+def test_held_out_examples_that_do_not_fit_are_an_error_not_a_perfect_score(tmp_path, tiny_tokenizer, write_jsonl):
+    short = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "what is it", "output": "it is"}] * 4)
+    long_q = " ".join(["what is the a an of to and"] * 12)
+    held = write_jsonl(tmp_path / "held.jsonl", [{"instruction": long_q, "output": "it is"}] * 3)
+    cfg = DataConfig(train=str(short), eval=str(held), max_seq_len=16)
+    from qlorakit.data import DataError
+
+    with pytest.raises(DataError) as e:
+        prepare_data(cfg, tiny_tokenizer, seed=0)
+    assert f"{held}: no held-out example has answer tokens within data.max_seq_len=16" in str(e.value)
+    ok = write_jsonl(tmp_path / "mixed.jsonl", [{"instruction": long_q, "output": "it is"},
+                                                {"instruction": "what is it", "output": "it is"}])
+    prepared = prepare_data(DataConfig(train=str(short), eval=str(ok), max_seq_len=16), tiny_tokenizer, seed=0)
+    assert len(prepared.val_examples) == 2 and len(prepared.val_tokens) == 1

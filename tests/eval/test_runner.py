@@ -100,3 +100,33 @@ def test_unknown_suite_and_limit_keys_are_rejected(tiny_llama, tiny_tokenizer):
         run_eval(tiny_llama, tiny_tokenizer, suites=["retension"])
     with pytest.raises(KeyError, match="unknown limit key"):
         run_eval(tiny_llama, tiny_tokenizer, suites=["retention"], limits={"hellaswagg": 3})
+
+
+def test_an_evaluation_keeps_what_training_wrote_into_results_json(tiny_llama, tiny_tokenizer, tmp_path, monkeypatch):
+    toy = TaskSpec(
+        name="toy_mc", kind="multiple_choice",
+        loader=lambda ctx: [MCItem(f"t{i}", "The quick brown", (" fox", " dog"), i % 2) for i in range(4)],
+        process=lambda item, out: {"acc": float(int(np.argmax(out.logprobs)) == item.gold)},
+        metrics=(mean_metric("acc"),),
+    )
+    from qlorakit.eval import suites
+    from qlorakit.eval.cli import EvalError, eval_main
+
+    monkeypatch.setitem(suites.SUITES, "toy", lambda: [toy])
+    out = tmp_path / "eval"
+    out.mkdir()
+    training = {"heldout": {"examples": 9, "base_loss": 4.2, "tuned_loss": 2.5}, "samples": [], "suites": {"old": {}}}
+    (out / "results.json").write_text(json.dumps(training))
+    run_eval(tiny_llama, tiny_tokenizer, suites=["toy"], limits={"toy": 4}, out_dir=out, precision="fp32",
+             n_resamples=20)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["heldout"] == training["heldout"] and "samples" in saved  # training's numbers stay
+    assert set(saved["suites"]) == {"toy"}  # the evaluation's own keys are replaced
+    (out / "results.json").write_text("{broken")
+    with pytest.raises(EvalError, match=r"results\.json: cannot be read as JSON"):
+        run_eval(tiny_llama, tiny_tokenizer, suites=["toy"], limits={"toy": 4}, out_dir=out, precision="fp32",
+                 n_resamples=20)
+    assert (out / "results.json").read_text() == "{broken"
+    for empty in ("", ","):
+        with pytest.raises(EvalError, match="--suites: no suite named"):
+            eval_main([str(tmp_path), "--suites", empty])

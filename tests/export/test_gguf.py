@@ -74,6 +74,13 @@ def test_model_gguf_tensors_and_metadata(gguf_files, export_source, quant, linea
     assert not m["tokenizer.ggml.add_bos_token"]
     assert m["tokenizer.chat_template"] == tok.chat_template
     assert len(m["tokenizer.ggml.merges"]) > 40000
+    # the data terms travel with the model: its licence, commercial use, the sources' credit
+    terms = export_source.adapter_config["qlorakit"]
+    assert m["general.license"] == terms["adapter_licence"]
+    assert m["qlorakit.data_commercial_use"] == terms["data_commercial_use"]
+    assert m["qlorakit.data_terms"] == terms["data_terms"]
+    lora = read_gguf(folder / info["files"]["adapter"])["meta"]
+    assert lora["general.license"] == terms["adapter_licence"]
 
 
 def test_model_gguf_weights_round_trip(gguf_files, export_source):

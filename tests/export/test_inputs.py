@@ -80,8 +80,34 @@ def test_existing_output_is_not_overwritten_without_force(run_copy, tmp_path, ca
 
 def test_output_inside_the_run_is_refused_even_with_force(tiny_run, capsys):
     rc, err = _run([str(tiny_run), "--format", "peft", "-o", str(tiny_run / "adapter"), "--force"], capsys)
-    assert rc == 2 and "would overwrite the run folder" in err
+    assert rc == 2 and "part of the run folder" in err
     assert (tiny_run / "adapter" / "adapter_model.safetensors").is_file()
+    # nor over any other part of the run: its recipe, evaluation, card, ledger, metrics
+    for part in ("recipe.yaml", "eval", "MODEL_CARD.md", "data_manifest.json", "metrics.jsonl", "eval/sub"):
+        rc, err = _run([str(tiny_run), "--format", "peft", "-o", str(tiny_run / part), "--force", "--no-check"],
+                       capsys)
+        assert rc == 2 and "part of the run folder" in err, part
+    assert (tiny_run / "recipe.yaml").is_file()
+    rc, err = _run([str(tiny_run), "--format", "peft", "-o", str(tiny_run), "--force"], capsys)
+    assert rc == 2 and "would overwrite the run folder" in err
+
+
+def test_an_unchecked_export_is_not_called_passed(run_copy, tmp_path, capsys):
+    import json
+    import os
+
+    old = os.umask(0o022)
+    try:
+        rc = main(["export", str(run_copy), "--format", "peft", "-o", str(run_copy / "exports" / "peft"),
+                   "--no-check", "--no-measure"])
+    finally:
+        os.umask(old)
+    out = capsys.readouterr().out
+    assert rc == 0 and "written, not checked (--no-check)" in out and "export passed" not in out
+    folder = run_copy / "exports" / "peft"  # a new folder inside the run is fine
+    assert json.loads((folder / "export_report.json").read_text())["status"] == "unchecked"
+    assert folder.stat().st_mode & 0o777 == 0o755  # readable by a server running as another user
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in folder.rglob("*") if p.is_file())
 
 
 def test_check_of_a_folder_that_is_not_an_export(tmp_path, capsys):

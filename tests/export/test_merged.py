@@ -84,7 +84,11 @@ def test_merged_fp32_logits_match_tuned_full_precision(merged_fp32, export_sourc
 def test_merged_folder_is_a_complete_hf_model(merged_fp32, export_source):
     _, out, _ = merged_fp32
     names = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "config.json", "tokenizer.json", "generation_config.json", REPORT_NAME} <= names
+    assert {"model.safetensors", "config.json", "tokenizer.json", "generation_config.json", REPORT_NAME,
+            "README.md"} <= names
+    terms = export_source.adapter_config["qlorakit"]
+    readme = (out / "README.md").read_text()
+    assert f"**Licence:** {terms['adapter_licence']}" in readme and terms["data_terms"] in readme
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
     from transformers import AutoTokenizer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from qlorakit.export import ExportError, modelfile_text, ollama_chat_for, parse_modelfile, render_go_template
@@ -63,5 +65,8 @@ def test_ollama_export_passes(run_copy, tmp_path):
     res = export_run(run_copy, "ollama", out, quant="f16", runtime="transformers", measure=False)
     assert res.passed, res.reasons
     assert {p.name for p in out.iterdir()} >= {"model.gguf", "Modelfile"}
+    terms = json.loads((run_copy / "adapter" / "adapter_config.json").read_text())["qlorakit"]
+    licence = parse_modelfile((out / "Modelfile").read_text())["license"]
+    assert licence.startswith(terms["adapter_licence"]) and terms["data_terms"] in licence
     (rep,) = res.reports
     assert rep.template_ok and rep.tokenizer_ok and rep.token_agreement >= 0.95

@@ -36,3 +36,26 @@ def test_peft_export_loads_in_peft_and_passes(run_copy, export_source, tmp_path)
     k = next(iter(src))
     assert torch.equal(sd[k.replace(".lora_A.weight", ".lora_A.default.weight")
                           .replace(".lora_B.weight", ".lora_B.default.weight")], src[k])
+
+
+def test_the_readme_lines_load_the_tuned_model(run_copy, tmp_path):
+    """The PEFT export's README says how to load it; done literally, it answers as `generate` does."""
+    import re
+
+    from qlorakit.models import chat_prompt, generate
+    from qlorakit.train import load_run
+
+    out = tmp_path / "peft"
+    assert export_run(run_copy, "peft", out, measure=False, check=False).passed
+    readme = (out / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1).replace("THIS_FOLDER", repr(str(out)))
+    scope: dict = {}
+    exec(code, scope)  # noqa: S102 - the README's own lines
+    model = scope["model"].eval()
+    loaded, _ = load_run(run_copy)
+    prompt = chat_prompt(loaded.tokenizer, [{"role": "user", "content": "Where is my order?"}])
+    ours = generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens=8)
+    enc = loaded.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        theirs = model.generate(**enc, max_new_tokens=8, do_sample=False)[0, enc["input_ids"].shape[1]:]
+    assert loaded.tokenizer.decode(theirs, skip_special_tokens=True) == ours.text

@@ -354,3 +354,15 @@ def test_the_evaluation_after_training_counts_in_the_peak():
                  sample=None, total_steps=10, calibrate_time=False, baseline=525 * 2**20,
                  budget_bytes=0.5 * (small.train_peak + small.eval_peak))
     assert not p.fits and p.eval_peak_bytes == p.peak_bytes
+
+
+def test_the_budget_a_plan_prints_is_one_train_accepts_and_never_above_the_plan(monkeypatch):
+    from qlorakit.config import load_recipe
+    from qlorakit.train.plan import GB, _budget_text
+
+    for budget_gb in (0.0005, 0.0123456, 1.4, 6.0, 12345.6789):
+        text = _budget_text(budget_gb * GB)
+        recipe = load_recipe(None, [f"train.memory_budget_gb={text}"])  # refused if 0 or not a number
+        assert 0 < recipe.train.memory_budget_gb <= budget_gb
+        assert budget_gb - recipe.train.memory_budget_gb < 1e-6
+    assert _budget_text(6 * GB) == "6" and _budget_text(12345.6789 * GB) == "12345.6789"

@@ -116,3 +116,50 @@ def test_resume_refuses_a_finished_run(tiny_model_dir, tmp_path):
     assert (tmp_path / "done" / "checkpoints" / "LATEST").is_file()
     with pytest.raises(TrainError, match="already finished"):
         train(resume=tmp_path / "done", finish=False)
+
+
+def test_resume_takes_only_settings_that_leave_the_training_unchanged(tiny_model_dir, tmp_path):
+    from qlorakit.config import load_recipe
+    from qlorakit.train import CheckpointError, TrainError, train
+
+    killed = _run(_driver(_overrides(tiny_model_dir, tmp_path, "cut", "fp32"), kill_after_step=5))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    run = tmp_path / "cut"
+    before = (run / "recipe.yaml").read_text()
+    # a new learning rate or batch size would change what a resumed run trains: refused, nothing written
+    for override in (["train.lr=0.005"], ["train.micro_batch_size=4", "train.log_every=2"]):
+        with pytest.raises(TrainError) as e:
+            train(resume=run, overrides=override, finish=False)
+        assert override[0].split("=")[0] in str(e.value) and "start a new run" in str(e.value)
+        assert (run / "recipe.yaml").read_text() == before
+    # a truncated checkpoint adapter: named, with the older checkpoint pointed out
+    adapter = run / "checkpoints" / "step-4" / "adapter_model.safetensors"
+    good = adapter.read_bytes()
+    adapter.write_bytes(good[:100])
+    with pytest.raises(CheckpointError, match=r"step-4/adapter_model\.safetensors: cannot be read .*step-2"):
+        train(resume=run, finish=False)
+    adapter.write_bytes(good)
+    # how the run logs and evaluates may change; the run folder's recipe records it
+    resumed = subprocess.run(
+        [sys.executable, "-c", f"from qlorakit.train import train; train(resume={str(run)!r}, "
+                               "overrides=['train.log_every=3', 'eval.samples=1'], finish=False)"],
+        env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src")), capture_output=True, text=True,
+        timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    saved = load_recipe(run / "recipe.yaml")
+    assert (saved.train.log_every, saved.eval.samples, saved.train.lr) == (3, 1, 1e-3)
+    steps = [int(l.split('"step": ')[1].split(",")[0]) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 6, 8]  # every step before the cut, then every third and the last
+
+
+def test_logged_learning_rate_is_the_one_each_step_used(tiny_model_dir, tmp_path):
+    import json
+
+    from qlorakit.config import load_recipe
+    from qlorakit.train import train
+
+    ov = _overrides(tiny_model_dir, tmp_path, "lr", "fp32") + ["train.warmup_ratio=0", "train.schedule=linear",
+                                                              "train.checkpoint_every=0", "train.max_steps=4"]
+    run = train(load_recipe(None, ov), finish=False)
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])  # linear decay from 1e-3 over 4 steps

@@ -176,4 +176,13 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int) -> PreparedData:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = pack(toks, cfg.max_seq_len, pad) if cfg.packing else no_pack(toks, cfg.max_seq_len, pad)
     val_toks = tokenize_examples(tokenizer, val, cfg.max_seq_len)
+    held_from = sources[n_sources].path if len(sources) > n_sources else f"the split held out of {sources[0].path}"
+    if val and not val_toks:
+        raise DataError(f"{held_from}: no held-out example has answer tokens within data.max_seq_len="
+                        f"{cfg.max_seq_len}, so the tuned model could not be measured; raise data.max_seq_len or "
+                        "give held-out examples with shorter prompts")
+    if len(val_toks) < len(val):
+        log.warning("%d of %d held-out examples (%s) have no answer tokens within data.max_seq_len=%d; the "
+                    "held-out loss is measured on the other %d", len(val) - len(val_toks), len(val), held_from,
+                    cfg.max_seq_len, len(val_toks))
     return PreparedData(rows, train, val, val_toks, sources, n_trunc)

@@ -91,6 +91,8 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="print results.json to stdout")
     a = p.parse_args(argv)
     suites = [s.strip() for s in a.suites.split(",") if s.strip()]
+    if not suites:
+        raise EvalError(f"--suites: no suite named; expected some of {', '.join(SUITE_NAMES)}")
     unknown = [s for s in suites if s not in SUITE_NAMES]
     if unknown:
         raise EvalError(f"--suites: unknown suite(s) {unknown}; expected some of {', '.join(SUITE_NAMES)}")

@@ -236,7 +236,20 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path, loss_curve: st
             raise FileNotFoundError(f"loss curve file not found: {lc}")
         points = read_loss_curve(lc)
     paths = {"json": out / "results.json", "markdown": out / "report.md", "html": out / "report.html"}
-    atomic_write(paths["json"], json.dumps(_clean(results), indent=2, allow_nan=False) + "\n")
+    kept: dict[str, Any] = {}
+    if paths["json"].is_file():
+        # a run's results.json also holds what training measured (held-out losses, samples, the
+        # training's own gate): an evaluation replaces its own keys and keeps those
+        from .cli import EvalError
+
+        try:
+            kept = json.loads(paths["json"].read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EvalError(f"{paths['json']}: cannot be read as JSON ({e}); move it away to evaluate into "
+                             f"{out}") from e
+        if not isinstance(kept, dict):
+            raise EvalError(f"{paths['json']}: expected a JSON object of results; move it away to evaluate into {out}")
+    atomic_write(paths["json"], json.dumps(_clean(kept | dict(results)), indent=2, allow_nan=False) + "\n")
     atomic_write(paths["markdown"], render_markdown(results))
     atomic_write(paths["html"], render_html(results, points))
     return paths

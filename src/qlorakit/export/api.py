@@ -128,10 +128,20 @@ def validate_request(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: s
     return run, out_p, dtype, quant
 
 
+# what a run folder holds besides its exports: an export may not be written over or into any of it
+RUN_ENTRIES = ("adapter", "checkpoints", "eval", "recipe.yaml", "data_manifest.json", "metrics.jsonl",
+               "MODEL_CARD.md", "exports.json", "serve.db", "serve.db-wal", "serve.db-shm")
+
+
 def _check_not_inside(run: Path, out: Path) -> None:
     r, o = run.resolve(), out.resolve()
-    if o == r or r.is_relative_to(o) or o.is_relative_to(r / "adapter") or o.is_relative_to(r / "checkpoints"):
-        raise ExportError(f"-o {out}: would overwrite the run folder {run} or its adapter; choose a path outside it")
+    if o == r or r.is_relative_to(o):
+        raise ExportError(f"-o {out}: would overwrite the run folder {run}; choose a path outside it")
+    if o.is_relative_to(r):
+        top = o.relative_to(r).parts[0]
+        if top in RUN_ENTRIES or top.startswith("."):
+            raise ExportError(f"-o {out}: would overwrite {r / top}, part of the run folder {run}; choose a path "
+                              "outside the run folder or a new folder in it")
 
 
 # -------------------------------------------------------------------------------------------- parity
@@ -306,7 +316,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, *, dtype: str | N
             notes.append("the parity check was skipped (--no-check)")
             passed = True
         report = {
-            "status": "passed" if passed else "failed",
+            "status": ("passed" if passed else "failed") if check else "unchecked",
             "format": fmt, "dtype": dtype, "quant": quant, "run_dir": str(run.resolve()),
             "base": source.loaded.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "write_seconds": round(write_s, 1), "info": info,

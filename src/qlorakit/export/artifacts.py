@@ -78,7 +78,27 @@ def write_merged(source: Source, out: Path, dtype: str) -> dict[str, Any]:
     model.to(_TORCH_DTYPES[dtype])
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
+    _write_terms_readme(source, out, f"The LoRA adapter of run {source.run_dir.name} merged into "
+                                     f"{source.loaded.name} ({dtype} weights, a transformers folder).")
     return {"dtype": dtype}
+
+
+def data_terms(source: Source) -> dict[str, str]:
+    """The run's data terms (licences, commercial use, share-alike, credit), as its adapter carries them."""
+    terms = source.adapter_config.get("qlorakit")
+    return {str(k): str(v) for k, v in terms.items()} if isinstance(terms, dict) else {}
+
+
+def _write_terms_readme(source: Source, out: Path, what: str) -> None:
+    """A README that carries the data terms into an export, as the model card does for the run."""
+    terms = data_terms(source)
+    lines = [f"# {source.run_dir.name}", "", what, ""]
+    if terms:
+        lines += [f"**Licence:** {terms.get('adapter_licence', 'see below')}. "
+                  f"**Commercial use:** {'allowed' if terms.get('data_commercial_use') == 'true' else 'not allowed'}.",
+                  "", terms.get("data_terms", ""), "", "## Data terms", "", "```json",
+                  json.dumps(terms, indent=2), "```", ""]
+    write_atomic(out / "README.md", "\n".join(lines))
 
 
 def _write_nf4(source: Source, model: torch.nn.Module, out: Path) -> dict[str, Any]:
@@ -101,6 +121,8 @@ def _write_nf4(source: Source, model: torch.nn.Module, out: Path) -> dict[str, A
     q.save_pretrained(str(out))
     source.loaded.tokenizer.save_pretrained(str(out))
     shutil.rmtree(tmp)
+    _write_terms_readme(source, out, f"The LoRA adapter of run {source.run_dir.name} merged into "
+                                     f"{source.loaded.name}, quantized again to 4-bit NF4 (bitsandbytes).")
     return {"dtype": "nf4"}
 
 
@@ -162,21 +184,34 @@ def write_peft(source: Source, out: Path) -> dict[str, Any]:
     terms = conf.get("qlorakit")
     clean = {k: v for k, v in conf.items() if k != "qlorakit"}
     write_atomic(out / "adapter_config.json", json.dumps(clean, indent=2) + "\n")
+    mc = source.recipe.model
+    folder = str(Path(source.loaded.folder).resolve())
     readme = "\n".join([
         f"# LoRA adapter: {source.run_dir.name}",
         "",
         f"A LoRA adapter (rank {conf['r']}, alpha {conf['lora_alpha']}) for **{source.loaded.name}**, "
-        "trained by qlorakit on a 4-bit NF4 base.",
+        f"trained by qlorakit on the base's 4-bit {mc.quant_type.upper()} weights (double quantization "
+        f"{'on' if mc.double_quant else 'off'}). The base as a transformers folder is `{folder}` on the machine "
+        "that trained it (`qlorakit.models.resolve_base` makes it from the base's name or GGUF file).",
+        "",
+        "The tuned model is the adapter over that base quantized the same way; these lines reproduce it "
+        "(answers of `qlorakit generate`):",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM",
+        "import torch",
+        "from transformers import AutoModelForCausalLM, BitsAndBytesConfig",
         "from peft import PeftModel",
-        "base = AutoModelForCausalLM.from_pretrained(BASE_MODEL_FOLDER)",
+        f"bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={mc.quant_type!r}, "
+        f"bnb_4bit_use_double_quant={bool(mc.double_quant)}, bnb_4bit_compute_dtype=torch.bfloat16)",
+        f"base = AutoModelForCausalLM.from_pretrained({folder!r}, quantization_config=bnb)",
         "model = PeftModel.from_pretrained(base, THIS_FOLDER)",
         "```",
         "",
-        "vLLM: `vllm serve BASE_MODEL_FOLDER --enable-lora --lora-modules NAME=THIS_FOLDER "
-        f"--max-lora-rank {max(8, int(conf['r']))}`.",
+        "Over the base in full precision (no `quantization_config`) the adapter works too, but its answers "
+        "differ a little: the adapter learnt to correct the 4-bit weights, not the original ones.",
+        "",
+        f"vLLM: `vllm serve {folder} --enable-lora --lora-modules NAME=THIS_FOLDER "
+        f"--max-lora-rank {max(8, int(conf['r']))}` (a full-precision base, as above).",
         "",
         "Use the base model's tokenizer and chat template: the adapter was trained with them.",
         "",
@@ -245,8 +280,9 @@ def write_gguf(source: Source, out: Path, quant: str, *, with_base: bool = True)
     merged = full_precision_state(source.loaded.model, merge=True)
     check_finite(merged, "merged weights")
     info: dict[str, Any] = {"quant": quant, "files": names}
+    terms = data_terms(source)
     info["model"] = write_model_gguf(out / names["model"], merged, config, tok, quant,
-                                     name=f"{source.run_dir.name} (merged)", **kw)
+                                     name=f"{source.run_dir.name} (merged)", terms=terms, **kw)
     del merged
     if with_base:
         base = full_precision_state(source.loaded.model, merge=False)
@@ -255,7 +291,7 @@ def write_gguf(source: Source, out: Path, quant: str, *, with_base: bool = True)
         del base
     conf = source.adapter_config
     info["adapter"] = write_lora_gguf(out / names["adapter"], _lora_pairs(source), config,
-                                      float(conf["lora_alpha"]), name=f"{source.run_dir.name} (LoRA)")
+                                      float(conf["lora_alpha"]), name=f"{source.run_dir.name} (LoRA)", terms=terms)
     return info
 
 
@@ -406,11 +442,14 @@ def write_ollama(source: Source, out: Path, quant: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     merged = full_precision_state(source.loaded.model, merge=True)
     check_finite(merged, "merged weights")
+    terms = data_terms(source)
     model_info = write_model_gguf(out / "model.gguf", merged, config, tok, quant,
                                   name=f"{source.run_dir.name} (merged)", chat_template=tok.chat_template,
-                                  eot_id=eot[0] if eot else None)
+                                  eot_id=eot[0] if eot else None, terms=terms)
     num_ctx = min(int(config.max_position_embeddings), 4096)
-    write_atomic(out / "Modelfile", modelfile_text(chat, "model.gguf", num_ctx=num_ctx, source=source.run_dir.name))
+    licence = (f"{terms.get('adapter_licence', '')}\n{terms.get('data_terms', '')}".strip() if terms else None)
+    write_atomic(out / "Modelfile", modelfile_text(chat, "model.gguf", num_ctx=num_ctx, source=source.run_dir.name,
+                                                   licence=licence))
     return {"quant": quant, "model": model_info, "family": chat.family, "system": chat.system, "stop": chat.stop,
             "num_ctx": num_ctx}
 

@@ -53,7 +53,9 @@ def _print_result(res: ExportResult, verb: str) -> None:
         print(f"warning: {w}", file=sys.stderr)
     for n in res.notes:
         print(f"note: {n}")
-    if res.passed:
+    if res.passed and res.report.get("status") == "unchecked":
+        print(f"{verb} written, not checked (--no-check): {res.out}")
+    elif res.passed:
         print(f"{verb} passed: {res.out}")
     else:
         print(f"qlorakit export: {verb} FAILED ({res.out}):", file=sys.stderr)

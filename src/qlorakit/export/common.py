@@ -92,7 +92,9 @@ def check_output_path(out: Path, force: bool) -> None:
 def staging_dir(out: Path) -> Path:
     """A fresh folder beside ``out`` to build the export in."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    as_created(staging)
+    return staging
 
 
 def commit_output(staging: Path, out: Path, force: bool) -> None:

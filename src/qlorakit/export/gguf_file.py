@@ -217,10 +217,25 @@ def _finish(writer: Any, tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _add_terms(w: Any, terms: dict[str, str] | None) -> None:
+    """The data terms the model carries: its licence as GGUF's ``general.license``, and the rest."""
+    if not terms:
+        return
+    import gguf
+
+    if terms.get("adapter_licence"):
+        w.add_string(gguf.Keys.General.LICENSE, str(terms["adapter_licence"]))
+    for k, v in sorted(terms.items()):
+        w.add_string(f"qlorakit.{k}", str(v))
+
+
 def write_model_gguf(path: str | Path, state: dict[str, torch.Tensor], config: Any, tokenizer: Any,
                      qtype: str, *, name: str, chat_template: str | None = None,
-                     eot_id: int | None = None) -> dict[str, Any]:
-    """Write a whole Llama model (weights in fp32 under HF names) as GGUF; return what was written."""
+                     eot_id: int | None = None, terms: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write a whole Llama model (weights in fp32 under HF names) as GGUF; return what was written.
+
+    ``terms`` (the run's data terms, :func:`qlorakit.data.ledger.adapter_metadata`) go into the
+    metadata: ``general.license`` and one ``qlorakit.<key>`` string per term."""
     import gguf
 
     if qtype not in GGUF_QUANTS:
@@ -235,6 +250,7 @@ def write_model_gguf(path: str | Path, state: dict[str, torch.Tensor], config: A
     w = gguf.GGUFWriter(str(tmp), "llama")
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
+    _add_terms(w, terms)
     w.add_context_length(int(config.max_position_embeddings))
     w.add_embedding_length(int(config.hidden_size))
     w.add_block_count(int(config.num_hidden_layers))
@@ -298,7 +314,7 @@ def _order(hf_name: str) -> tuple[int, int, str]:
 
 
 def write_lora_gguf(path: str | Path, lora: dict[str, tuple[torch.Tensor, torch.Tensor]], config: Any,
-                    alpha: float, *, name: str) -> dict[str, Any]:
+                    alpha: float, *, name: str, terms: dict[str, str] | None = None) -> dict[str, Any]:
     """Write LoRA pairs ``{hf_module_name: (A (r, in), B (out, r))}`` as a llama.cpp GGUF adapter (F32)."""
     import gguf
 
@@ -309,6 +325,7 @@ def write_lora_gguf(path: str | Path, lora: dict[str, tuple[torch.Tensor, torch.
     w = gguf.GGUFWriter(str(tmp), "llama")
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_name(name)
+    _add_terms(w, terms)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
     ranks = set()

@@ -216,7 +216,7 @@ def _quote(text: str) -> str:
     return f'"""{text}"""'
 
 
-def modelfile_text(chat: OllamaChat, gguf_name: str, *, num_ctx: int, source: str) -> str:
+def modelfile_text(chat: OllamaChat, gguf_name: str, *, num_ctx: int, source: str, licence: str | None = None) -> str:
     lines = [
         f"# Ollama Modelfile for {source}, written by qlorakit export.",
         "# TEMPLATE, SYSTEM and stop tokens reproduce the chat template the model was trained with;",
@@ -229,12 +229,14 @@ def modelfile_text(chat: OllamaChat, gguf_name: str, *, num_ctx: int, source: st
     lines += [f'PARAMETER stop "{s}"' for s in chat.stop]
     lines += ["PARAMETER temperature 0", "PARAMETER top_p 1", "PARAMETER top_k 0", "PARAMETER repeat_penalty 1",
               f"PARAMETER num_ctx {num_ctx}"]
+    if licence:
+        lines.append(f"LICENSE {_quote(licence)}")
     return "\n".join(lines) + "\n"
 
 
 def parse_modelfile(text: str) -> dict[str, Any]:
-    """FROM, TEMPLATE, SYSTEM and PARAMETERs of a Modelfile (the subset the writer emits)."""
-    out: dict[str, Any] = {"from": None, "template": None, "system": None, "parameters": {}}
+    """FROM, TEMPLATE, SYSTEM, LICENSE and PARAMETERs of a Modelfile (the subset the writer emits)."""
+    out: dict[str, Any] = {"from": None, "template": None, "system": None, "license": None, "parameters": {}}
     pos = 0
     line_no = 1
     tok = re.compile(r'[ \t]*(#[^\n]*\n|\n|(\w+)[ \t]+("""(.*?)"""|"([^"\n]*)"|[^\n]*)[ \t]*(\n|$))', re.S)
@@ -250,7 +252,7 @@ def parse_modelfile(text: str) -> dict[str, Any]:
                 v = v.strip()
                 v = v[1:-1] if len(v) >= 2 and v[0] == v[-1] == '"' else v
                 out["parameters"].setdefault(key, []).append(v)
-            elif cmd in ("FROM", "TEMPLATE", "SYSTEM"):
+            elif cmd in ("FROM", "TEMPLATE", "SYSTEM", "LICENSE"):
                 out[cmd.lower()] = val
             else:
                 raise ExportError(f"Modelfile line {line_no}: unexpected instruction {cmd}")

@@ -215,10 +215,19 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
         raise AdapterError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from e
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraConfig:
-    """Attach LoRA layers as an adapter folder describes and load its weights."""
+def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter's safetensors file; a truncated or foreign file is an AdapterError."""
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors' SafetensorError (not exported under one name), OSError
+        raise AdapterError(f"{path}: cannot be read as safetensors ({e}); the file is damaged or not an "
+                           "adapter's weights") from e
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraConfig:
+    """Attach LoRA layers as an adapter folder describes and load its weights."""
     conf = read_adapter_config(adapter_dir)
     weights = Path(adapter_dir) / "adapter_model.safetensors"
     if not weights.is_file():
@@ -230,7 +239,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> LoraConfig:
                      targets=list(targets))
     if not any(True for _ in lora_layers(model)):
         attach_lora(model, cfg)
-    load_lora_state_dict(model, load_file(str(weights)), where=str(weights))
+    load_lora_state_dict(model, read_adapter_weights(weights), where=str(weights))
     return cfg
 
 

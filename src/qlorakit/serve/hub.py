@@ -62,10 +62,9 @@ def _base_identity(model_cfg: Any) -> tuple[str, str, bool]:
 
 
 def _read_run_adapter(name: str, run_dir: Path) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
-    from safetensors.torch import load_file
-
     from ..config import RecipeError, load_recipe
     from ..lora import AdapterError, read_adapter_config
+    from ..lora.layer import read_adapter_weights
 
     rpath = run_dir / "recipe.yaml"
     if not rpath.is_file():
@@ -79,7 +78,11 @@ def _read_run_adapter(name: str, run_dir: Path) -> tuple[Any, dict[str, torch.Te
     weights = run_dir / "adapter" / "adapter_model.safetensors"
     if not weights.is_file():
         raise ServeError(f"adapter {name!r}: {weights} is missing; the run has not finished")
-    return recipe, _norm_keys(load_file(str(weights))), conf
+    try:
+        state = read_adapter_weights(weights)
+    except AdapterError as e:
+        raise ServeError(f"adapter {name!r}: {e}") from e
+    return recipe, _norm_keys(state), conf
 
 
 class ModelHub:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..config import Recipe, dump_recipe, load_recipe
+from ..config import Recipe, dump_recipe, load_recipe, recipe_to_dict
 from ..data import BatchSchedule, PreparedData, Row, collate, no_pack, prepare_data
 from ..lora import attach_lora, lora_parameters, save_adapter
 from ..models import LoadedModel, load_base_model, load_tokenizer, resolve_base
@@ -171,6 +171,45 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
                 bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
 
 
+# recipe keys a resumed run may take new values of: they do not change what is trained, only how
+# the run reports, saves, evaluates at its end and uses the machine (the fast and plain paths
+# compute the same maths; a test pins their agreement)
+RESUME_MAY_CHANGE = ("train.progress", "train.threads", "train.log_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "train.memory_budget_gb", "train.gradient_checkpointing",
+                     "train.fast", "eval.", "export.")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _changed_keys(before: Recipe, after: Recipe) -> list[str]:
+    a, b = _flat(recipe_to_dict(before)), _flat(recipe_to_dict(after))
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _check_output_dir(recipe: Recipe) -> None:
+    """Fail before any work when the run folder cannot be made, or (with a fixed name) is taken."""
+    out = Path(recipe.output_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"output_dir={recipe.output_dir}: {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"output_dir={recipe.output_dir}: the folder cannot be made ({e.strerror or e})") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise TrainError(f"output_dir={recipe.output_dir}: {out} is not writable")
+    if recipe.name:
+        run_dir = out / recipe.name
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise TrainError(f"{run_dir} exists; pick another name or continue it with --resume {run_dir}")
+
+
 def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, overrides: list[str] = (),
           on_step: Callable[[TrainState], None] | None = None, finish: bool = True) -> Path:
     """Fine-tune; return the run folder. ``resume`` continues the run folder's latest checkpoint.
@@ -184,17 +223,26 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
             raise TrainError(f"--resume {run_dir}: no recipe.yaml there; expected a run folder")
         recipe = load_recipe(rpath, overrides)
         saved = load_recipe(rpath)
-        if dump_recipe(saved) != dump_recipe(recipe):
-            log.warning("resuming %s with a recipe that differs from the one it started with", run_dir)
+        changed = _changed_keys(saved, recipe)
+        fixed = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
+        if fixed:
+            raise TrainError(
+                f"--resume {run_dir}: {', '.join(fixed)} would change the training itself, which a resumed run "
+                f"continues exactly; start a new run for other settings (on resume only these may change: "
+                f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUME_MAY_CHANGE)})")
         if (run_dir / "adapter" / "adapter_model.safetensors").is_file():
             raise TrainError(f"--resume {run_dir}: the run already finished (adapter/ exists); nothing to resume")
         ckpt = latest_checkpoint(run_dir / "checkpoints")
         if ckpt is None:
             raise TrainError(f"--resume {run_dir}: no checkpoint yet (checkpoints/LATEST is missing); start it again")
+        if changed:  # the run folder's recipe is the one the rest of the run follows
+            log.warning("resuming %s with %s changed", run_dir, ", ".join(changed))
+            write_atomic(rpath, dump_recipe(recipe))
     else:
         recipe = recipe or load_recipe(None, overrides)
         run_dir = None
         ckpt = None
+        _check_output_dir(recipe)
 
     _set_threads(recipe)
     _seed_all(recipe.seed)
@@ -265,7 +313,15 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
                 f"{ckpt}: the training data differs from the data this checkpoint was trained on; "
                 "resume needs the same data files and data settings"
             )
-        load_lora_state_dict(model, load_file(str(ckpt / "adapter_model.safetensors")), where=str(ckpt))
+        apath = ckpt / "adapter_model.safetensors"
+        try:
+            ckpt_lora = load_file(str(apath))
+        except Exception as e:  # safetensors' own error type, or OSError: a truncated or missing file
+            older = sorted(p.name for p in ckpt.parent.glob("step-*") if p != ckpt and (p / "state.pt").is_file())
+            hint = (f"; an older checkpoint is there ({', '.join(older)}): point {ckpt.parent / 'LATEST'} at it to "
+                    "resume from it") if older else ""
+            raise CheckpointError(f"{apath}: cannot be read ({e}){hint}") from e
+        load_lora_state_dict(model, ckpt_lora, where=str(ckpt))
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         state = TrainState(**st["train_state"])
@@ -293,6 +349,7 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
                 (s / max(1, n_loss)).backward()
                 step_loss += float(s.detach())
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")))
+            lr = float(opt.param_groups[0]["lr"])  # the rate this step uses (the scheduler then sets the next)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -309,7 +366,7 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
                 tps = window_tok / max(1e-9, now - window_t)
                 window_t, window_tok = now, 0
                 _append_metrics(metrics_path, {
-                    "step": state.step, "loss": round(loss, 6), "lr": sched.get_last_lr()[0],
+                    "step": state.step, "loss": round(loss, 6), "lr": lr,
                     "grad_norm": round(gnorm, 6), "tokens": state.tokens, "tokens_per_s": round(tps, 1),
                     "step_time_s": round(dt, 4), "elapsed_s": round(state.elapsed, 2),
                     "epoch": round(state.micro / sched_data.batches_per_epoch, 4),

@@ -130,10 +130,17 @@ class Plan:
         s = self.settings
         out = [f"train.micro_batch_size={s.micro_batch}", f"train.grad_accum={s.grad_accum}",
                f"train.gradient_checkpointing={'on' if s.checkpointing else 'off'}",
-               f"train.memory_budget_gb={math.floor(self.budget_bytes / GB * 1000) / 1000:g}"]
+               f"train.memory_budget_gb={_budget_text(self.budget_bytes)}"]
         if self.asked_seq_len and s.seq_len < self.asked_seq_len:
             out.insert(0, f"data.max_seq_len={s.seq_len}")
         return out
+
+
+def _budget_text(budget_bytes: float) -> str:
+    """The budget in GB as ``train.memory_budget_gb`` takes it: rounded down (never above the budget
+    the plan was made for, never to 0) to the kB, without float noise or trailing zeros."""
+    gb = max(1, math.floor(budget_bytes / GB * 1e6)) / 1e6
+    return f"{gb:.6f}".rstrip("0").rstrip(".")
 
 
 # --------------------------------------------------------------------------------------------
