@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["main", "USER_ERRORS"]
+__all__ = ["main", "USER_ERRORS", "number_arg"]
 
 # subcommands implemented in their own packages: name -> "module:function(argv) -> int"
 DELEGATED = {
@@ -95,7 +95,7 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
-def _number(kind: type, low: float, *, above: bool = False, high: float | None = None) -> Callable[[str], Any]:
+def number_arg(kind: type, low: float, *, above: bool = False, high: float | None = None) -> Callable[[str], Any]:
     """An argparse type: a ``kind`` number >= ``low`` (> with ``above``) and <= ``high``."""
     def parse(text: str) -> Any:
         try:
@@ -112,8 +112,8 @@ def _number(kind: type, low: float, *, above: bool = False, high: float | None =
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=_number(int, 1), default=max_new_tokens)
-    p.add_argument("--temperature", type=_number(float, 0.0), default=0.0, help="0: greedy")
+    p.add_argument("--max-new-tokens", type=number_arg(int, 1), default=max_new_tokens)
+    p.add_argument("--temperature", type=number_arg(float, 0.0), default=0.0, help="0: greedy")
 
 
 def _generate(argv: list[str]) -> int:
@@ -121,7 +121,7 @@ def _generate(argv: list[str]) -> int:
     p.add_argument("run_dir")
     p.add_argument("prompt")
     _sampling_args(p, 128)
-    p.add_argument("--top-p", type=_number(float, 0.0, above=True, high=1.0), default=1.0)
+    p.add_argument("--top-p", type=number_arg(float, 0.0, above=True, high=1.0), default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--base", action="store_true", help="answer with the base model (adapter off)")
     p.add_argument("--raw", action="store_true", help="complete the prompt as plain text, no chat template")
@@ -132,9 +132,7 @@ def _generate(argv: list[str]) -> int:
 
     from .lora import adapters_disabled
     from .models import chat_prompt, generate
-    from .train import load_run
-
-    from .train import RunError
+    from .train import RunError, load_run
 
     loaded, _ = load_run(a.run_dir)
     prompt = a.prompt if a.raw else chat_prompt(loaded.tokenizer, [{"role": "user", "content": a.prompt}])

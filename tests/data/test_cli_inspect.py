@@ -134,7 +134,7 @@ def test_written_copies_and_plots_are_as_readable_as_other_files(tmp_path, write
     assert "jo.bloggs@gmail.com" not in (tmp_path / "red.jsonl").read_text(encoding="utf-8")
     with pytest.raises(SystemExit):
         data_main(["inspect", str(path), "--max-seq-len", "-5"])
-    assert "--max-seq-len: expected at least 16, got -5" in capsys.readouterr().err
+    assert "--max-seq-len: expected a value >= 16, got -5" in capsys.readouterr().err
 
 
 def test_other_modules_can_register_a_subcommand(capsys):

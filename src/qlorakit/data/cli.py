@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..cli import number_arg
 from .readers import DataError
 
 __all__ = ["data_main", "build_parser", "register_subcommand", "PLUGINS"]
@@ -36,20 +37,6 @@ def register_subcommand(setup: Callable[[Any], None]) -> Callable[[Any], None]:
     """Add a subcommand: ``setup(subparsers)`` adds a parser and sets ``func`` (args -> exit code)."""
     _REGISTERED.append(setup)
     return setup
-
-
-def _at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer no smaller than ``low`` (data.max_seq_len's own minimum)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected at least {low}, got {value}")
-        return value
-
-    return parse
 
 
 def _fields(items: list[str]) -> dict[str, str] | None:
@@ -168,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_args(pi)
     pi.add_argument("--tokenizer", default="default",
                     help="base model whose tokenizer and chat template count the tokens: 'default', a HF folder or a .gguf")
-    pi.add_argument("--max-seq-len", type=_at_least(16), default=512, help="sequence length for the packing estimate")
+    pi.add_argument("--max-seq-len", type=number_arg(int, 16), default=512, help="sequence length for the packing estimate")
     pi.add_argument("--plot", default="token_lengths.png", help="where to write the histogram PNG ('none': no plot)")
     pi.add_argument("--no-tokens", action="store_true", help="skip tokenizing (no tokenizer is loaded)")
     pi.set_defaults(func=_inspect)

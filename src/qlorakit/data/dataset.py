@@ -95,18 +95,17 @@ def _hold_out(pools: list[list[Example]], fraction: float, seed: int, first_path
     n_val = max(1, round(len(flat) * fraction))
     if len(flat) - n_val < 1:
         raise DataError(f"{first_path}: {len(flat)} record(s) are too few to hold out a validation split")
+    keys = [_example_key(pools[i][j]) for i, j in flat]
     groups: dict[str, list[int]] = {}
-    for n, (i, j) in enumerate(flat):
-        groups.setdefault(_example_key(pools[i][j]), []).append(n)
+    for n, key in enumerate(keys):
+        groups.setdefault(key, []).append(n)
     order = list(range(len(flat)))
     random.Random(seed + 1).shuffle(order)
     val_idx: set[int] = set()
     for n in order:
         if len(val_idx) >= n_val:
             break
-        if n not in val_idx:
-            i, j = flat[n]
-            val_idx.update(groups[_example_key(pools[i][j])])
+        val_idx.update(groups[keys[n]])  # a no-op for a copy already held out
     if len(val_idx) >= len(flat):
         raise DataError(f"{first_path}: every record is a copy of the others; no distinct record is left to train on "
                         f"after holding out a validation split")

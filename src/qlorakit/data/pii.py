@@ -145,6 +145,13 @@ _PHONE_WORDS = re.compile(r"(?:phone|tel(?:ephone)?|mobile|cell|call|fax|whats ?
 _BARE_DIGITS = re.compile(r"(?<![\w+.-])\d{7,15}(?![\w-]|\.\d)")
 
 
+def _fictional_nanp(digits: str) -> bool:
+    """A North American number (10 digits, or 11 with the country code 1) with the exchange 555,
+    reserved for fiction."""
+    nanp = digits[1:] if len(digits) == 11 and digits[0] == "1" else digits
+    return len(nanp) == 10 and nanp[3:6] == "555"
+
+
 def _phones(text: str) -> Iterator[PiiMatch]:
     for m in _PHONE.finditer(text):
         value = m.group()
@@ -163,14 +170,14 @@ def _phones(text: str) -> Iterator[PiiMatch]:
             continue
         if len(set(digits)) == 1:
             continue
-        nanp = digits[-10:] if kind != "intl" or digits.startswith("1") else ""
-        fictional = (nanp[3:6] == "555" if len(nanp) == 10 else False) or (kind == "seven" and value.startswith("555-"))
+        nanp = digits if kind != "intl" or digits.startswith("1") else ""
+        fictional = _fictional_nanp(nanp) or (kind == "seven" and value.startswith("555-"))
         yield PiiMatch("phone", m.start(), m.end(), value, kind, placeholder=fictional)
     for m in _BARE_DIGITS.finditer(text):
         if _PHONE_WORDS.search(text[max(0, m.start() - 40):m.start()]) and len(set(m.group())) > 1:
             if not (13 <= len(m.group()) <= 19 and luhn_ok(m.group()) and _card_network(m.group())):
                 d = m.group()
-                fictional = (len(d) == 10 and d[3:6] == "555") or (len(d) == 11 and d[0] == "1" and d[4:7] == "555")
+                fictional = _fictional_nanp(d)
                 yield PiiMatch("phone", m.start(), m.end(), d, "fictional 555" if fictional else "after a phone word",
                                placeholder=fictional)
 

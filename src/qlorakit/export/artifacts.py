@@ -89,15 +89,18 @@ def data_terms(source: Source) -> dict[str, str]:
     return {str(k): str(v) for k, v in terms.items()} if isinstance(terms, dict) else {}
 
 
+def _terms_section(terms: dict[str, str]) -> list[str]:
+    """README lines that carry the data terms into an export, as the model card does for the run."""
+    if not terms:
+        return []
+    return [f"**Licence:** {terms.get('adapter_licence', 'see below')}. "
+            f"**Commercial use:** {'allowed' if terms.get('data_commercial_use') == 'true' else 'not allowed'}.",
+            "", terms.get("data_terms", ""), "", "## Data terms", "", "```json", json.dumps(terms, indent=2), "```", ""]
+
+
 def _write_terms_readme(source: Source, out: Path, what: str) -> None:
-    """A README that carries the data terms into an export, as the model card does for the run."""
-    terms = data_terms(source)
-    lines = [f"# {source.run_dir.name}", "", what, ""]
-    if terms:
-        lines += [f"**Licence:** {terms.get('adapter_licence', 'see below')}. "
-                  f"**Commercial use:** {'allowed' if terms.get('data_commercial_use') == 'true' else 'not allowed'}.",
-                  "", terms.get("data_terms", ""), "", "## Data terms", "", "```json",
-                  json.dumps(terms, indent=2), "```", ""]
+    """The README of a merged export: what it is, and the data terms."""
+    lines = [f"# {source.run_dir.name}", "", what, ""] + _terms_section(data_terms(source))
     write_atomic(out / "README.md", "\n".join(lines))
 
 
@@ -181,7 +184,6 @@ def write_peft(source: Source, out: Path) -> dict[str, Any]:
     conf = source.adapter_config
     # peft warns on keys it does not know: the run's own metadata (licence terms) stays in the safetensors
     # header and in the README
-    terms = conf.get("qlorakit")
     clean = {k: v for k, v in conf.items() if k != "qlorakit"}
     write_atomic(out / "adapter_config.json", json.dumps(clean, indent=2) + "\n")
     mc = source.recipe.model
@@ -215,7 +217,7 @@ def write_peft(source: Source, out: Path) -> dict[str, Any]:
         "",
         "Use the base model's tokenizer and chat template: the adapter was trained with them.",
         "",
-    ] + (["## Data terms", "", "```json", json.dumps(terms, indent=2, default=str), "```", ""] if terms else []))
+    ] + _terms_section(data_terms(source)))
     write_atomic(out / "README.md", readme)
     return {"rank": conf["r"], "alpha": conf["lora_alpha"], "targets": conf.get("target_modules")}
 

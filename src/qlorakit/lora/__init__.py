@@ -13,6 +13,7 @@ from .layer import (
     lora_parameters,
     lora_state_dict,
     read_adapter_config,
+    read_adapter_weights,
     save_adapter,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "lora_parameters",
     "lora_state_dict",
     "read_adapter_config",
+    "read_adapter_weights",
     "save_adapter",
 ]

@@ -63,8 +63,7 @@ def _base_identity(model_cfg: Any) -> tuple[str, str, bool]:
 
 def _read_run_adapter(name: str, run_dir: Path) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
     from ..config import RecipeError, load_recipe
-    from ..lora import AdapterError, read_adapter_config
-    from ..lora.layer import read_adapter_weights
+    from ..lora import AdapterError, read_adapter_config, read_adapter_weights
 
     rpath = run_dir / "recipe.yaml"
     if not rpath.is_file():

@@ -304,8 +304,7 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
         loss_fn = prepare_fast(model, recipe, loaded, checkpointing=use_gc, weights=mem.weights, total_steps=total_steps)
 
     if ckpt is not None:
-        from ..lora import load_lora_state_dict
-        from safetensors.torch import load_file
+        from ..lora import AdapterError, load_lora_state_dict, read_adapter_weights
 
         st = load_checkpoint_state(ckpt)
         if st["data_fingerprint"] != fingerprint:
@@ -313,14 +312,13 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
                 f"{ckpt}: the training data differs from the data this checkpoint was trained on; "
                 "resume needs the same data files and data settings"
             )
-        apath = ckpt / "adapter_model.safetensors"
         try:
-            ckpt_lora = load_file(str(apath))
-        except Exception as e:  # safetensors' own error type, or OSError: a truncated or missing file
+            ckpt_lora = read_adapter_weights(ckpt / "adapter_model.safetensors")
+        except AdapterError as e:
             older = sorted(p.name for p in ckpt.parent.glob("step-*") if p != ckpt and (p / "state.pt").is_file())
             hint = (f"; an older checkpoint is there ({', '.join(older)}): point {ckpt.parent / 'LATEST'} at it to "
                     "resume from it") if older else ""
-            raise CheckpointError(f"{apath}: cannot be read ({e}){hint}") from e
+            raise CheckpointError(f"{e}{hint}") from e
         load_lora_state_dict(model, ckpt_lora, where=str(ckpt))
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
