@@ -4,9 +4,12 @@ sequence length, batch and LoRA settings, in one run.
 
 Each side runs in its own process, so its peak RSS is its own. Both sides take the very same
 token batches (no padding: every token is a real token of a document), count the same tokens,
-train with AdamW (lr 2e-4, clipping 0.3) and bf16 autocast, and exclude the same warmup steps from
-the timing. Model FLOPs utilisation is ``tokens/s x 4 x matmul parameters`` over the bf16 matmul
-rate (2048^3) measured in the same run.
+train with AdamW (lr 2e-4, clipping 0.3) in the same precision, and exclude the same warmup steps
+from the timing. The precision is bf16 (autocast on the HF side) where the CPU has bf16
+instructions, else fp32 on both sides (``--precision``): on an AVX2-only CPU a bf16 matmul runs
+several times slower than an fp32 one, and neither stack would be run in bf16 there. Model FLOPs
+utilisation is ``tokens/s x 4 x matmul parameters`` over the matmul rate (2048^3) in that precision
+measured in the same run.
 
     python bench/bench_train.py                       # SmolLM2-135M, 4 x 512, r=16, dropout 0
     python bench/bench_train.py --dropout 0.05 --out bench/results/train_speed_dropout.md
@@ -61,7 +64,7 @@ def _qlorakit_setup(a: argparse.Namespace, fast: bool) -> tuple[Any, Any, Any, l
     from qlorakit.train.loop import choose_checkpointing
     from qlorakit.train.loss import plain_loss
 
-    recipe = load_recipe(None, [f"model.base={a.model}", f"lora.r={a.r}", f"lora.alpha={2 * a.r}",
+    recipe = load_recipe(None, [f"model.base={a.model}", f"model.compute_dtype={a.precision}", f"lora.r={a.r}", f"lora.alpha={2 * a.r}",
                                 f"lora.dropout={a.dropout}", f"data.max_seq_len={a.seq_len}",
                                 f"train.micro_batch_size={a.batch}", f"train.fast={str(fast).lower()}",
                                 'train.gradient_checkpointing="off"'])
@@ -89,7 +92,7 @@ def _hf_setup(a: argparse.Namespace) -> tuple[Any, Any, list[torch.nn.Parameter]
 
     folder = _folder(a.model)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
+                             bnb_4bit_compute_dtype=_dtype(a.precision))
     model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=bnb, dtype=torch.float32,
                                                  device_map={"": "cpu"})
     model.config.use_cache = False
@@ -104,6 +107,10 @@ def _hf_setup(a: argparse.Namespace) -> tuple[Any, Any, list[torch.nn.Parameter]
     return model, tok, params
 
 
+def _dtype(precision: str) -> torch.dtype:
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
 def worker(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
     t0 = time.perf_counter()
@@ -111,7 +118,7 @@ def worker(a: argparse.Namespace) -> None:
         model, tok, params = _hf_setup(a)
 
         def loss_of(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
                 out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"])
             n = int((batch["labels"][:, 1:] != -100).sum())
             return out.loss, n
@@ -188,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="steps excluded from timing on every side")
     ap.add_argument("--steps", type=int, default=10, help="timed steps on every side")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="matmul precision of both sides; auto: bf16 where the CPU has bf16 instructions, else fp32")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {SIDES}")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_speed.md"))
     ap.add_argument("--json", default=str(REPO / "bench" / "out" / "train_speed.json"))
@@ -202,20 +211,25 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"--sides: unknown {bad}; choose from {SIDES}")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    if a.precision == "auto":
+        from qlorakit.quant import cpu_supports_bf16
+
+        a.precision = "bf16" if cpu_supports_bf16() else "fp32"
+    dt = _dtype(a.precision)
     load_before = os.getloadavg()
-    peak0 = matmul_tflops()
-    cpu_peak0 = matmul_tflops(clock="cpu")
+    peak0 = matmul_tflops(dtype=dt)
+    cpu_peak0 = matmul_tflops(clock="cpu", dtype=dt)
     common = ["--model", a.model, "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--r", str(a.r),
               "--dropout", str(a.dropout), "--warmup", str(a.warmup), "--steps", str(a.steps),
-              "--threads", str(a.threads)]
+              "--threads", str(a.threads), "--precision", a.precision]
     results = []
     for s in sides:
         print(f"running {s} ...", file=sys.stderr, flush=True)
         r = run_worker(Path(__file__), ["--side", s, *common], timeout=3600)
         print(f"  {s}: {r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
         results.append(r)
-    peak1 = matmul_tflops()
-    cpu_peak = max(cpu_peak0, matmul_tflops(clock="cpu"))
+    peak1 = matmul_tflops(dtype=dt)
+    cpu_peak = max(cpu_peak0, matmul_tflops(clock="cpu", dtype=dt))
     peak = max(peak0, peak1)
     load_after = os.getloadavg()
 
@@ -231,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         f"load average before/after {load_before[0]:.2f}/{load_after[0]:.2f}  ",
         f"Model: {a.model} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}); batch {a.batch} x {a.seq_len} "
         f"packed real text, no padding; LoRA r={a.r}, alpha={2 * a.r}, dropout {a.dropout}, all linear layers; "
-        f"{a.warmup} warmup + {a.steps} timed steps per side; AdamW, clipping 0.3, bf16.  ",
-        f"bf16 matmul rate (2048^3) measured in this run: {peak:.2f} TFLOP/s wall clock (before {peak0:.2f}, after "
+        f"{a.warmup} warmup + {a.steps} timed steps per side; AdamW, clipping 0.3, {a.precision}.  ",
+        f"{a.precision} matmul rate (2048^3) measured in this run: {peak:.2f} TFLOP/s wall clock (before {peak0:.2f}, after "
         f"{peak1:.2f}), {cpu_peak:.2f} TFLOP per CPU-second; "
         f"model FLOPs per token 4 x {flops_tok / 4 / 1e6:.1f}M matmul parameters = {flops_tok / 1e6:.0f} MFLOP.\n",
         _table(results, peak, cpu_peak, flops_tok),
@@ -240,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         "Sides: `qlorakit` is the training step of `qlorakit train` with `train.fast=true` (the default); "
         "`qlorakit-plain` is the same loop with `train.fast=false` (HF forward under autocast, full logits); "
         "`hf` is transformers + peft (`prepare_model_for_kbit_training`, `get_peft_model`, "
-        "`target_modules=\"all-linear\"`) + bitsandbytes NF4 (double quant, bf16 compute) in a plain loop "
-        "under bf16 autocast, with the same AdamW settings. Peak RSS is the whole process, loading included. "
+        "`target_modules=\"all-linear\"`) + bitsandbytes NF4 (double quant, compute in the run's precision) in a "
+        "plain loop (under bf16 autocast when the precision is bf16), with the same AdamW settings. Peak RSS is the whole process, loading included. "
         "MFU counts 4 x matmul parameters per token (LoRA and attention-score FLOPs left out). The CPU-clock "
         "columns divide by the process's CPU time instead of wall time (tokens per CPU-second, and MFU against "
         "the matmul rate per CPU-second): on a machine shared with other jobs they show the work each side "

@@ -100,16 +100,18 @@ def packed_text_batches(tokenizer: Any, seq_len: int, batch: int, n_batches: int
     return out
 
 
-def matmul_tflops(size: int = 2048, seconds: float = 3.0, clock: str = "wall", device: str = "cpu") -> float:
-    """The machine's bf16 matmul rate (size^3, best of repeated runs) in TFLOP/s, on ``device``.
+def matmul_tflops(size: int = 2048, seconds: float = 3.0, clock: str = "wall", device: str = "cpu",
+                  dtype: torch.dtype = torch.bfloat16) -> float:
+    """The machine's matmul rate (size^3, best of repeated runs) in TFLOP/s, on ``device``, in
+    ``dtype`` (bf16 unless told otherwise).
 
     ``clock="cpu"`` divides by the process's CPU time instead of wall time: the rate per busy core,
     which a machine shared with other jobs distorts far less than wall time.
     """
     timer = time.process_time if clock == "cpu" else time.perf_counter
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    a = torch.randn(size, size, device=device).to(torch.bfloat16)
-    b = torch.randn(size, size, device=device).to(torch.bfloat16)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
     for _ in range(3):
         a @ b
     sync()

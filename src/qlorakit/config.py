@@ -129,7 +129,7 @@ class TrainConfig:
         "chosen to fit it; `qlorakit plan` also picks a micro-batch and sequence length that do. "
         "Default: 80% of available RAM.",
     )
-    fast: bool = _f(True, "Use the fast path on the CPU and on CUDA (cached bf16 base weights, fused LoRA, chunked loss).")
+    fast: bool = _f(True, "Use the fast path on the CPU and on CUDA (cached base weights in the compute dtype, fused LoRA, chunked loss).")
     log_every: int = _f(1, "Write a metrics line every N optimizer steps.")
     checkpoint_every: int = _f(50, "Write a resumable checkpoint every N optimizer steps; 0 turns it off.")
     keep_checkpoints: int = _f(2, "How many checkpoints to keep.")

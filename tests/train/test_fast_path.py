@@ -114,6 +114,35 @@ def test_fast_path_matches_plain_path_losses_and_gradients(kv_heads):
     _assert_close(fast_all, plain)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fp32_fast_path_matches_plain_fp32_path(dropout, compiled):
+    """On CPUs without bf16 instructions both paths compute in fp32: the fast path then agrees with
+    the plain path to fp32 rounding (loss within 1e-5, every LoRA gradient within 1e-4 relative),
+    with the padding tail dropped, dropout and the compiled kernels."""
+    from qlorakit.train.kernels import compile_available
+
+    if compiled and not compile_available():
+        pytest.skip("no C++ compiler for inductor")
+    model = _tiny(dropout=dropout)
+    for m in model.modules():
+        if is_linear4bit(m):
+            m.compute_dtype = torch.float32  # as the loader quantizes on such a CPU
+    batch = _batch(pad_tail=True)
+    plain = _grads(model, plain_loss, batch, autocast=False)
+    fm = FastModel(model, FastOptions(compile=compiled, dtype=torch.float32), pad_token_id=PAD)
+    fast = _grads(model, fm, batch, autocast=False)
+    assert fm.layers[0].qkv.weight.get().dtype == torch.float32
+    (sf, nf, gf), (sp, np_, gp) = fast, plain
+    assert nf == np_
+    assert abs(sf - sp) / abs(sp) <= 1e-5, (sf, sp)
+    per = [_rel(a, b) for a, b in zip(gf, gp)]
+    assert max(per) <= 1e-4, max(per)
+    # and the same model in bf16 is measurably further away: the check can tell the dtypes apart
+    fast16 = _grads(model, FastModel(model, FastOptions(compile=False), pad_token_id=PAD), batch, autocast=False)
+    assert max(_rel(a, b) for a, b in zip(fast16[2], gp)) > 1e-3
+
+
 def _tiny_arch(kind: str, arch_model):
     """A tiny quantized model with LoRA of another architecture the fast path implements (see
     ``arch_model`` in conftest: Qwen2's biases and untied head, Mistral, Llama 3's rope)."""
@@ -478,15 +507,20 @@ def test_cuda_options_hold_the_bf16_copy_only_when_it_fits_half_the_free_memory(
     assert small.weights == "per-use" and small.checkpointing and not small.compile
 
 
-def test_prepare_fast_falls_back_off_bf16_and_off_cpu_and_cuda():
-    from qlorakit.train.fast import prepare_fast
+def test_prepare_fast_falls_back_off_bf16_and_fp32_and_off_cpu_and_cuda():
+    from qlorakit.train.fast import fast_path_runs, prepare_fast
     from qlorakit.train.loss import chunked_loss
 
     model = _tiny()
-    assert prepare_fast(model, None, _loaded("cpu", torch.float32)) is chunked_loss
+    assert prepare_fast(model, None, _loaded("cpu", torch.float16)) is chunked_loss
+    assert prepare_fast(model, None, _loaded("cuda", torch.float32)) is chunked_loss
     assert prepare_fast(model, None, _loaded("meta")) is chunked_loss
     fm = prepare_fast(model, None, _loaded("cpu"), options=FastOptions(compile=False))
     assert isinstance(fm, FastModel) and fm.pad_token_id == PAD
+    # fp32 on the CPU (no bf16 instructions) runs the fast path too
+    assert fast_path_runs(model, _loaded("cpu", torch.float32))
+    fm32 = prepare_fast(model, None, _loaded("cpu", torch.float32), options=FastOptions(compile=False, dtype=torch.float32))
+    assert isinstance(fm32, FastModel) and fm32.dtype == torch.float32
 
 
 @pytest.mark.gpu

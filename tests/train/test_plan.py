@@ -37,17 +37,20 @@ def test_parameter_counts_match_the_real_model():
     assert sorted(_lora_shapes(s, 8)) == sorted(tuple(p.shape) for p in lora_parameters(model))
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_activation_model_counts_what_the_fast_path_saves(dropout):
+def test_activation_model_counts_what_the_fast_path_saves(dropout, precision):
     """Sum the bytes of every tensor autograd keeps during a fast forward; the formula must agree.
-    With dropout too: its masks are regenerated in the backward, not kept."""
+    With dropout too: its masks are regenerated in the backward, not kept. In fp32 (CPUs without
+    bf16 instructions) the matmuls' activations take 4 bytes an element."""
     from test_fast_path import PAD, _batch, _tiny
 
     from qlorakit.train.fast import FastModel, FastOptions
 
     model = _tiny(dropout=dropout)
     batch = _batch(pad_tail=False)
-    fm = FastModel(model, FastOptions(compile=False), pad_token_id=PAD)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    fm = FastModel(model, FastOptions(compile=False, dtype=dtype), pad_token_id=PAD)
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -65,7 +68,7 @@ def test_activation_model_counts_what_the_fast_path_saves(dropout):
     kept = sum(n for p, n in seen.items() if p not in base_ptrs)
     s = ModelShape.from_config(model.config)
     tokens = int(batch["input_ids"].numel())
-    want = s.layers * tokens * _fast_saved_per_token_layer(s, 8)
+    want = s.layers * tokens * _fast_saved_per_token_layer(s, 8, 4 if precision == "fp32" else 2)
     # the final norm's input and the rotary tables are kept once per batch
     extra = tokens * (4 * s.hidden + 4) + 2 * tokens * s.head_dim * 4
     assert abs(kept - (want + extra)) <= 0.1 * want, (kept, want + extra)
@@ -80,6 +83,27 @@ def test_leaner_settings_need_less_memory():
     assert ckpt.peak < full.peak and per_use.peak < full.peak and small.peak < full.peak
     assert full.parts["bf16 copy of the base weights"] == SHAPE_135M.linear_params * 2
     assert "bf16 copy of the base weights" not in per_use.parts
+    # in fp32 (CPUs without bf16 instructions) the copies and the activations take twice the bytes
+    f32 = estimate_memory(SHAPE_135M, **base, act_bytes=4)
+    assert f32.parts["fp32 copy of the base weights"] == SHAPE_135M.linear_params * 4
+    assert f32.parts["fp32 copy of the output head"] == 2 * full.parts["bf16 copy of the output head"]
+    assert (full.parts["activations kept for the backward"] < f32.parts["activations kept for the backward"]
+            < 2 * full.parts["activations kept for the backward"])  # the fp32 residual stream is fp32 in both
+
+
+def test_model_precision_follows_the_4bit_linears_compute_dtype():
+    from test_fast_path import _tiny
+
+    from qlorakit.quant import is_linear4bit
+    from qlorakit.train.plan import model_precision
+
+    model = _tiny()
+    assert model_precision(model) == "bf16"
+    for m in model.modules():
+        if is_linear4bit(m):
+            m.compute_dtype = torch.float32
+    assert model_precision(model) == "fp32"
+    assert _candidates(4, 512, 1, "auto", False, "fp32")[0].describe().count("fp32 copy") == 1
 
 
 def test_candidates_go_from_fastest_to_leanest_and_keep_tokens_per_step():
@@ -145,9 +169,11 @@ def test_plan_command_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert rc == 1 and "DOES NOT FIT" in capsys.readouterr().out
 
 
-def test_a_run_chooses_what_its_plan_showed(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_a_run_chooses_what_its_plan_showed(tiny_model_dir, monkeypatch, precision):
     """`qlorakit train` takes checkpointing and the base weights' form from the same candidates and
-    the same estimate as `qlorakit plan`, at every budget from roomy to too small."""
+    the same estimate as `qlorakit plan`, at every budget from roomy to too small, in either
+    precision of the fast path."""
     from transformers import AutoConfig
 
     from qlorakit.train import memory
@@ -158,19 +184,21 @@ def test_a_run_chooses_what_its_plan_showed(tiny_model_dir, monkeypatch):
 
     from qlorakit.config import load_recipe
     from qlorakit.models import load_base_model
-    from qlorakit.train.plan import _file_bytes, choose_memory_settings
+    from qlorakit.train.plan import _file_bytes, choose_memory_settings, model_precision
 
     shape = ModelShape.from_config(AutoConfig.from_pretrained(str(tiny_model_dir)))
-    model = load_base_model(load_recipe(None, [f"model.base={tiny_model_dir}"]).model).model
+    dtype_override = f"model.compute_dtype={precision}"
+    model = load_base_model(load_recipe(None, [f"model.base={tiny_model_dir}", dtype_override]).model).model
+    assert model_precision(model) == precision
     base, seq, mb = 300e6, 96, 4
     common = dict(model_name="tiny", micro_batch=mb, seq_len=seq, grad_accum=1, r=16, alpha=32, dropout=0.0,
                   sample=None, total_steps=50, calibrate_time=False, file_bytes=_file_bytes(tiny_model_dir),
-                  baseline=base)
+                  baseline=base, precision=precision)
     from qlorakit.train.plan import _memory
 
     # budgets at and just under each candidate's predicted peak at the recipe's micro-batch
     peaks = [_memory(shape, c, 16, base, common["file_bytes"]).peak
-             for c in _candidates(mb, seq, 1, "auto", False)[:4]]
+             for c in _candidates(mb, seq, 1, "auto", False, precision)[:4]]
     assert len(set(peaks)) == 4
     seen = set()
     for budget in sorted({x * f for x in peaks for f in (1.0, 0.999)}):
@@ -178,7 +206,7 @@ def test_a_run_chooses_what_its_plan_showed(tiny_model_dir, monkeypatch):
         if p.settings.micro_batch != mb:
             continue  # the run keeps the recipe's micro-batch; the plan's command sets the smaller one
         recipe = load_recipe(None, [f"model.base={tiny_model_dir}", f"data.max_seq_len={seq}", "train.max_steps=50",
-                                    *p.train_overrides()])
+                                    dtype_override, *p.train_overrides()])
         recipe.train.gradient_checkpointing = "auto"  # the run's own choice, not the plan's written down
         recipe.train.memory_budget_gb = budget / GB
         got = choose_memory_settings(recipe, model, seq_len=seq, baseline=base, folder=tiny_model_dir, total_steps=50)

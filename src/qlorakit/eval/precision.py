@@ -7,8 +7,6 @@ bf16 matrix products on CPUs with AVX512-BF16 or AMX run several times faster th
 from __future__ import annotations
 
 import contextlib
-import functools
-from pathlib import Path
 from typing import ContextManager, Literal
 
 import torch
@@ -19,26 +17,12 @@ Precision = Literal["auto", "bf16", "fp32"]
 _VALID = ("auto", "bf16", "fp32")
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX-BF16).
+    """True when this CPU runs bf16 matrix products natively (AVX512-BF16 or AMX-BF16), checked at
+    run time; the one check the loader, training and evaluation share (:func:`qlorakit.quant.cpu_supports_bf16`)."""
+    from qlorakit.quant import cpu_supports_bf16
 
-    Checked at run time: torch's reported CPU capability first, then the flags in
-    ``/proc/cpuinfo`` (Linux), since torch reports ``AVX512`` on CPUs that also have AMX.
-    """
-    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
-    if "AMX" in capability or "BF16" in capability:
-        return True
-    cpuinfo = Path("/proc/cpuinfo")
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
+    return cpu_supports_bf16()
 
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> Literal["bf16", "fp32"]:

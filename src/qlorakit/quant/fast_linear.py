@@ -10,7 +10,9 @@ A frozen base weight reaches the matmul as bf16 in one of two ways (:class:`Froz
   forward and again in the backward, so the bf16 copy lives only while one layer computes.
 
 The values are those the plain path multiplies with: under bf16 autocast it dequantizes to fp32
-and autocast rounds that to bf16, which is what both modes hold.
+and autocast rounds that to bf16, which is what both modes hold. On CPUs without bf16
+instructions the compute dtype is fp32 (bf16 products run several times slower than fp32 there):
+everything here then holds with fp32 in place of bf16 (``FrozenWeight(dtype=torch.float32)``).
 
 :class:`LoraGroup` computes ``y_i = x W_i^T + s_i dropout_i(x) A_i^T B_i^T`` for every member ``i``
 of a group in one base matmul and one low-rank matmul pair, with a hand-written backward that
@@ -54,33 +56,34 @@ class FrozenWeight:
     """
 
     def __init__(self, linears: Sequence[nn.Module], mode: WeightMode,
-                 buffers: dict[tuple[int, int], torch.Tensor] | None = None):
+                 buffers: dict[tuple[int, int], torch.Tensor] | None = None, dtype: torch.dtype = BF16):
         if mode not in ("cache", "per-use"):
             raise ValueError(f"weight mode must be 'cache' or 'per-use', got {mode!r}")
         self.linears = list(linears)
         self.mode = mode
+        self.dtype = dtype  # bf16, or fp32 on CPUs without bf16 instructions
         self.out_features = sum(m.out_features for m in self.linears)
         self.in_features = self.linears[0].in_features
         bias = [getattr(m, "bias", None) for m in self.linears]
-        self.bias = (torch.cat([b.detach().to(BF16) if b is not None else torch.zeros(m.out_features, dtype=BF16, device=m.weight.device)
+        self.bias = (torch.cat([b.detach().to(dtype) if b is not None else torch.zeros(m.out_features, dtype=dtype, device=m.weight.device)
                                 for b, m in zip(bias, self.linears)]) if any(b is not None for b in bias) else None)
         self._buffers = buffers if mode == "per-use" and len(self.linears) > 1 else None
         self._cached = self._dequantize() if mode == "cache" else None
 
     def _dequantize(self) -> torch.Tensor:
-        parts = [dequantize(m, BF16) for m in self.linears]
+        parts = [dequantize(m, self.dtype) for m in self.linears]
         if len(parts) == 1:
             return parts[0].contiguous()
         if self._buffers is None:
             return torch.cat(parts, dim=0)
         shape = (self.out_features, self.in_features)
         buf = self._buffers.get(shape)
-        if buf is None or buf.device != parts[0].device:
-            buf = self._buffers[shape] = torch.empty(shape, dtype=BF16, device=parts[0].device)
+        if buf is None or buf.device != parts[0].device or buf.dtype != self.dtype:
+            buf = self._buffers[shape] = torch.empty(shape, dtype=self.dtype, device=parts[0].device)
         return torch.cat(parts, dim=0, out=buf)
 
     def get(self) -> torch.Tensor:
-        """(out_features, in_features) bf16."""
+        """(out_features, in_features) in ``dtype``."""
         return self._cached if self._cached is not None else self._dequantize()
 
     def nbytes_cached(self) -> int:
@@ -129,10 +132,12 @@ class LoraGroup:
 
 
 def _factors(group: LoraGroup, idx: list[int], params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Stacked A (R, in) and the block matrix B (out_total, R) holding s_i B_i, both bf16."""
+    """Stacked A (R, in) and the block matrix B (out_total, R) holding s_i B_i, both in the
+    group's dtype."""
+    dt = group.weight.dtype
     ranks = [int(params[2 * j].shape[0]) for j in range(len(idx))]
-    a_cat = torch.cat([params[2 * j].detach() for j in range(len(idx))], dim=0).to(BF16)
-    b_full = torch.zeros(group.weight.out_features, sum(ranks), dtype=BF16, device=a_cat.device)
+    a_cat = torch.cat([params[2 * j].detach() for j in range(len(idx))], dim=0).to(dt)
+    b_full = torch.zeros(group.weight.out_features, sum(ranks), dtype=dt, device=a_cat.device)
     col = 0
     for j, i in enumerate(idx):
         b_full[group.offsets[i]:group.offsets[i + 1], col:col + ranks[j]] = params[2 * j + 1].detach() * group.members[i].scaling
@@ -195,11 +200,11 @@ def group_backward(group: LoraGroup, sv: GroupSaved, dy: torch.Tensor | Sequence
     """
     w = group.weight.get()
     if isinstance(dy, torch.Tensor):
-        dy = dy.to(BF16).contiguous()
+        dy = dy.to(w.dtype).contiguous()
         parts = [dy[:, group.offsets[i]:group.offsets[i + 1]] for i in range(len(group.members))]
         dx = dy @ w if need_dx else None
     else:
-        parts = [d.to(BF16).contiguous() for d in dy]
+        parts = [d.to(w.dtype).contiguous() for d in dy]
         dx = None
         if need_dx:
             for i, d in enumerate(parts):

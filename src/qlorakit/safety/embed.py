@@ -167,9 +167,13 @@ class SentenceEncoder:
     def _bf16_weights(self) -> "dict[str, torch.Tensor]":
         import torch
 
+        from ..quant.bf16 import emulates_bf16
+
         if self._bf16 is None:
+            # bf16 values; held as fp32 where the products are emulated (see qlorakit.quant.bf16)
+            wide = emulates_bf16(next(iter(self._w.values())).device)
             self._bf16 = {
-                k: v.to(torch.bfloat16)
+                k: v.to(torch.bfloat16).float() if wide else v.to(torch.bfloat16)
                 for k, v in self._w.items()
                 if k.startswith("encoder.layer.") and "LayerNorm" not in k
             }
@@ -236,10 +240,14 @@ class SentenceEncoder:
         import torch
         import torch.nn.functional as F
 
+        from ..quant.bf16 import emulates_bf16
+
         w, c = self._w, self.config
         low = torch.bfloat16 if precision == "bf16" else torch.float32
+        # on CPUs without bf16 instructions the bf16 products run as fp32 products of bf16 values
+        emulate = precision == "bf16" and emulates_bf16(ids.device)
         if weights:
-            wl = {**w, **{k: v.to(low) for k, v in weights.items()}}
+            wl = {**w, **{k: v.to(low).float() if emulate else v.to(low) for k, v in weights.items()}}
             if precision == "bf16":
                 wl.update({k: v for k, v in self._bf16_weights().items() if k not in weights})
         else:
@@ -261,6 +269,9 @@ class SentenceEncoder:
 
             def lin(name: str, h: torch.Tensor) -> torch.Tensor:
                 # in `low` precision (bf16 or fp32); the result comes back as float32
+                if emulate:
+                    out = F.linear(h.to(low).float(), wl[p + name + ".weight"], wl[p + name + ".bias"])
+                    return out.to(low).float()
                 return F.linear(h.to(low), wl[p + name + ".weight"], wl[p + name + ".bias"]).float()
 
             q = lin("attention.self.query", x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)

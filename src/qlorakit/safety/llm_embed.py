@@ -76,6 +76,9 @@ class LlmEncoder:
                 hf_logging.enable_progress_bar()
         model.norm = torch.nn.Identity()
         model.eval()
+        from ..quant.bf16 import emulate_bf16_linears
+
+        emulate_bf16_linears(model)  # bf16's values at fp32's speed on CPUs without bf16 instructions
         self.model = model
         self.dim = int(cfg.hidden_size)
         self.pad_id = int(self.tokenizer.pad_token_id)

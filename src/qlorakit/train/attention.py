@@ -11,7 +11,8 @@ steps keep its gradients as precise as bf16 SDPA's with autograd where queries a
 large common part (k_proj / q_proj biases): dp - delta comes out of its matmul's accumulator the
 same way, and dq is taken against the keys less their segment mean (a test pins both). Grouped-query
 attention is handled by repeating k/v for the forward and by laying out q as (kv head, token,
-group) so that one batched matmul per kv head covers its whole group in the backward.
+group) so that one batched matmul per kv head covers its whole group in the backward. On CPUs
+without bf16 instructions everything here runs in fp32 instead (the fast path's dtype).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from .kernels import kernel
 
 __all__ = ["segment_attention", "segments_from_positions", "Workspace"]
 
-BF16 = torch.bfloat16
 LENGTH_STEP = 32  # segment lengths are rounded up to a multiple of this in the backward
 
 
@@ -86,24 +86,25 @@ def _segment_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: int,
 def _with_shift(x: torch.Tensor, shift: torch.Tensor, pad: int) -> torch.Tensor:
     """x (Hkv, N, ..., D) bf16 with ``pad`` zero rows more and three more columns holding -shift
     (Hkv, N, ...) fp32 split exactly into three bf16 parts: against :func:`_with_ones`, a bf16
-    matmul then yields x.y - shift with the subtraction inside its fp32 accumulator."""
-    d = x.shape[-1]
-    out = _padded_rows((*x.shape[:-1], d + 3), pad, BF16, x.device)
+    matmul then yields x.y - shift with the subtraction inside its fp32 accumulator. In fp32 the
+    first part holds the whole shift and the other two are zero."""
+    d, dt = x.shape[-1], x.dtype
+    out = _padded_rows((*x.shape[:-1], d + 3), pad, dt, x.device)
     n = x.shape[1]
     out[:, :n, ..., :d] = x
-    hi = shift.to(BF16)
+    hi = shift.to(dt)
     r = shift - hi.float()
-    mid = r.to(BF16)
+    mid = r.to(dt)
     out[:, :n, ..., d] = -hi
     out[:, :n, ..., d + 1] = -mid
-    out[:, :n, ..., d + 2] = -(r - mid.float()).to(BF16)
+    out[:, :n, ..., d + 2] = -(r - mid.float()).to(dt)
     return out
 
 
 def _with_ones(y: torch.Tensor, pad: int) -> torch.Tensor:
-    """y (Hkv, N, D) bf16 with ``pad`` zero rows more and three more columns of ones."""
+    """y (Hkv, N, D) with ``pad`` zero rows more and three more columns of ones."""
     n, d = y.shape[1], y.shape[-1]
-    out = _padded_rows((y.shape[0], n, d + 3), pad, BF16, y.device)
+    out = _padded_rows((y.shape[0], n, d + 3), pad, y.dtype, y.device)
     out[:, :n, :d] = y
     out[:, :n, d:] = 1.0
     return out
@@ -147,7 +148,8 @@ class _SegmentAttention(torch.autograd.Function):
         pad = LENGTH_STEP
         longest = -(-max(e - s for s, e in ctx.segments) // pad) * pad
         size = n_kv * longest * groups * longest
-        do = do.to(BF16).contiguous()
+        dt = q.dtype  # bf16, or fp32 on CPUs without bf16 instructions
+        do = do.to(dt).contiguous()
         # delta = rowsum(do * o) per query token and head, laid out as q is: (Hkv, N, G)
         delta = kernel("attn_delta", ctx.compiled)(do, o, n_kv * groups).view(n, n_kv, groups).permute(1, 0, 2)
         # Shifted scores x = q.k - lse / scale from one bf16 matmul: q gets three more columns holding
@@ -168,7 +170,7 @@ class _SegmentAttention(torch.autograd.Function):
         # so dq does not change when a segment's keys all move by one vector. Less their mean, the
         # keys lose what they share (large where k_proj has a bias), which the rounding of d scores
         # would otherwise carry into dq.
-        kp = _padded_rows((n_kv, n, d), pad, BF16, k.device)
+        kp = _padded_rows((n_kv, n, d), pad, dt, k.device)
         lengths = torch.tensor([e - s for s, e in ctx.segments], device=k.device)
         seg = torch.repeat_interleave(torch.arange(len(lengths), device=k.device), lengths, output_size=n)
         kf = k.float()
@@ -189,8 +191,8 @@ class _SegmentAttention(torch.autograd.Function):
             # the (L G, L) matrices live in reused buffers, are only ever read untransposed, and are
             # overwritten in place; small operands are transposed
             shape = (n_kv, lp * groups, lp)
-            p = ws.view("probs", BF16, size, shape, q.device)
-            ds = ws.view("dscores", BF16, size, shape, q.device)
+            p = ws.view("probs", dt, size, shape, q.device)
+            ds = ws.view("dscores", dt, size, shape, q.device)
             torch.bmm(qs, ka[:, s:t].transpose(1, 2), out=p)
             probs(p, scale, groups, length)
             dv[:, s:e] = torch.bmm(dos.transpose(1, 2), p)[:, :d, :length].transpose(1, 2)  # sums over the group
@@ -204,7 +206,8 @@ class _SegmentAttention(torch.autograd.Function):
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[tuple[int, int]],
                       scale: float, compiled: bool = False, workspace: Workspace | None = None) -> torch.Tensor:
-    """Causal attention within each segment: q (Hkv, N, G, D), k/v (Hkv, N, D) bf16 -> (N, Hkv G D) bf16.
+    """Causal attention within each segment: q (Hkv, N, G, D), k/v (Hkv, N, D) -> (N, Hkv G D), all
+    bf16 (or all fp32 on CPUs without bf16 instructions).
 
     ``workspace`` holds the backward's score-sized buffers across calls (one per model is enough).
     On devices other than the CPU, each segment runs PyTorch's fused attention with its own backward.

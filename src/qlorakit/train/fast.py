@@ -20,6 +20,11 @@ Same maths as the plain path (a test compares losses and gradients), computed di
 On CUDA (:func:`cuda_fast_options`), attention is PyTorch's fused kernel per packed example and
 the elementwise chains run eager.
 
+On CPUs without bf16 instructions (AVX2 only), where the loader computes in fp32 because a bf16
+matmul runs several times slower than an fp32 one there, the same path runs with fp32 in place of
+bf16 (``FastOptions.dtype``): fp32 weight copies, activations and logits; it then agrees with the
+plain fp32 path to fp32 rounding (a test).
+
 The HF model is left as it is (no module is replaced): :class:`FastModel` reads its weights and
 its LoRA parameters, so saving, evaluation, generation and resume see the same model.
 """
@@ -72,6 +77,7 @@ class FastUnsupported(ValueError):
 @dataclass
 class FastOptions:
     weights: WeightMode = "cache"  # bf16 copy of the base held for the run, or dequantized per use
+    dtype: torch.dtype = BF16  # of the matmuls: bf16, or fp32 on CPUs without bf16 instructions
     checkpointing: bool = False  # recompute each layer's activations in the backward pass
     compile: bool = True  # fuse the elementwise chains with inductor
     loss_chunk: int = LOSS_CHUNK  # positions per output-head chunk
@@ -85,8 +91,9 @@ class FastOptions:
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, compiled: bool) -> torch.Tensor:
-        y, rstd = kernel("rms_fwd", compiled)(x, w, eps)
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, compiled: bool,
+                dtype: torch.dtype = BF16) -> torch.Tensor:
+        y, rstd = kernel("rms_fwd", compiled)(x, w, eps, dtype)
         ctx.compiled = compiled
         ctx.save_for_backward(x, w, rstd)
         return y
@@ -94,7 +101,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, w, rstd = ctx.saved_tensors
-        return kernel("rms_bwd", ctx.compiled)(dy, x, w, rstd), None, None, None
+        return kernel("rms_bwd", ctx.compiled)(dy, x, w, rstd), None, None, None, None
 
 
 class _Rope(torch.autograd.Function):
@@ -155,7 +162,7 @@ class _HeadLoss(torch.autograd.Function):
             hp[:n] = h
         else:
             hp = h
-        workspace = head_workspace(n, chunk, vocab, h.device, workspace)
+        workspace = head_workspace(n, chunk, vocab, h.device, workspace, w.dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         dh = h.new_empty(n_pad, h.shape[1]) if want_grad else None
         fn = kernel("ce_fwd_bwd_" if want_grad else "ce_fwd", compiled)
@@ -163,7 +170,7 @@ class _HeadLoss(torch.autograd.Function):
             e = min(n_pad, s + chunk)  # the last chunk runs its padded rows
             valid = min(n, e) - s
             logits = workspace[:e - s]
-            torch.mm(hp[s:e], w.t(), out=logits)  # (c, V) bf16
+            torch.mm(hp[s:e], w.t(), out=logits)  # (c, V) in w's dtype
             total += fn(logits[:valid], target[s:s + valid])
             if want_grad:
                 torch.mm(logits, w, out=dh[s:e])  # logits now hold d loss / d logits (0 in padded rows)
@@ -182,21 +189,21 @@ def head_rows(n: int) -> int:
 
 
 def head_workspace(n: int, chunk: int, vocab: int, device: torch.device | str,
-                   current: torch.Tensor | None = None) -> torch.Tensor:
-    """The (rows, vocab) bf16 logits buffer the head's loss over ``n`` rows needs: ``current`` when it is
+                   current: torch.Tensor | None = None, dtype: torch.dtype = BF16) -> torch.Tensor:
+    """The (rows, vocab) logits buffer the head's loss over ``n`` rows needs: ``current`` when it is
     large enough, else a new one of at least 256 rows (up to ``chunk``), so that the small batches of a
     run do not grow it again and again."""
     rows = min(chunk, head_rows(n))
-    if current is not None and current.shape[0] >= rows and current.shape[1] == vocab:
+    if current is not None and current.shape[0] >= rows and current.shape[1] == vocab and current.dtype == dtype:
         return current
-    return torch.empty(min(chunk, max(rows, 256)), vocab, dtype=BF16, device=device)
+    return torch.empty(min(chunk, max(rows, 256)), vocab, dtype=dtype, device=device)
 
 
 def fused_head_loss(h: torch.Tensor, w: torch.Tensor, target: torch.Tensor, chunk: int = LOSS_CHUNK,
                     compiled: bool = False, workspace: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum over rows of cross_entropy(h @ w^T, target); h (n, H) bf16, w (V, H) bf16.
+    """Sum over rows of cross_entropy(h @ w^T, target); h (n, H), w (V, H), both bf16 or both fp32.
 
-    ``workspace``: an optional reusable (chunk, V) bf16 buffer for the logits.
+    ``workspace``: an optional reusable (chunk, V) buffer for the logits, in their dtype.
     """
     return _HeadLoss.apply(h, w, target, chunk, compiled, workspace)
 
@@ -242,9 +249,9 @@ def _member(mod: nn.Module) -> tuple[nn.Module, LoraMember]:
 
 
 def _group(mods: list[nn.Module], mode: WeightMode, buffers: dict[tuple[int, int], torch.Tensor],
-           compiled: bool) -> LoraGroup:
+           compiled: bool, dtype: torch.dtype) -> LoraGroup:
     bases, members = zip(*(_member(m) for m in mods))
-    return LoraGroup(FrozenWeight(list(bases), mode, buffers), list(members), compiled)
+    return LoraGroup(FrozenWeight(list(bases), mode, buffers, dtype), list(members), compiled)
 
 
 @dataclass
@@ -274,7 +281,10 @@ class FastModel:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_q
         self.scale = self.head_dim ** -0.5
         inner = model.model
-        mode, c = self.options.weights, self.options.compile
+        mode, c, dt = self.options.weights, self.options.compile, self.options.dtype
+        if dt not in (BF16, torch.float32):
+            raise ValueError(f"the fast path computes in bf16 or fp32, not {dt}")
+        self.dtype = dt
         # per-use stacked weights are written into one reused buffer per shape (see FrozenWeight)
         self._weight_buffers: dict[tuple[int, int], torch.Tensor] = {}
         self.layers: list[_Layer] = []
@@ -284,15 +294,15 @@ class FastModel:
                 in_w=layer.input_layernorm.weight.detach().float(),
                 post_w=layer.post_attention_layernorm.weight.detach().float(),
                 eps=float(getattr(layer.input_layernorm, "variance_epsilon", getattr(layer.input_layernorm, "eps", 1e-6))),
-                qkv=_group([at.q_proj, at.k_proj, at.v_proj], mode, self._weight_buffers, c),
-                o=_group([at.o_proj], mode, self._weight_buffers, c),
-                gu=_group([mlp.gate_proj, mlp.up_proj], mode, self._weight_buffers, c),
-                down=_group([mlp.down_proj], mode, self._weight_buffers, c),
+                qkv=_group([at.q_proj, at.k_proj, at.v_proj], mode, self._weight_buffers, c, dt),
+                o=_group([at.o_proj], mode, self._weight_buffers, c, dt),
+                gu=_group([mlp.gate_proj, mlp.up_proj], mode, self._weight_buffers, c, dt),
+                down=_group([mlp.down_proj], mode, self._weight_buffers, c, dt),
             ))
         self.norm_w = inner.norm.weight.detach().float()
         self.norm_eps = float(getattr(inner.norm, "variance_epsilon", getattr(inner.norm, "eps", 1e-6)))
         self.embed = model.get_input_embeddings().weight
-        self.head = FrozenWeight([model.get_output_embeddings()], "cache")
+        self.head = FrozenWeight([model.get_output_embeddings()], "cache", dtype=dt)
         self.rotary = inner.rotary_emb
         self._workspace: torch.Tensor | None = None  # reused (chunk, vocabulary) logits buffer
         self._attn_ws = Workspace()  # reused score-sized buffers of the attention backward
@@ -357,16 +367,17 @@ class FastModel:
             # against 2.5 GB, step 13.2 against 11.3 s; so only above ``trim_above``)
             self._trim()
         L, c, tr = self.layers[i], self.options.compile, self.model.training
-        h = _RMSNorm.apply(x, L.in_w, L.eps, c)
+        h = _RMSNorm.apply(x, L.in_w, L.eps, c, self.dtype)
         q, k, v = _Rope.apply(lora_group_matmul(h, L.qkv, tr), cos, sin, self.n_q, self.n_kv, c)
         a = segment_attention(q, k, v, segments, self.scale, c, self._attn_ws)
         x = x + lora_group_matmul(a, L.o, tr)
-        h = _RMSNorm.apply(x, L.post_w, L.eps, c)
+        h = _RMSNorm.apply(x, L.post_w, L.eps, c, self.dtype)
         m = _GateUpSilu.apply(h, L.gu, tr, c, *L.gu.params())
         return x + lora_group_matmul(m, L.down, tr)
 
     def hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-normed hidden states (N, H) bf16 of the kept tokens, and their shifted targets (N,)."""
+        """Final-normed hidden states (N, H) of the kept tokens (in the fast path's dtype), and their
+        shifted targets (N,)."""
         ids, pos = batch["input_ids"], batch["position_ids"]
         target = shift_labels(batch["labels"]).reshape(-1)
         keep = self._keep(batch)
@@ -384,7 +395,7 @@ class FastModel:
                     x = checkpoint(self._layer, x, i, cos, sin, segments, use_reentrant=False)
                 else:
                     x = self._layer(x, i, cos, sin, segments)
-            h = _RMSNorm.apply(x, self.norm_w, self.norm_eps, self.options.compile)
+            h = _RMSNorm.apply(x, self.norm_w, self.norm_eps, self.options.compile, self.dtype)
         return h, target
 
     def _trim(self) -> None:
@@ -411,7 +422,7 @@ class FastModel:
         if n == 0:
             return h.float().sum() * 0.0, 0
         w = self.head.get()
-        self._workspace = head_workspace(n, self.options.loss_chunk, w.shape[0], h.device, self._workspace)
+        self._workspace = head_workspace(n, self.options.loss_chunk, w.shape[0], h.device, self._workspace, w.dtype)
         with torch.autocast("cpu", enabled=False):
             total = fused_head_loss(h.index_select(0, sel), w, target.index_select(0, sel),
                                     self.options.loss_chunk, self.options.compile, self._workspace)
@@ -442,7 +453,10 @@ def cuda_fast_options(model: nn.Module, *, checkpointing: bool, free_bytes: int 
 
 
 def _device_supported(loaded: Any) -> bool:
-    return loaded.device.type in ("cpu", "cuda") and loaded.compute_dtype == BF16
+    """bf16 on the CPU or CUDA; fp32 on the CPU (what CPUs without bf16 instructions compute in)."""
+    if loaded.device.type == "cpu":
+        return loaded.compute_dtype in (BF16, torch.float32)
+    return loaded.device.type == "cuda" and loaded.compute_dtype == BF16
 
 
 def fast_path_runs(model: nn.Module, loaded: Any) -> bool:
@@ -456,14 +470,14 @@ def prepare_fast(model: nn.Module, recipe: Any, loaded: Any, *, checkpointing: b
     """A loss function ``(model, batch) -> (loss sum, n tokens)`` on the fast path for ``model``.
 
     Falls back to :func:`qlorakit.train.loss.chunked_loss` (and says why in the log) for models
-    the fast path does not implement, compute dtypes other than bf16, and devices other than the
-    CPU and CUDA. On the CPU, ``weights`` (the base weights' form, when the caller chose it with the
+    the fast path does not implement, compute dtypes other than bf16 (and fp32 on the CPU), and
+    devices other than the CPU and CUDA. On the CPU, ``weights`` (the base weights' form, when the caller chose it with the
     checkpointing) and ``total_steps`` (whether compiling pays) go to :func:`choose_fast_options`.
     """
     from .loss import chunked_loss
 
     if not _device_supported(loaded):
-        log.info("fast path: CPU or CUDA with bf16 only; using the chunked loss on %s/%s", loaded.device,
+        log.info("fast path: bf16 on CPU or CUDA, or fp32 on CPU, only; using the chunked loss on %s/%s", loaded.device,
                  loaded.compute_dtype)
         return chunked_loss
     why = fast_supported(model)

@@ -49,10 +49,11 @@ log = logging.getLogger(__name__)
 BF16 = torch.bfloat16
 
 
-def rms_fwd(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N, H) fp32 -> (w * x / rms(x) as bf16 (N, H), 1 / rms(x) (N, 1) fp32)."""
+def rms_fwd(x: torch.Tensor, w: torch.Tensor, eps: float,
+            dtype: torch.dtype = BF16) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (N, H) fp32 -> (w * x / rms(x) as ``dtype`` (N, H), 1 / rms(x) (N, 1) fp32)."""
     rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return (w * (x * rstd)).to(BF16), rstd
+    return (w * (x * rstd)).to(dtype), rstd
 
 
 def rms_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,7 @@ def _rotate_t(g: torch.Tensor) -> torch.Tensor:
 
 def rope_fwd(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int,
              n_kv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """qkv (N, (n_q + 2 n_kv) D) bf16 -> rotated q (n_kv, N, G, D), rotated k (n_kv, N, D), v (n_kv, N, D).
+    """qkv (N, (n_q + 2 n_kv) D) bf16 or fp32 -> rotated q (n_kv, N, G, D), rotated k (n_kv, N, D), v (n_kv, N, D).
 
     G = n_q / n_kv query heads share each kv head (query head j G + g uses kv head j). The rotation
     is computed in fp32 and rounded once, as the plain path does. The layout makes each packed
@@ -86,32 +87,32 @@ def rope_fwd(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int,
     c, s = cos[:, None, :], sin[:, None, :]
     qk = t[:, :n_q + n_kv].float()
     qk = qk * c + _rotate(qk) * s
-    q = qk[:, :n_q].reshape(n, n_kv, n_q // n_kv, d).permute(1, 0, 2, 3).to(BF16).contiguous()
-    k = qk[:, n_q:].transpose(0, 1).to(BF16).contiguous()
+    q = qk[:, :n_q].reshape(n, n_kv, n_q // n_kv, d).permute(1, 0, 2, 3).to(qkv.dtype).contiguous()
+    k = qk[:, n_q:].transpose(0, 1).to(qkv.dtype).contiguous()
     v = t[:, n_q + n_kv:].transpose(0, 1).contiguous()
     return q, k, v
 
 
 def rope_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
              sin: torch.Tensor) -> torch.Tensor:
-    """Gradient of :func:`rope_fwd`: the grads in its layouts back to one (N, (n_q + 2 n_kv) D) bf16."""
+    """Gradient of :func:`rope_fwd`: the grads in its layouts back to one (N, (n_q + 2 n_kv) D), as dv."""
     n_kv, n, g, d = dq.shape
     c, s = cos[:, None, :], sin[:, None, :]
     dqk = torch.cat((dq.permute(1, 0, 2, 3).reshape(n, n_kv * g, d), dk.transpose(0, 1)), dim=1).float()
     dqk = dqk * c + _rotate_t(dqk * s)
-    out = torch.cat((dqk.to(BF16), dv.transpose(0, 1)), dim=1)
+    out = torch.cat((dqk.to(dv.dtype), dv.transpose(0, 1)), dim=1)
     return out.reshape(n, -1)
 
 
 def silu_mul_fwd(gu: torch.Tensor) -> torch.Tensor:
-    """gu (N, 2I) bf16 holding [gate | up] -> silu(gate) * up, bf16 (N, I)."""
+    """gu (N, 2I) holding [gate | up] -> silu(gate) * up (N, I), in gu's dtype."""
     i = gu.shape[1] // 2
     g, u = gu[:, :i].float(), gu[:, i:].float()
-    return (F.silu(g) * u).to(BF16)
+    return (F.silu(g) * u).to(gu.dtype)
 
 
 def silu_mul_bwd(dm: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of :func:`silu_mul_fwd` as (d gate, d up), bf16 (N, I) each.
+    """Gradient of :func:`silu_mul_fwd` as (d gate, d up), (N, I) each in gu's dtype.
 
     Two outputs rather than one concatenated tensor: a concatenation inside the fused loop keeps
     inductor from vectorising it (measured 6x slower).
@@ -122,13 +123,13 @@ def silu_mul_bwd(dm: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tensor, torc
     sg = torch.sigmoid(g)
     dg = dmf * u * sg * (1.0 + g * (1.0 - sg))
     du = dmf * g * sg
-    return dg.to(BF16), du.to(BF16)
+    return dg.to(gu.dtype), du.to(gu.dtype)
 
 
 def _silu_mul_fwd_eager(gu: torch.Tensor) -> torch.Tensor:
     i = gu.shape[1] // 2
     gf = gu.float()  # one contiguous conversion, then in-place fp32 ops
-    return F.silu(gf[:, :i]).mul_(gf[:, i:]).to(BF16)
+    return F.silu(gf[:, :i]).mul_(gf[:, i:]).to(gu.dtype)
 
 
 def _silu_mul_bwd_eager(dm: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,18 +140,18 @@ def _silu_mul_bwd_eager(dm: torch.Tensor, gu: torch.Tensor) -> tuple[torch.Tenso
     sg = torch.sigmoid(g)
     du = (g * sg).mul_(d)
     dg = (1.0 - sg).mul_(g).add_(1.0).mul_(sg).mul_(u).mul_(d)
-    return dg.to(BF16), du.to(BF16)
+    return dg.to(gu.dtype), du.to(gu.dtype)
 
 
 def attn_probs_shifted(x: torch.Tensor, scale: float, groups: int, valid: int) -> torch.Tensor:
-    """Attention probabilities from shifted scores x = s - lse / scale (n_kv, L G, L), bf16:
+    """Attention probabilities from shifted scores x = s - lse / scale (n_kv, L G, L), in x's dtype:
     exp(x * scale) on and below the diagonal, 0 above it and on the rows of query tokens at or past
     ``valid`` (padding). Row r is query token r // G."""
     rows, n = x.shape[-2], x.shape[-1]
     qpos = torch.arange(rows, device=x.device) // groups
     kpos = torch.arange(n, device=x.device)
     keep = (kpos[None, :] <= qpos[:, None]) & (qpos[:, None] < valid)
-    return torch.where(keep, torch.exp(x.float() * scale), 0.0).to(BF16)
+    return torch.where(keep, torch.exp(x.float() * scale), 0.0).to(x.dtype)
 
 
 def attn_probs_shifted_(x: torch.Tensor, scale: float, groups: int, valid: int) -> None:
@@ -159,15 +160,15 @@ def attn_probs_shifted_(x: torch.Tensor, scale: float, groups: int, valid: int) 
 
 
 def attn_delta(do: torch.Tensor, o: torch.Tensor, heads: int) -> torch.Tensor:
-    """rowsum(do * o) per token and query head in fp32: do, o (N, heads D) bf16 -> (N, heads)."""
+    """rowsum(do * o) per token and query head in fp32: do, o (N, heads D) -> (N, heads)."""
     n = do.shape[0]
     return (do.float() * o.float()).view(n, heads, -1).sum(-1)
 
 
 def attn_dscores(p: torch.Tensor, x: torch.Tensor, scale: float) -> torch.Tensor:
     """Softmax backward p * (dp - delta) * scale from x = dp - delta (delta = rowsum(do * o), taken
-    off inside the d-probabilities matmul); bf16 (n_kv, L G, L)."""
-    return (p.float() * x.float() * scale).to(BF16)
+    off inside the d-probabilities matmul); (n_kv, L G, L) in x's dtype."""
+    return (p.float() * x.float() * scale).to(x.dtype)
 
 
 def attn_dscores_(p: torch.Tensor, x: torch.Tensor, scale: float) -> None:
@@ -176,13 +177,13 @@ def attn_dscores_(p: torch.Tensor, x: torch.Tensor, scale: float) -> None:
 
 
 def ce_fwd_bwd(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (n, V) bf16, target (n,) -> (summed cross-entropy fp32, d loss / d logits bf16)."""
+    """logits (n, V), target (n,) -> (summed cross-entropy fp32, d loss / d logits in the logits' dtype)."""
     lf = logits.float()
     lse = torch.logsumexp(lf, dim=-1, keepdim=True)
     hit = torch.arange(lf.shape[1], device=lf.device)[None, :] == target[:, None]
     picked = torch.where(hit, lf, 0.0).sum(-1, keepdim=True)
     grad = torch.exp(lf - lse) - hit.float()
-    return (lse - picked).sum(), grad.to(BF16)
+    return (lse - picked).sum(), grad.to(logits.dtype)
 
 
 def ce_fwd_bwd_(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -196,7 +197,7 @@ def ce_fwd_bwd_(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     lse = torch.logsumexp(lf, dim=-1, keepdim=True)
     hit = torch.arange(lf.shape[1], device=lf.device)[None, :] == target[:, None]
     picked = torch.where(hit, lf, 0.0).sum(-1, keepdim=True)
-    logits.copy_((torch.exp(lf - lse) - hit.float()).to(BF16))
+    logits.copy_((torch.exp(lf - lse) - hit.float()).to(logits.dtype))
     return (lse - picked).sum()
 
 
@@ -213,7 +214,7 @@ def _ce_fwd_bwd_eager(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch
     loss = -logp[rows, target].sum()
     grad = logp.exp_()
     grad[rows, target] -= 1.0
-    return loss, grad.to(BF16)
+    return loss, grad.to(logits.dtype)
 
 
 def ce_fwd(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

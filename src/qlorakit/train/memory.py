@@ -223,36 +223,39 @@ class MemoryEstimate:
         return max(self.train_peak, self.load_peak, self.eval_peak)
 
 
-def _fast_saved_per_token_layer(s: ModelShape, r: int) -> float:
-    """Bytes the fast path's autograd functions keep per token and layer (no recomputation).
+def _fast_saved_per_token_layer(s: ModelShape, r: int, act_bytes: int = 2) -> float:
+    """Bytes the fast path's autograd functions keep per token and layer (no recomputation);
+    ``act_bytes`` per element of the matmuls' dtype (2 for bf16, 4 for fp32).
 
     Dropout adds nothing: its masks are regenerated from their keys in the backward."""
-    h, i = s.hidden, s.inter
+    h, i, b = s.hidden, s.inter, act_bytes
     saved = 0.0
     saved += 4 * h + 4  # RMSNorm 1: the fp32 residual and 1/rms
-    saved += 2 * h + 2 * 3 * r  # q/k/v group: its bf16 input and the (N, 3r) LoRA activations
-    saved += 2 * (s.q_out + 2 * s.kv_out)  # attention: rotated q, k and v (bf16)
-    saved += 2 * s.q_out  # attention output (also the o group's input)
-    saved += 2 * r  # o group LoRA activations
+    saved += b * h + b * 3 * r  # q/k/v group: its bf16 input and the (N, 3r) LoRA activations
+    saved += b * (s.q_out + 2 * s.kv_out)  # attention: rotated q, k and v (bf16)
+    saved += b * s.q_out  # attention output (also the o group's input)
+    saved += b * r  # o group LoRA activations
     saved += 4 * h + 4  # RMSNorm 2: the new residual and 1/rms
-    saved += 2 * h + 2 * 2 * r  # gate/up group input and LoRA activations
-    saved += 2 * 2 * i  # [gate | up] kept by the SiLU gate
-    saved += 2 * i + 2 * r  # down group input and LoRA activations
+    saved += b * h + b * 2 * r  # gate/up group input and LoRA activations
+    saved += b * 2 * i  # [gate | up] kept by the SiLU gate
+    saved += b * i + b * r  # down group input and LoRA activations
     return saved
 
 
 def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int,
                     checkpointing: bool = False, weights: str = "cache", fast: bool = True,
                     loss_chunk: int = 2048, baseline: float = 0.0, file_bytes: float = 0.0,
-                    compiled: bool = True) -> MemoryEstimate:
+                    compiled: bool = True, act_bytes: int = 2) -> MemoryEstimate:
     """Peak resident memory of a training run; ``baseline`` is the process before the model loads
     (interpreter and libraries), ``file_bytes`` the size of the weight files the loader reads whole
     (``.bin`` checkpoints; safetensors files are read tensor by tensor and never resident, see
     :func:`qlorakit.models.loader._files_read_not_mapped`).
 
     The LoRA dropout adds nothing: it keeps no mask (each is regenerated from a key in the backward,
-    :mod:`qlorakit.lora.dropout`)."""
-    s = shape
+    :mod:`qlorakit.lora.dropout`). ``act_bytes``: bytes per element of the fast path's matmuls, 2
+    in bf16, 4 in fp32 (CPUs without bf16 instructions)."""
+    s, b = shape, act_bytes
+    copy = "bf16" if b == 2 else "fp32"
     tokens = micro_batch * seq_len
     est = MemoryEstimate()
     p = est.parts
@@ -263,22 +266,22 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
     p["LoRA weights, gradients, AdamW state"] = lora * 4 * 4
     if fast:
         if weights == "cache":
-            p["bf16 copy of the base weights"] = s.linear_params * 2
-        p["bf16 copy of the output head"] = s.vocab * s.hidden * 2
+            p[f"{copy} copy of the base weights"] = s.linear_params * b
+        p[f"{copy} copy of the output head"] = s.vocab * s.hidden * b
         if checkpointing:
-            kept = s.layers * tokens * 4 * s.hidden + tokens * _fast_saved_per_token_layer(s, r)
+            kept = s.layers * tokens * 4 * s.hidden + tokens * _fast_saved_per_token_layer(s, r, b)
         else:
-            kept = s.layers * tokens * _fast_saved_per_token_layer(s, r)
+            kept = s.layers * tokens * _fast_saved_per_token_layer(s, r, b)
         p["activations kept for the backward"] = kept
         # one layer's backward at a time: gradients of its activations, attention scores of the
         # longest segment, a per-use dequantized weight group
-        grad_tr = tokens * (4 * s.hidden * 3 + 2 * 2 * s.inter * 2 + 2 * (s.q_out + 2 * s.kv_out) * 2)
-        attn_tr = s.heads * seq_len * seq_len * ATTENTION_BYTES
-        deq_tr = 2 * max(s.hidden * (s.q_out + 2 * s.kv_out), 2 * s.hidden * s.inter) if weights == "per-use" else 0
+        grad_tr = tokens * (4 * s.hidden * 3 + b * 2 * s.inter * 2 + b * (s.q_out + 2 * s.kv_out) * 2)
+        attn_tr = s.heads * seq_len * seq_len * ATTENTION_BYTES * b / 2
+        deq_tr = b * max(s.hidden * (s.q_out + 2 * s.kv_out), 2 * s.hidden * s.inter) if weights == "per-use" else 0
         chunk = min(loss_chunk, tokens)
         # the (chunk, vocabulary) logits in bf16 and, eager, the fp32 log-softmax and the gradient's
         # conversions (measured: 8.1 bytes per logit above the bf16 buffer on a 2048 x 49152 chunk)
-        head_tr = chunk * s.vocab * (4 if compiled else 10) + tokens * s.hidden * 2 * 2
+        head_tr = chunk * s.vocab * ((4 if compiled else 10) + b - 2) + tokens * s.hidden * b * 2
         p["transients (one layer's backward, one head chunk)"] = max(grad_tr + attn_tr + deq_tr, head_tr)
     else:
         p["activations kept for the backward"] = (activation_bytes(_Cfg(s), micro_batch, seq_len)

@@ -50,6 +50,7 @@ __all__ = [
     "plan_recipe",
     "plan_main",
     "compile_pays",
+    "model_precision",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,12 +77,21 @@ class Settings:
     checkpointing: bool
     weights: str  # "cache" | "per-use"
     compile: bool
+    precision: str = "bf16"  # of the fast path's matmuls: "bf16", or "fp32" on CPUs without bf16 instructions
 
     def describe(self) -> str:
         return (f"micro-batch {self.micro_batch} x {self.seq_len} tokens, grad-accum {self.grad_accum}, "
                 f"checkpointing {'on' if self.checkpointing else 'off'}, base weights "
-                f"{'bf16 copy' if self.weights == 'cache' else 'dequantized per use'}, "
+                f"{self.precision + ' copy' if self.weights == 'cache' else 'dequantized per use'}, "
                 f"compile {'on' if self.compile else 'off'}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32 if self.precision == "fp32" else torch.bfloat16
+
+    @property
+    def act_bytes(self) -> int:
+        return 4 if self.precision == "fp32" else 2
 
 
 @dataclass
@@ -147,7 +157,8 @@ def _budget_text(budget_bytes: float) -> str:
 # calibration
 
 
-def _calibration_model(shape: ModelShape, layers: int, r: int, alpha: float, dropout: float, seed: int = 0):
+def _calibration_model(shape: ModelShape, layers: int, r: int, alpha: float, dropout: float, seed: int = 0,
+                       dtype: torch.dtype = torch.bfloat16):
     """A random ``layers``-layer Llama of ``shape`` with an NF4 base and LoRA on every linear."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -160,7 +171,7 @@ def _calibration_model(shape: ModelShape, layers: int, r: int, alpha: float, dro
                       vocab_size=256, tie_word_embeddings=True, max_position_embeddings=1 << 16)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)  # fp32, as the loader leaves norms and embeddings
-    quantize_decoder_linears(model, compute_dtype=torch.bfloat16)
+    quantize_decoder_linears(model, compute_dtype=dtype)
     model.config.use_cache = False
     attach_lora(model, LoraConfig(r=r, alpha=alpha, dropout=dropout))
     params = lora_parameters(model)
@@ -220,13 +231,14 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
     from .fast import FastModel, FastOptions, fused_head_loss, head_workspace
     from .loss import shift_labels
 
-    opts = FastOptions(weights=settings.weights, checkpointing=settings.checkpointing, compile=settings.compile)
+    opts = FastOptions(weights=settings.weights, checkpointing=settings.checkpointing, compile=settings.compile,
+                       dtype=settings.dtype)
     batch = batches[0]
     vocab_batch = dict(batch, input_ids=batch["input_ids"] % 256)  # the calibration model's vocabulary
 
     def layers_fn(n_layers: int):
         """Forward and backward through ``n_layers`` layers of a fresh calibration model."""
-        model, _ = _calibration_model(shape, n_layers, r, alpha, dropout)
+        model, _ = _calibration_model(shape, n_layers, r, alpha, dropout, dtype=settings.dtype)
         fm = FastModel(model, opts, pad_token_id=None)
 
         def run() -> None:
@@ -263,12 +275,12 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
     target = shift_labels(batch["labels"]).reshape(-1)
     n_loss = int((target != IGNORE_INDEX).sum())
     torch.manual_seed(0)
-    w = (torch.randn(shape.vocab, shape.hidden) * 0.02).to(torch.bfloat16)
-    h = torch.randn(max(1, n_loss), shape.hidden).to(torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(shape.vocab, shape.hidden) * 0.02).to(settings.dtype)
+    h = torch.randn(max(1, n_loss), shape.hidden).to(settings.dtype).requires_grad_(True)
     tgt = torch.randint(0, shape.vocab, (max(1, n_loss),))
     # the logits buffer is reused from call to call, as the training step reuses it (a fresh one
     # per call costs the kernel's page mapping, about a tenth of the head's time)
-    logits = head_workspace(max(1, n_loss), opts.loss_chunk, shape.vocab, "cpu")
+    logits = head_workspace(max(1, n_loss), opts.loss_chunk, shape.vocab, "cpu", dtype=settings.dtype)
 
     def head() -> None:
         fused_head_loss(h, w, tgt, opts.loss_chunk, compiled=settings.compile, workspace=logits).backward()
@@ -304,7 +316,7 @@ def predict_step_time(shape: ModelShape, cal: Calibration, grad_accum: int) -> f
 # choosing settings
 
 
-def _candidates(mbs: int, seq: int, accum: int, gc_mode: str, compile_: bool) -> list[Settings]:
+def _candidates(mbs: int, seq: int, accum: int, gc_mode: str, compile_: bool, precision: str = "bf16") -> list[Settings]:
     """From the fastest to the leanest."""
     out: list[Settings] = []
     gcs = {"on": [True], "off": [False]}.get(gc_mode, [False, True])
@@ -313,7 +325,7 @@ def _candidates(mbs: int, seq: int, accum: int, gc_mode: str, compile_: bool) ->
     while True:
         for weights in ("cache", "per-use"):
             for gc in gcs:
-                out.append(Settings(m, a, s, gc, weights, compile_))
+                out.append(Settings(m, a, s, gc, weights, compile_, precision))
         if m > 1:  # smaller micro-batches, more of them: the same tokens per optimizer step
             m, a = (m // 2, a * 2) if m % 2 == 0 else (1, a * m)
         elif s > 128:
@@ -337,6 +349,17 @@ def compile_pays(shape: ModelShape, tokens_total: float) -> bool:
         return False
     seconds = tokens_total * 4 * shape.matmul_params / 2e12  # the run's matmul work at ~2 TFLOP/s
     return seconds > 10.0
+
+
+def model_precision(model: Any) -> str:
+    """The fast path's matmul precision for ``model``: "fp32" when its 4-bit linears compute in fp32
+    (what the loader picks on CPUs without bf16 instructions), else "bf16"."""
+    from ..quant import is_linear4bit
+
+    for m in model.modules():
+        if is_linear4bit(m):
+            return "fp32" if m.compute_dtype == torch.float32 else "bf16"
+    return "bf16"
 
 
 @dataclass
@@ -373,12 +396,13 @@ def choose_memory_settings(recipe: Any, model: Any, *, seq_len: int | None = Non
     base = float(current_rss_bytes()) if baseline is None else baseline
     budget = memory_budget_bytes(recipe)
     gc_mode = t.gradient_checkpointing if checkpointing is None else ("on" if checkpointing else "off")
-    cands = [c for c in _candidates(t.micro_batch_size, seq, t.grad_accum, gc_mode, compile_)
+    precision = model_precision(model)
+    cands = [c for c in _candidates(t.micro_batch_size, seq, t.grad_accum, gc_mode, compile_, precision)
              if c.micro_batch == t.micro_batch_size and c.seq_len == seq and (fast or c.weights == "cache")]
     for c in cands:
         e = estimate_memory(shape, micro_batch=c.micro_batch, seq_len=seq, r=recipe.lora.r, checkpointing=c.checkpointing,
                             weights=c.weights, fast=fast, baseline=base, file_bytes=file_bytes,
-                            compiled=c.compile)
+                            compiled=c.compile, act_bytes=c.act_bytes)
         if e.peak <= budget:
             return MemoryChoice(c.checkpointing, c.weights, e, budget, True)
     return MemoryChoice(c.checkpointing, c.weights, e, budget, False)
@@ -401,8 +425,9 @@ def choose_fast_options(recipe: Any, model: Any, *, checkpointing: bool, weights
     budget = memory_budget_bytes(recipe)
     if weights is None:
         weights = choose_memory_settings(recipe, model, checkpointing=checkpointing, total_steps=total_steps).weights
+    dtype = torch.float32 if model_precision(model) == "fp32" else torch.bfloat16
     return FastOptions(weights=weights, checkpointing=checkpointing, compile=compile_pays(shape, steps * tokens_step),
-                       trim_above=0.9 * budget)
+                       trim_above=0.9 * budget, dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,7 +454,7 @@ def _baseline_bytes() -> float:
 def _memory(shape: ModelShape, s: Settings, r: int, baseline: float, file_bytes: float) -> MemoryEstimate:
     return estimate_memory(shape, micro_batch=s.micro_batch, seq_len=s.seq_len, r=r,
                            checkpointing=s.checkpointing, weights=s.weights, baseline=baseline,
-                           file_bytes=file_bytes, compiled=s.compile)
+                           file_bytes=file_bytes, compiled=s.compile, act_bytes=s.act_bytes)
 
 
 def _segment_work(position_ids: torch.Tensor) -> int:
@@ -470,13 +495,14 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
              alpha: float, dropout: float, budget_bytes: float, sample: dict[str, torch.Tensor] | None,
              total_steps: int = 0, tokens_per_step: float | None = None, gradient_checkpointing: str = "auto",
              compile_: bool | None = None, calibrate_time: bool = True, file_bytes: float = 0.0,
-             baseline: float | None = None) -> Plan:
+             baseline: float | None = None, precision: str = "bf16") -> Plan:
     """Choose settings that fit ``budget_bytes`` and predict memory and time for them.
 
     ``sample`` is real data (input_ids, labels, position_ids) at the requested sequence length, one
     micro-batch or more rows (a typical micro-batch of them is taken, see :func:`_trim`), used for
     the time calibration; ``tokens_per_step`` is the real (non-padding) tokens of one
-    optimizer step at the requested size (default: every position).
+    optimizer step at the requested size (default: every position); ``precision`` the fast path's
+    matmul precision, "bf16" or "fp32" (CPUs without bf16 instructions).
     """
     base = _baseline_bytes() if baseline is None else baseline
     want_tokens = micro_batch * seq_len * grad_accum
@@ -486,7 +512,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
     tried: list[str] = []
     chosen: Settings | None = None
     est: MemoryEstimate | None = None
-    for s in _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_):
+    for s in _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_, precision):
         e = _memory(shape, s, r, base, file_bytes)
         tried.append(f"{s.describe()}: {e.peak / GB:.2f} GB")
         if e.peak <= budget_bytes:
@@ -494,7 +520,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
             break
     fits = chosen is not None
     if chosen is None:  # nothing fits: report the leanest
-        chosen = _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_)[-1]
+        chosen = _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_, precision)[-1]
         est = _memory(shape, chosen, r, base, file_bytes)
     plan = Plan(model=model_name, shape=asdict(shape), settings=chosen, budget_bytes=budget_bytes,
                 memory=dict(est.parts), peak_bytes=est.peak, load_peak_bytes=est.load_peak, fits=fits, eval_peak_bytes=est.eval_peak,
@@ -543,11 +569,14 @@ def plan_recipe(recipe: Any, *, budget_bytes: float | None = None, calibrate_tim
     sample = collate(longest, tok.pad_token_id)
     seq = sample["input_ids"].shape[1]
     budget = budget_bytes if budget_bytes is not None else memory_budget_bytes(recipe)
+    from ..models.loader import pick_compute_dtype
+
+    precision = "fp32" if pick_compute_dtype(recipe.model, torch.device("cpu")) == torch.float32 else "bf16"
     return plan_run(shape, model_name=name, micro_batch=t.micro_batch_size, seq_len=max(seq, 1),
                     grad_accum=t.grad_accum, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
                     budget_bytes=budget, sample=sample, total_steps=total, tokens_per_step=tokens_per_step,
                     gradient_checkpointing=t.gradient_checkpointing, calibrate_time=calibrate_time,
-                    file_bytes=_file_bytes(folder))
+                    file_bytes=_file_bytes(folder), precision=precision)
 
 
 def _fmt_s(s: float | None) -> str:
