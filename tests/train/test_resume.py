@@ -122,8 +122,14 @@ def test_resume_refuses_a_finished_run(tiny_model_dir, tmp_path):
     from qlorakit.train import TrainError, train
 
     assert (tmp_path / "done" / "checkpoints" / "LATEST").is_file()
-    with pytest.raises(TrainError, match="already finished"):
+    # trained, but the evaluation after training never ran (no model card): says how to evaluate it
+    with pytest.raises(TrainError, match="already finished") as e:
         train(resume=tmp_path / "done", finish=False)
+    assert "no MODEL_CARD.md" in str(e.value) and f"qlorakit eval {tmp_path / 'done'}" in str(e.value)
+    (tmp_path / "done" / "MODEL_CARD.md").write_text("# card\n")
+    with pytest.raises(TrainError, match="already finished") as e:
+        train(resume=tmp_path / "done", finish=False)
+    assert "qlorakit eval" not in str(e.value)
 
 
 def test_resume_takes_only_settings_that_leave_the_training_unchanged(tiny_model_dir, tmp_path):

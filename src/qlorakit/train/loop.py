@@ -231,7 +231,12 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
                 f"continues exactly; start a new run for other settings (on resume only these may change: "
                 f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUME_MAY_CHANGE)})")
         if (run_dir / "adapter" / "adapter_model.safetensors").is_file():
-            raise TrainError(f"--resume {run_dir}: the run already finished (adapter/ exists); nothing to resume")
+            if (run_dir / "MODEL_CARD.md").is_file():
+                raise TrainError(f"--resume {run_dir}: the run already finished (adapter/ and MODEL_CARD.md exist); "
+                                 "nothing to resume")
+            raise TrainError(f"--resume {run_dir}: the run's training already finished (adapter/ exists), the "
+                             f"evaluation after it did not (no MODEL_CARD.md); `qlorakit eval {run_dir}` evaluates "
+                             "the trained adapter against the base")
         ckpt = latest_checkpoint(run_dir / "checkpoints")
         if ckpt is None:
             raise TrainError(f"--resume {run_dir}: no checkpoint yet (checkpoints/LATEST is missing); start it again")
