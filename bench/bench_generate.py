@@ -11,7 +11,7 @@ setting that keeps LoRA gradients right after an evaluation pass, and the numeri
 The qlorakit side runs its fast decoder (``qlorakit.models.decode``), which on such a CPU calls
 bitsandbytes' packed kernel itself, so its text is compared with ``hf`` token for token. Each side runs
 in its own process; a short warm-up generation is excluded from the timing on every
-side.
+side. Both stacks compute in bf16 where the CPU has bf16 instructions, else in fp32 (``--precision``).
 
     python bench/bench_generate.py            # writes bench/results/generation_speed.md
     python bench/bench_generate.py --adapter runs/<run>/adapter --prompts-file my_prompts.txt \
@@ -78,7 +78,7 @@ def worker(a: argparse.Namespace) -> None:
 
         folder = resolve_base(a.model)[0]
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.bfloat16)
+                                 bnb_4bit_compute_dtype=torch.float32 if a.precision == "fp32" else torch.bfloat16)
         base = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=bnb, dtype=torch.float32,
                                                     device_map={"": "cpu"})
         if a.side == "hf-unpacked":
@@ -101,7 +101,7 @@ def worker(a: argparse.Namespace) -> None:
         from qlorakit.lora import load_adapter
         from qlorakit.models import generate, load_base_model
 
-        loaded = load_base_model(load_recipe(None, [f"model.base={a.model}"]).model)
+        loaded = load_base_model(load_recipe(None, [f"model.base={a.model}", f"model.compute_dtype={a.precision}"]).model)
         load_adapter(loaded.model, a.adapter)
         model, tok = loaded.model, loaded.tokenizer
         if a.side == "qlorakit-uncached":  # the generation path before the bf16 weight cache
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=3, help="how many of the built-in prompts to run")
     ap.add_argument("--prompts-file", help="run these prompts instead: a text file, one user prompt per line")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="compute precision of every side; auto: bf16 where the CPU has bf16 instructions, else fp32")
     ap.add_argument("--sides", default="qlorakit,hf,hf-unpacked")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "generation_speed.md"))
     ap.add_argument("--json", default=str(REPO / "bench" / "out" / "generation_speed.json"))
@@ -162,10 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         worker(a)
         return 0
     prompts = chosen_prompts(a)  # a bad --prompts-file fails here, before any side loads a model
+    if a.precision == "auto":
+        from qlorakit.quant import cpu_supports_bf16
+
+        a.precision = "bf16" if cpu_supports_bf16() else "fp32"
     made = not (Path(a.adapter) / "adapter_model.safetensors").is_file()
     make_adapter(Path(a.adapter), a.model)
     common = ["--model", a.model, "--adapter", a.adapter, "--new-tokens", str(a.new_tokens), "--prompts",
-              str(a.prompts), "--threads", str(a.threads)]
+              str(a.prompts), "--threads", str(a.threads), "--precision", a.precision]
     if a.prompts_file:
         common += ["--prompts-file", str(Path(a.prompts_file).resolve())]
     load_before = os.getloadavg()
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
           f"Command: `{cmd.strip()}`  ",
           f"CPU: {cpu_name()}; torch {torch.__version__}; load average before/after {load_before[0]:.2f}/{load_after[0]:.2f}  ",
           f"Model: {a.model}; adapter: {adapter_desc}; "
-          f"{len(prompts)} chat prompts, greedy, {a.new_tokens} new tokens each (no early stop).\n",
+          f"{len(prompts)} chat prompts, greedy, {a.new_tokens} new tokens each (no early stop); {a.precision} on every side.\n",
           "\n".join(rows), ""]
     for i, p in enumerate(prompts):
         md.append(f"Prompt {i + 1}: {p}")
