@@ -34,7 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from common import REPO, cpu_name, peak_rss_mb, run_worker, write_atomic  # noqa: E402
+from common import (REPO, add_precision_arg, cpu_name, peak_rss_mb, precision_dtype, resolve_precision,  # noqa: E402
+                    run_worker, write_atomic)
 
 PROMPTS = [
     "How do I return a bike that arrived with a bent wheel?",
@@ -78,7 +79,7 @@ def worker(a: argparse.Namespace) -> None:
 
         folder = resolve_base(a.model)[0]
         bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32 if a.precision == "fp32" else torch.bfloat16)
+                                 bnb_4bit_compute_dtype=precision_dtype(a.precision))
         base = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=bnb, dtype=torch.float32,
                                                     device_map={"": "cpu"})
         if a.side == "hf-unpacked":
@@ -153,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=3, help="how many of the built-in prompts to run")
     ap.add_argument("--prompts-file", help="run these prompts instead: a text file, one user prompt per line")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                    help="compute precision of every side; auto: bf16 where the CPU has bf16 instructions, else fp32")
+    add_precision_arg(ap)
     ap.add_argument("--sides", default="qlorakit,hf,hf-unpacked")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "generation_speed.md"))
     ap.add_argument("--json", default=str(REPO / "bench" / "out" / "generation_speed.json"))
@@ -164,10 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(a)
         return 0
     prompts = chosen_prompts(a)  # a bad --prompts-file fails here, before any side loads a model
-    if a.precision == "auto":
-        from qlorakit.quant import cpu_supports_bf16
-
-        a.precision = "bf16" if cpu_supports_bf16() else "fp32"
+    a.precision = resolve_precision(a.precision)
     made = not (Path(a.adapter) / "adapter_model.safetensors").is_file()
     make_adapter(Path(a.adapter), a.model)
     common = ["--model", a.model, "--adapter", a.adapter, "--new-tokens", str(a.new_tokens), "--prompts",

@@ -35,6 +35,9 @@ import torch  # noqa: E402
 
 from common import (  # noqa: E402
     REPO,
+    add_precision_arg,
+    precision_dtype,
+    resolve_precision,
     cpu_name,
     matmul_tflops,
     model_flops_per_token,
@@ -92,7 +95,7 @@ def _hf_setup(a: argparse.Namespace) -> tuple[Any, Any, list[torch.nn.Parameter]
 
     folder = _folder(a.model)
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=_dtype(a.precision))
+                             bnb_4bit_compute_dtype=precision_dtype(a.precision))
     model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=bnb, dtype=torch.float32,
                                                  device_map={"": "cpu"})
     model.config.use_cache = False
@@ -105,10 +108,6 @@ def _hf_setup(a: argparse.Namespace) -> tuple[Any, Any, list[torch.nn.Parameter]
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, tok, params
-
-
-def _dtype(precision: str) -> torch.dtype:
-    return torch.float32 if precision == "fp32" else torch.bfloat16
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -195,8 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2, help="steps excluded from timing on every side")
     ap.add_argument("--steps", type=int, default=10, help="timed steps on every side")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
-    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                    help="matmul precision of both sides; auto: bf16 where the CPU has bf16 instructions, else fp32")
+    add_precision_arg(ap)
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {SIDES}")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_speed.md"))
     ap.add_argument("--json", default=str(REPO / "bench" / "out" / "train_speed.json"))
@@ -211,11 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"--sides: unknown {bad}; choose from {SIDES}")
     torch.set_num_threads(a.threads or os.cpu_count() or 1)
-    if a.precision == "auto":
-        from qlorakit.quant import cpu_supports_bf16
-
-        a.precision = "bf16" if cpu_supports_bf16() else "fp32"
-    dt = _dtype(a.precision)
+    a.precision = resolve_precision(a.precision)
+    dt = precision_dtype(a.precision)
     load_before = os.getloadavg()
     peak0 = matmul_tflops(dtype=dt)
     cpu_peak0 = matmul_tflops(clock="cpu", dtype=dt)

@@ -203,3 +203,23 @@ def run_worker(script: Path, args: list[str], timeout: float) -> dict[str, Any]:
         tail = (proc.stderr or "")[-3000:]
         raise RuntimeError(f"worker {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def add_precision_arg(ap: Any) -> None:
+    """``--precision auto|bf16|fp32`` on a side-by-side benchmark: the compute precision of every side."""
+    ap.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="compute precision of every side; auto: bf16 where the CPU has bf16 instructions, else fp32")
+
+
+def resolve_precision(precision: str) -> str:
+    """``auto`` as qlorakit's loader resolves it on this CPU: bf16 with bf16 instructions, else fp32
+    (on an AVX2-only CPU neither stack would run bf16 matmuls, several times slower than fp32 there)."""
+    if precision != "auto":
+        return precision
+    from qlorakit.quant import cpu_supports_bf16
+
+    return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    return torch.float32 if precision == "fp32" else torch.bfloat16

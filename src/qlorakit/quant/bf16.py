@@ -50,8 +50,7 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def _emulated_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
         return type(self).forward(self, x)  # training goes through the module's own bf16 path
-    out = F.linear(x.to(BF16).float(), self._qlk_w32, self._qlk_b32)
-    return out.to(BF16).to(x.dtype)
+    return linear_bf16(x, self._qlk_w32, self._qlk_b32, emulate=True).to(x.dtype)
 
 
 def emulate_bf16_linears(model: nn.Module, *, always: bool = False) -> int:

@@ -240,7 +240,7 @@ class SentenceEncoder:
         import torch
         import torch.nn.functional as F
 
-        from ..quant.bf16 import emulates_bf16
+        from ..quant.bf16 import emulates_bf16, linear_bf16
 
         w, c = self._w, self.config
         low = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -269,10 +269,9 @@ class SentenceEncoder:
 
             def lin(name: str, h: torch.Tensor) -> torch.Tensor:
                 # in `low` precision (bf16 or fp32); the result comes back as float32
-                if emulate:
-                    out = F.linear(h.to(low).float(), wl[p + name + ".weight"], wl[p + name + ".bias"])
-                    return out.to(low).float()
-                return F.linear(h.to(low), wl[p + name + ".weight"], wl[p + name + ".bias"]).float()
+                if precision == "bf16":
+                    return linear_bf16(h, wl[p + name + ".weight"], wl[p + name + ".bias"], emulate=emulate).float()
+                return F.linear(h, wl[p + name + ".weight"], wl[p + name + ".bias"])
 
             q = lin("attention.self.query", x).view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
             k = lin("attention.self.key", x).view(B, T, nh, hs).transpose(1, 2)

@@ -69,6 +69,15 @@ PAIRED_REPEATS = 5  # pairs of (1 layer, CALIBRATION_LAYERS layers) calls when t
 CALIBRATION_SAMPLE_ROWS = 256  # rows the calibration micro-batch is chosen from
 
 
+# the fast path's matmul precisions: bf16, or fp32 on CPUs without bf16 instructions
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """The fast path's precision for a compute dtype ("fp32" for fp32, else "bf16")."""
+    return "fp32" if dtype == torch.float32 else "bf16"
+
+
 @dataclass(frozen=True)
 class Settings:
     micro_batch: int
@@ -87,11 +96,11 @@ class Settings:
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.float32 if self.precision == "fp32" else torch.bfloat16
+        return PRECISION_DTYPES[self.precision]
 
     @property
     def act_bytes(self) -> int:
-        return 4 if self.precision == "fp32" else 2
+        return torch.finfo(self.dtype).bits // 8
 
 
 @dataclass
@@ -358,7 +367,7 @@ def model_precision(model: Any) -> str:
 
     for m in model.modules():
         if is_linear4bit(m):
-            return "fp32" if m.compute_dtype == torch.float32 else "bf16"
+            return _precision(m.compute_dtype)
     return "bf16"
 
 
@@ -425,7 +434,7 @@ def choose_fast_options(recipe: Any, model: Any, *, checkpointing: bool, weights
     budget = memory_budget_bytes(recipe)
     if weights is None:
         weights = choose_memory_settings(recipe, model, checkpointing=checkpointing, total_steps=total_steps).weights
-    dtype = torch.float32 if model_precision(model) == "fp32" else torch.bfloat16
+    dtype = PRECISION_DTYPES[model_precision(model)]
     return FastOptions(weights=weights, checkpointing=checkpointing, compile=compile_pays(shape, steps * tokens_step),
                        trim_above=0.9 * budget, dtype=dtype)
 
@@ -571,7 +580,7 @@ def plan_recipe(recipe: Any, *, budget_bytes: float | None = None, calibrate_tim
     budget = budget_bytes if budget_bytes is not None else memory_budget_bytes(recipe)
     from ..models.loader import pick_compute_dtype
 
-    precision = "fp32" if pick_compute_dtype(recipe.model, torch.device("cpu")) == torch.float32 else "bf16"
+    precision = _precision(pick_compute_dtype(recipe.model, torch.device("cpu")))
     return plan_run(shape, model_name=name, micro_batch=t.micro_batch_size, seq_len=max(seq, 1),
                     grad_accum=t.grad_accum, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
                     budget_bytes=budget, sample=sample, total_steps=total, tokens_per_step=tokens_per_step,
