@@ -119,3 +119,20 @@ def test_fail_on_contamination_blocks(shared, tmp_path, write_jsonl, capsys):
                       "--fail-on", "contamination", "--json"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["blocking"] == 1 and out["counts"]["contamination"] == {"truthfulqa": 1}
+
+
+def test_eval_items_in_unspaced_scripts_are_checked(tmp_path, write_jsonl):
+    # a Chinese question is one or two "words" of letters between punctuation marks, fewer than
+    # min_words, so it was never checked; each character now counts as a word
+    question = "请问在收到商品后多少天内可以申请退货并获得全额退款？"
+    evals = write_jsonl(tmp_path / "eval_zh.jsonl", [{"question": question, "answer": "三十天"}])
+    train = write_jsonl(tmp_path / "train.jsonl", [
+        {"instruction": "回答顾客的问题：" + question, "output": "您可以在三十天内申请退货。"},
+        {"instruction": "收到商品后可以更换尺码吗？", "output": "七天内可以更换。"}  # shares 5 characters,
+    ])
+    index = build_index([str(evals)])
+    assert len(words(question)) >= 20
+    report = run_checks([load_source(train, licence="MIT")], CheckOptions(eval_sets=[str(evals)]))
+    assert report.counts["contaminated_records"] == 1
+    (hit,) = find_contamination([read_records(train)[0]["instruction"]], index)
+    assert hit.record == 0

@@ -9,7 +9,7 @@ import pytest
 
 from qlorakit.data import read_records
 from qlorakit.data.check import CheckOptions, load_source, run_checks
-from qlorakit.data.dedup import exact_duplicates, jaccard, near_duplicates, normalise, shingles
+from qlorakit.data.dedup import exact_duplicates, jaccard, near_duplicates, normalise, shingles, words
 
 
 def _clean_records(shared):
@@ -97,3 +97,41 @@ def test_exact_duplicates_groups():
     assert sorted(g.members for g in groups) == [[0, 2], [1, 3]]
     with pytest.raises(ValueError):
         near_duplicates(["a"], 1.5)
+
+
+# passages in scripts written without spaces between words (written for these tests): Chinese,
+# Japanese and Thai
+_UNSPACED = [
+    "退货政策：商品在收到后三十天内可以退货，请保留原始包装和购物小票，我们会在五个工作日内处理退款。",
+    "配送说明：订单通常在两个工作日内发货，偏远地区可能需要更长时间，请耐心等待我们的短信通知。",
+    "会员积分：每消费一元可获得一个积分，积分可以在下次购物时抵扣现金，有效期为一年。",
+    "ご注文の商品は通常二営業日以内に発送されます。離島など一部地域ではお届けに時間がかかる場合があります。",
+    "会員登録をすると、ポイントが貯まり、次回のお買い物で一ポイント一円としてご利用いただけます。",
+    "สินค้าสามารถคืนได้ภายในสามสิบวันหลังจากได้รับสินค้า กรุณาเก็บบรรจุภัณฑ์เดิมและใบเสร็จไว้เพื่อการคืนเงิน",
+]
+
+
+def _one_char_changed(text: str) -> str:
+    """``text`` with the character two thirds of the way in replaced (by another of its characters)."""
+    i = 2 * len(text) // 3
+    other = next(c for c in text if c != text[i] and c.isalpha())
+    return text[:i] + other + text[i + 1:]
+
+
+def test_unspaced_scripts_split_into_characters():
+    assert words("Order 42 发货了，café テキスト") == ["Order", "42", "发", "货", "了", "café", "テ", "キ", "ス", "ト"]
+    # spacing between the characters of an unspaced script does not change the words
+    assert normalise("退货 政策") == normalise("退货政策。") == "退 货 政 策"
+
+
+def test_near_duplicates_found_in_unspaced_scripts():
+    # a run of Chinese text between two punctuation marks was one "word": two passages differing in
+    # one character shared no 3-gram of such words, and no pair below was found
+    texts = _UNSPACED + [_one_char_changed(t) for t in _UNSPACED]
+    n = len(_UNSPACED)
+    sets = [shingles(t) for t in texts]
+    brute = {(i, j) for i, j in itertools.combinations(range(len(texts)), 2) if jaccard(sets[i], sets[j]) >= 0.8}
+    assert brute == {(i, i + n) for i in range(n)}  # each passage with its edited copy, nothing else
+    groups = near_duplicates(texts, 0.8)
+    assert sorted(g.members for g in groups) == [[i, i + n] for i in range(n)]
+    assert all(0.8 <= g.similarity < 1.0 for g in groups)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from .dedup import words as split_words
 from .licences import shared_data_root
 from .readers import DataError, read_records
 
@@ -36,13 +37,14 @@ __all__ = ["EvalSet", "EVAL_SETS", "ContaminationIndex", "Contamination", "build
 
 DEFAULT_N = 13
 DEFAULT_MIN_WORDS = 8
-_WORD = re.compile(r"\w+")
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the polynomial gram hash
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased words, punctuation and whitespace dropped."""
-    return _WORD.findall(text.casefold())
+    """Lower-cased words, punctuation and whitespace dropped; in scripts written without spaces
+    (Chinese, Japanese, Thai, ...) each character is a word, so n-grams there are character n-grams
+    (see :func:`qlorakit.data.dedup.words`)."""
+    return split_words(text.casefold())
 
 
 # --------------------------------------------------------------------------------------------

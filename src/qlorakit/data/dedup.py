@@ -5,6 +5,11 @@ punctuation dropped, whitespace squeezed). Near duplicates are found with MinHas
 sensitive hashing from ``datasketch`` over word 3-gram shingles, and every candidate pair the index
 proposes is confirmed with the exact Jaccard similarity of the two shingle sets, so a reported pair
 really is at least ``threshold`` similar. Groups are the connected components of confirmed pairs.
+
+Words are those of :func:`words`: in scripts written without spaces between words (Chinese,
+Japanese, Thai, Lao, Khmer, Myanmar) each character counts as a word, so shingles there are
+character 3-grams; a run of Chinese text would otherwise be one "word", and two passages differing
+in one character would share no shingle.
 """
 
 from __future__ import annotations
@@ -15,9 +20,21 @@ import zlib
 from collections import defaultdict
 from dataclasses import dataclass
 
-__all__ = ["DuplicateGroup", "normalise", "shingles", "exact_duplicates", "near_duplicates", "jaccard", "lsh_params"]
+__all__ = ["DuplicateGroup", "normalise", "shingles", "exact_duplicates", "near_duplicates", "jaccard", "lsh_params",
+           "words"]
 
-_WORD = re.compile(r"\w+")
+# scripts written without spaces between words: each of their characters is a word of its own
+_UNSPACED = (
+    "\u0e00-\u0eff"  # Thai, Lao
+    "\u1000-\u109f"  # Myanmar
+    "\u1780-\u17ff"  # Khmer
+    "\u2e80-\u2fdf\u3005-\u3007\u3021-\u3029\u3031-\u3035\u3038-\u303c"  # CJK radicals, ideographic marks
+    "\u3040-\u30ff\u31f0-\u31ff"  # Hiragana, Katakana
+    "\u3100-\u312f\u31a0-\u31bf"  # Bopomofo
+    "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK ideographs
+    "\U00020000-\U0003134f"  # CJK ideographs, supplementary planes
+)
+_WORD = re.compile(f"[{_UNSPACED}]|[^\\W{_UNSPACED}]+")
 
 
 @dataclass
@@ -27,8 +44,15 @@ class DuplicateGroup:
     similarity: float  # 1.0 for exact; for near: the lowest confirmed Jaccard similarity in the group
 
 
+def words(text: str) -> list[str]:
+    """The words of ``text`` as written (no normalisation): runs of letters and digits, and each single
+    character of a script written without spaces (Chinese, Japanese, Thai, ...); punctuation and
+    whitespace dropped."""
+    return _WORD.findall(text)
+
+
 def _words(text: str) -> list[str]:
-    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+    return words(unicodedata.normalize("NFKC", text).casefold())
 
 
 def normalise(text: str) -> str:
