@@ -184,6 +184,26 @@ def test_csv_header_naming_a_column_twice_is_refused(tmp_path):
         read_records(p)
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_a_field_named_like_the_line_number_is_refused_not_overwritten(tmp_path, suffix):
+    rows = [dict(ROWS[0]), dict(ROWS[1], _line="ticket 7")]  # the second record has the reserved name
+    p = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        p.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+        where = r"d\.jsonl:2"
+    elif suffix == ".json":
+        p.write_text(json.dumps(rows), encoding="utf-8")
+        where = r"d\.json: record 2"
+    elif suffix == ".csv":
+        p.write_text("instruction,output,_line\nq,a,\nq2,a2,ticket 7\n", encoding="utf-8")
+        where = r"d\.csv:2"  # a column is in every row: the first row is named
+    else:
+        pq.write_table(pa.Table.from_pylist([dict(r, _line=r.get("_line", "")) for r in rows]), p)
+        where = r"d\.parquet: row 1"
+    with pytest.raises(DataError, match=where + r": the record has a field named '_line'.*rename it"):
+        read_records(p)
+
+
 def test_missing_column_names_row(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("instruction,input\nhello,\n", encoding="utf-8")

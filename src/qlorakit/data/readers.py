@@ -2,7 +2,8 @@
 
 A record is a plain ``dict``. Each reader attaches the 1-based line (JSONL) or row (CSV, JSON
 array, Parquet, ``datasets`` folder) number it came from as ``record["_line"]``, so that later
-checks can point back at it.
+checks can point back at it. A record that has a field of that name already is refused (naming
+the file and the line) rather than silently overwritten.
 
 Supported: JSON Lines, JSON (an array of records, or an object holding one), CSV with a header,
 Parquet, and a folder written by ``datasets.Dataset.save_to_disk`` (or a ``DatasetDict``, whose
@@ -26,6 +27,19 @@ SUPPORTED_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 class DataError(ValueError):
     """Bad training data: the message names the file, the line or row, and what was expected."""
+
+
+LINE_KEY = "_line"
+
+
+def _numbered(path: Path, where: str, rec: dict[str, Any], number: int) -> dict[str, Any]:
+    """``rec`` with its line or row number under :data:`LINE_KEY`; a field of that name is an error."""
+    if LINE_KEY in rec:
+        raise DataError(f"{path}:{where}: the record has a field named {LINE_KEY!r}, which qlorakit reserves for "
+                        "the line or row number it reports problems with; expected the field under another name "
+                        "(rename it in the file)")
+    rec[LINE_KEY] = number
+    return rec
 
 
 def _read_text(path: Path) -> str:
@@ -53,8 +67,7 @@ def _read_jsonl(path: Path, text: str) -> list[dict[str, Any]]:
             raise DataError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per line") from e
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{i}: expected a JSON object per line, got {type(obj).__name__}")
-        obj["_line"] = i
-        records.append(obj)
+        records.append(_numbered(path, str(i), obj, i))
     return records
 
 
@@ -87,9 +100,7 @@ def _read_json(path: Path, text: str) -> list[dict[str, Any]]:
     for i, rec in enumerate(obj, start=1):
         if not isinstance(rec, dict):
             raise DataError(f"{path}: record {i}: expected a JSON object, got {type(rec).__name__}")
-        rec = dict(rec)
-        rec["_line"] = i
-        records.append(rec)
+        records.append(_numbered(path, f" record {i}", dict(rec), i))
     return records
 
 
@@ -109,9 +120,7 @@ def _read_csv(path: Path, text: str) -> list[dict[str, Any]]:
                 raise DataError(f"{path}:{line}: more values than header columns ({len(reader.fieldnames)})")
             if any(v is None for v in row.values()):
                 raise DataError(f"{path}:{line}: fewer values than header columns ({len(reader.fieldnames)})")
-            rec: dict[str, Any] = dict(row)
-            rec["_line"] = line
-            records.append(rec)
+            records.append(_numbered(path, str(line), dict(row), line))
     except csv.Error as e:
         raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from e
     return records
@@ -120,7 +129,7 @@ def _read_csv(path: Path, text: str) -> list[dict[str, Any]]:
 def _table_records(path: Path, table: Any) -> list[dict[str, Any]]:
     records = table.to_pylist()
     for i, rec in enumerate(records, start=1):
-        rec["_line"] = i
+        _numbered(path, f" row {i}", rec, i)
     return records
 
 
