@@ -72,7 +72,8 @@ def _quiet_libraries(verbose: bool) -> None:
 def _train(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="qlorakit train", description="Fine-tune a LoRA adapter on a 4-bit base.")
     p.add_argument("items", nargs="*", help="an optional RECIPE.yaml, then key=value overrides (e.g. train.lr=1e-4)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint (or, "
+                   "when its training finished and the evaluation after it did not, run that evaluation)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     _quiet_libraries(a.verbose)

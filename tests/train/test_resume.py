@@ -24,11 +24,17 @@ def _overrides(model_dir: Path, out: Path, name: str, compute: str) -> list[str]
             "lora.dropout=0.1", "train.lr=1e-3", "train.threads=1"]
 
 
-def _driver(overrides: list[str], *, kill_after_step: int | None = None, kill_in_checkpoint: int | None = None) -> str:
+def _driver(overrides: list[str], *, kill_after_step: int | None = None, kill_in_checkpoint: int | None = None,
+            finish: bool = False, kill_in_eval: bool = False) -> str:
     """A Python program that trains and SIGKILLs itself at the given moment."""
     return textwrap.dedent(f"""
         import os, signal
         import qlorakit.train.checkpoint as ck
+        import qlorakit.train.report as report
+        if {kill_in_eval!r}:
+            def killed(*a, **k):  # the evaluation after training: held-out losses done, samples not
+                os.kill(os.getpid(), signal.SIGKILL)
+            report.sample_generations = killed
         from qlorakit.config import load_recipe
         from qlorakit.train import train
         kill_after, kill_in = {kill_after_step!r}, {kill_in_checkpoint!r}
@@ -43,7 +49,7 @@ def _driver(overrides: list[str], *, kill_after_step: int | None = None, kill_in
         def on_step(state):
             if kill_after is not None and state.step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
-        train(load_recipe(None, {overrides!r}), on_step=on_step, finish=False)
+        train(load_recipe(None, {overrides!r}), on_step=on_step, finish={finish!r})
     """)
 
 
@@ -52,9 +58,9 @@ def _run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
 
 
-def _resume(run_dir: Path) -> subprocess.CompletedProcess:
+def _resume(run_dir: Path, finish: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO / "src"))
-    code = f"from qlorakit.train import train; train(resume={str(run_dir)!r}, finish=False)"
+    code = f"from qlorakit.train import train; train(resume={str(run_dir)!r}, finish={finish!r})"
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -116,19 +122,45 @@ def test_kill_while_writing_checkpoint_leaves_previous_one_usable(tiny_model_dir
     assert not (ck / ".step-4.tmp").exists()
 
 
-def test_resume_refuses_a_finished_run(tiny_model_dir, tmp_path):
-    done = _run(_driver(_overrides(tiny_model_dir, tmp_path, "done", "fp32")))
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_resume_finishes_a_run_killed_in_its_final_evaluation_and_refuses_a_finished_one(tiny_model_dir, tmp_path,
+                                                                                        capsys):
+    """Killed after training, in the evaluation after it: --resume runs that evaluation (no training)
+    and writes what an uninterrupted run writes; a finished run is refused."""
+    import json
+
+    from qlorakit.config import load_recipe
     from qlorakit.train import TrainError, train
 
-    assert (tmp_path / "done" / "checkpoints" / "LATEST").is_file()
-    # trained, but the evaluation after training never ran (no model card): says how to evaluate it
+    short = ["eval.samples=1", "eval.max_new_tokens=8", "eval.gate.enabled=false"]  # the gate's suites take ~25 s
+    train(load_recipe(None, _overrides(tiny_model_dir, tmp_path, "whole", "fp32") + short))  # uninterrupted
+    cut = _run(_driver(_overrides(tiny_model_dir, tmp_path, "cut", "fp32") + short, finish=True, kill_in_eval=True))
+    assert cut.returncode == -signal.SIGKILL, cut.stderr[-3000:]
+    run = tmp_path / "cut"
+    assert (run / "adapter").is_dir() and (run / "train_state.json").is_file()
+    assert (run / "checkpoints" / "LATEST").is_file() and not (run / "MODEL_CARD.md").exists()
+    metrics_before = (run / "metrics.jsonl").read_text()
+    adapter_before = _adapter(run)
+    # finish=False (tests, benchmarks) would leave nothing to do: refused, and told how to evaluate it
     with pytest.raises(TrainError, match="already finished") as e:
-        train(resume=tmp_path / "done", finish=False)
-    assert "no MODEL_CARD.md" in str(e.value) and f"qlorakit eval {tmp_path / 'done'}" in str(e.value)
-    (tmp_path / "done" / "MODEL_CARD.md").write_text("# card\n")
+        train(resume=run, finish=False)
+    assert "no MODEL_CARD.md" in str(e.value) and f"qlorakit eval {run}" in str(e.value)
+
+    capsys.readouterr()
+    train(resume=run)
+    assert "held-out loss: base" in capsys.readouterr().out  # the evaluation's summary
+    assert (run / "MODEL_CARD.md").is_file()
+    assert (run / "metrics.jsonl").read_text() == metrics_before  # no step was trained again
+    assert _max_diff(adapter_before, _adapter(run)) == 0.0
+    got, want = (json.loads((tmp_path / n / "eval" / "results.json").read_text()) for n in ("cut", "whole"))
+    assert got["train"]["steps"] == want["train"]["steps"] == 8
+    assert got["train"]["tokens"] == want["train"]["tokens"] > 0
+    for k in ("base_loss", "tuned_loss", "examples"):
+        assert got["heldout"][k] == pytest.approx(want["heldout"][k], rel=1e-5), k
+    assert got["heldout"]["tuned_loss"] != got["heldout"]["base_loss"]  # the trained adapter was loaded
+    assert got["samples"] == want["samples"]
+
     with pytest.raises(TrainError, match="already finished") as e:
-        train(resume=tmp_path / "done", finish=False)
+        train(resume=run)
     assert "qlorakit eval" not in str(e.value)
 
 

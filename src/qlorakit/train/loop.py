@@ -177,6 +177,9 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
 RESUME_MAY_CHANGE = ("train.progress", "train.threads", "train.log_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.memory_budget_gb", "train.gradient_checkpointing",
                      "train.fast", "eval.", "export.")
+# the state at the end of training, written before the final adapter: a run interrupted in the
+# evaluation after training is finished by `--resume` from it (no checkpoint holds that state)
+FINISHED_STATE = "train_state.json"
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -191,6 +194,22 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 def _changed_keys(before: Recipe, after: Recipe) -> list[str]:
     a, b = _flat(recipe_to_dict(before)), _flat(recipe_to_dict(after))
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _finished_state(run_dir: Path) -> dict[str, Any] | None:
+    """What :data:`FINISHED_STATE` holds (the train state at the end of training, the data's
+    fingerprint), or None when the run has none (written before the file existed)."""
+    path = run_dir / FINISHED_STATE
+    if not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj["train_state"] = {k: obj["train_state"][k] for k in TrainState.__dataclass_fields__}
+        str(obj["data_fingerprint"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a readable end-of-training state ({type(e).__name__}: {e}); expected "
+                              "the JSON written at the end of training (train_state, data_fingerprint)") from e
+    return obj
 
 
 def _check_output_dir(recipe: Recipe) -> None:
@@ -230,23 +249,30 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
                 f"--resume {run_dir}: {', '.join(fixed)} would change the training itself, which a resumed run "
                 f"continues exactly; start a new run for other settings (on resume only these may change: "
                 f"{', '.join(k + '*' if k.endswith('.') else k for k in RESUME_MAY_CHANGE)})")
+        finished = None  # the state at the end of training, when only the evaluation after it is left
         if (run_dir / "adapter" / "adapter_model.safetensors").is_file():
             if (run_dir / "MODEL_CARD.md").is_file():
                 raise TrainError(f"--resume {run_dir}: the run already finished (adapter/ and MODEL_CARD.md exist); "
                                  "nothing to resume")
-            raise TrainError(f"--resume {run_dir}: the run's training already finished (adapter/ exists), the "
-                             f"evaluation after it did not (no MODEL_CARD.md); `qlorakit eval {run_dir}` evaluates "
-                             "the trained adapter against the base")
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
-        if ckpt is None:
-            raise TrainError(f"--resume {run_dir}: no checkpoint yet (checkpoints/LATEST is missing); start it again")
+            finished = _finished_state(run_dir)
+            if finished is None or not finish:
+                why = ("it has no " + FINISHED_STATE + " (written by qlorakit versions since that file was added)"
+                       if finished is None else "finish=False was asked")
+                raise TrainError(f"--resume {run_dir}: the run's training already finished (adapter/ exists), the "
+                                 f"evaluation after it did not (no MODEL_CARD.md), and {why}; `qlorakit eval {run_dir}` "
+                                 "evaluates the trained adapter against the base")
+            ckpt = None
+        else:
+            ckpt = latest_checkpoint(run_dir / "checkpoints")
+            if ckpt is None:
+                raise TrainError(f"--resume {run_dir}: no checkpoint yet (checkpoints/LATEST is missing); start it again")
         if changed:  # the run folder's recipe is the one the rest of the run follows
             log.warning("resuming %s with %s changed", run_dir, ", ".join(changed))
             write_atomic(rpath, dump_recipe(recipe))
     else:
         recipe = recipe or load_recipe(None, overrides)
         run_dir = None
-        ckpt = None
+        ckpt = finished = None
         _check_output_dir(recipe)
 
     _set_threads(recipe)
@@ -332,6 +358,21 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
         _truncate_metrics(metrics_path, state.step)
         log.info("resumed %s at step %d", ckpt, state.step)
 
+    if finished is not None:
+        # training finished before the interruption: the final adapter and the state at its end, then
+        # only the evaluation after training (below)
+        from ..lora import load_lora_state_dict, read_adapter_weights
+
+        if finished["data_fingerprint"] != fingerprint:
+            raise CheckpointError(
+                f"{run_dir / FINISHED_STATE}: the training data differs from the data this run was trained on; "
+                "its evaluation needs the same data files and data settings")
+        load_lora_state_dict(model, read_adapter_weights(run_dir / "adapter" / "adapter_model.safetensors"),
+                             where=str(run_dir / "adapter"))
+        state = TrainState(**finished["train_state"])
+        total_steps = state.step
+        log.info("%s: training finished at step %d; running the evaluation after it", run_dir, state.step)
+
     def write_adapter(folder: Path) -> None:
         save_adapter(model, folder, recipe.lora, base_name=loaded.name, metadata=ledger.get("adapter_metadata"))
 
@@ -390,15 +431,19 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
 
     if use_gc:
         model.gradient_checkpointing_disable()
-    # the final adapter: written complete under a temporary name, then renamed
-    tmp = run_dir / ".adapter.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write_adapter(tmp)
-    final = run_dir / "adapter"
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    if finished is None:
+        # the state at the end of training, with which `--resume` can still run the evaluation after it,
+        # then the final adapter: written complete under a temporary name, then renamed
+        write_atomic(run_dir / FINISHED_STATE, json.dumps({
+            "train_state": state.__dict__.copy(), "data_fingerprint": fingerprint, "total_steps": total_steps}, indent=2) + "\n")
+        tmp = run_dir / ".adapter.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        write_adapter(tmp)
+        final = run_dir / "adapter"
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
 
     if finish:
         from .report import finish_run
