@@ -15,7 +15,10 @@ from qlorakit.train.plan import GB, Settings, _candidates, choose_fast_options, 
 SHAPE_135M = ModelShape(hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64, inter=1536, vocab=49152, tied=True)
 
 
-def test_parameter_counts_match_the_real_model():
+@pytest.mark.parametrize("targets", [["all-linear"], ["q_proj", "v_proj"],
+                                     ["o_proj", "model.layers.1.mlp.down_proj", "model.layers.2.self_attn.k_proj"],
+                                     ["gate_proj", "lm_head"]])
+def test_parameter_counts_match_the_real_model(targets):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
@@ -28,13 +31,23 @@ def test_parameter_counts_match_the_real_model():
     assert s.linear_params + s.other_params == sum(p.numel() for p in model.parameters())
     from qlorakit.config import LoraConfig
     from qlorakit.lora import attach_lora, lora_parameters
+    from qlorakit.train.memory import adapted_linears
 
-    attach_lora(model, LoraConfig(r=8))
-    assert s.lora_params(8) == sum(p.numel() for p in lora_parameters(model))
+    names = attach_lora(model, LoraConfig(r=8, targets=targets))
+    decoder = [p for n, m in model.named_modules() if n in names and not n.endswith("lm_head")
+               for p in (m.lora_A.weight, m.lora_B.weight)]
+    adapted = adapted_linears(targets, s.layers)
+    assert s.lora_params(8, adapted) == sum(p.numel() for p in decoder)
+    if targets == ["all-linear"]:
+        assert s.lora_params(8) == sum(p.numel() for p in lora_parameters(model))
     # the planner times its optimizer step on tensors of these shapes
-    from qlorakit.train.plan import _lora_shapes
+    from qlorakit.train.plan import _calibration_model, _lora_shapes
 
-    assert sorted(_lora_shapes(s, 8)) == sorted(tuple(p.shape) for p in lora_parameters(model))
+    assert sorted(_lora_shapes(s, 8, adapted)) == sorted(tuple(p.shape) for p in decoder)
+    # and its calibration model adapts the same kinds of linear
+    cal, _ = _calibration_model(s, 1, 8, 16.0, 0.0, dtype=torch.float32, adapted=adapted)
+    kinds = {n.rsplit(".", 1)[-1] for n, m in cal.named_modules() if hasattr(m, "lora_A")}
+    assert kinds == {n.rsplit(".", 1)[-1] for n in names if not n.endswith("lm_head")}
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])

@@ -27,6 +27,8 @@ __all__ = [
     "MemoryEstimate",
     "estimate_memory",
     "NF4_BYTES_PER_PARAM",
+    "LINEAR_KINDS",
+    "adapted_linears",
 ]
 
 # freed memory malloc keeps resident, as a fraction of the step's working set (activations kept
@@ -145,6 +147,29 @@ def activation_bytes(config: Any, micro_batch: int, seq_len: int, bytes_per: int
     return float(layers * per_layer)
 
 
+# the linears of a Llama-style decoder layer, as ``lora.targets`` names them
+LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def adapted_linears(targets: Any, layers: int) -> dict[str, int]:
+    """How many of the ``layers`` decoder layers have a LoRA adapter on each linear of
+    :data:`LINEAR_KINDS`, for ``lora.targets`` as :func:`qlorakit.lora.attach_lora` reads it:
+    'all-linear' (every one), a linear's name ('q_proj': in every layer) or a module's full name
+    ('model.layers.3.mlp.down_proj': in that layer). Names of no decoder linear count nothing here."""
+    targets = [str(t) for t in (targets or [])]
+    if "all-linear" in targets:
+        return dict.fromkeys(LINEAR_KINDS, layers)
+    every = {t for t in targets if t in LINEAR_KINDS}
+    per_layer: dict[str, set[int]] = {k: set() for k in LINEAR_KINDS}
+    for t in targets:
+        parts = t.split(".")
+        if parts[-1] in LINEAR_KINDS and parts[-1] not in every and "layers" in parts[:-1]:
+            i = parts.index("layers")
+            if i + 1 < len(parts) - 1 and parts[i + 1].isdigit() and int(parts[i + 1]) < layers:
+                per_layer[parts[-1]].add(int(parts[i + 1]))
+    return {k: layers if k in every else len(per_layer[k]) for k in LINEAR_KINDS}
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """The sizes of a Llama-style decoder that memory and time depend on."""
@@ -200,10 +225,18 @@ class ModelShape:
         """Unquantized parameters: embeddings, the untied head, norms."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
 
-    def lora_params(self, r: int) -> int:
+    def linear_dims(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of each linear of :data:`LINEAR_KINDS`."""
         h = self.hidden
-        per_layer = r * ((h + self.q_out) + 2 * (h + self.kv_out) + (self.q_out + h) + 2 * (h + self.inter) + (self.inter + h))
-        return self.layers * per_layer
+        return {"q_proj": (h, self.q_out), "k_proj": (h, self.kv_out), "v_proj": (h, self.kv_out),
+                "o_proj": (self.q_out, h), "gate_proj": (h, self.inter), "up_proj": (h, self.inter),
+                "down_proj": (self.inter, h)}
+
+    def lora_params(self, r: int, adapted: dict[str, int] | None = None) -> int:
+        """LoRA parameters at rank ``r`` on the linears ``adapted`` counts (:func:`adapted_linears`;
+        None: every linear of every layer)."""
+        adapted = adapted if adapted is not None else dict.fromkeys(LINEAR_KINDS, self.layers)
+        return sum(adapted.get(k, 0) * r * (fan_in + fan_out) for k, (fan_in, fan_out) in self.linear_dims().items())
 
 
 @dataclass
@@ -223,29 +256,36 @@ class MemoryEstimate:
         return max(self.train_peak, self.load_peak, self.eval_peak)
 
 
-def _fast_saved_per_token_layer(s: ModelShape, r: int, act_bytes: int = 2) -> float:
-    """Bytes the fast path's autograd functions keep per token and layer (no recomputation);
-    ``act_bytes`` per element of the matmuls' dtype (2 for bf16, 4 for fp32).
+def _fast_saved_per_token_layer(s: ModelShape, r: int, act_bytes: int = 2,
+                                adapted: dict[str, int] | None = None) -> float:
+    """Bytes the fast path's autograd functions keep per token and layer (no recomputation, the
+    LoRA activations averaged over the layers); ``act_bytes`` per element of the matmuls' dtype (2
+    for bf16, 4 for fp32); ``adapted`` as in :meth:`ModelShape.lora_params`.
 
     Dropout adds nothing: its masks are regenerated from their keys in the backward."""
     h, i, b = s.hidden, s.inter, act_bytes
+    adapted = adapted if adapted is not None else dict.fromkeys(LINEAR_KINDS, s.layers)
+
+    def lora(*kinds: str) -> float:  # (N, r) LoRA activations per adapted linear of a group, per layer
+        return b * r * sum(adapted.get(k, 0) for k in kinds) / max(1, s.layers)
+
     saved = 0.0
     saved += 4 * h + 4  # RMSNorm 1: the fp32 residual and 1/rms
-    saved += b * h + b * 3 * r  # q/k/v group: its bf16 input and the (N, 3r) LoRA activations
+    saved += b * h + lora("q_proj", "k_proj", "v_proj")  # q/k/v group: its bf16 input and LoRA activations
     saved += b * (s.q_out + 2 * s.kv_out)  # attention: rotated q, k and v (bf16)
     saved += b * s.q_out  # attention output (also the o group's input)
-    saved += b * r  # o group LoRA activations
+    saved += lora("o_proj")  # o group LoRA activations
     saved += 4 * h + 4  # RMSNorm 2: the new residual and 1/rms
-    saved += b * h + b * 2 * r  # gate/up group input and LoRA activations
+    saved += b * h + lora("gate_proj", "up_proj")  # gate/up group input and LoRA activations
     saved += b * 2 * i  # [gate | up] kept by the SiLU gate
-    saved += b * i + b * r  # down group input and LoRA activations
+    saved += b * i + lora("down_proj")  # down group input and LoRA activations
     return saved
 
 
 def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int,
                     checkpointing: bool = False, weights: str = "cache", fast: bool = True,
                     loss_chunk: int = 2048, baseline: float = 0.0, file_bytes: float = 0.0,
-                    compiled: bool = True, act_bytes: int = 2) -> MemoryEstimate:
+                    compiled: bool = True, act_bytes: int = 2, adapted: dict[str, int] | None = None) -> MemoryEstimate:
     """Peak resident memory of a training run; ``baseline`` is the process before the model loads
     (interpreter and libraries), ``file_bytes`` the size of the weight files the loader reads whole
     (``.bin`` checkpoints; safetensors files are read tensor by tensor and never resident, see
@@ -253,7 +293,8 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
 
     The LoRA dropout adds nothing: it keeps no mask (each is regenerated from a key in the backward,
     :mod:`qlorakit.lora.dropout`). ``act_bytes``: bytes per element of the fast path's matmuls, 2
-    in bf16, 4 in fp32 (CPUs without bf16 instructions)."""
+    in bf16, 4 in fp32 (CPUs without bf16 instructions). ``adapted``: the linears with LoRA
+    (:func:`adapted_linears`; None: every one)."""
     s, b = shape, act_bytes
     copy = "bf16" if b == 2 else "fp32"
     tokens = micro_batch * seq_len
@@ -262,16 +303,16 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
     p["process (interpreter, libraries)"] = baseline
     p["base weights, NF4"] = s.linear_params * NF4_BYTES_PER_PARAM
     p["embeddings, norms, head (fp32)"] = s.other_params * 4
-    lora = s.lora_params(r)
+    lora = s.lora_params(r, adapted)
     p["LoRA weights, gradients, AdamW state"] = lora * 4 * 4
     if fast:
         if weights == "cache":
             p[f"{copy} copy of the base weights"] = s.linear_params * b
         p[f"{copy} copy of the output head"] = s.vocab * s.hidden * b
         if checkpointing:
-            kept = s.layers * tokens * 4 * s.hidden + tokens * _fast_saved_per_token_layer(s, r, b)
+            kept = s.layers * tokens * 4 * s.hidden + tokens * _fast_saved_per_token_layer(s, r, b, adapted)
         else:
-            kept = s.layers * tokens * _fast_saved_per_token_layer(s, r, b)
+            kept = s.layers * tokens * _fast_saved_per_token_layer(s, r, b, adapted)
         p["activations kept for the backward"] = kept
         # one layer's backward at a time: gradients of its activations, attention scores of the
         # longest segment, a per-use dequantized weight group

@@ -35,7 +35,15 @@ from typing import Any
 
 import torch
 
-from .memory import ModelShape, MemoryEstimate, current_rss_bytes, estimate_memory, memory_budget_bytes
+from .memory import (
+    LINEAR_KINDS,
+    MemoryEstimate,
+    ModelShape,
+    adapted_linears,
+    current_rss_bytes,
+    estimate_memory,
+    memory_budget_bytes,
+)
 
 __all__ = [
     "Settings",
@@ -167,8 +175,10 @@ def _budget_text(budget_bytes: float) -> str:
 
 
 def _calibration_model(shape: ModelShape, layers: int, r: int, alpha: float, dropout: float, seed: int = 0,
-                       dtype: torch.dtype = torch.bfloat16):
-    """A random ``layers``-layer Llama of ``shape`` with an NF4 base and LoRA on every linear."""
+                       dtype: torch.dtype = torch.bfloat16, adapted: dict[str, int] | None = None):
+    """A random ``layers``-layer Llama of ``shape`` with an NF4 base and LoRA on the linears that
+    ``adapted`` (:func:`qlorakit.train.memory.adapted_linears`) counts in any layer, in every layer
+    (None, or none counted: every linear)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from ..config import LoraConfig
@@ -182,7 +192,8 @@ def _calibration_model(shape: ModelShape, layers: int, r: int, alpha: float, dro
     model = LlamaForCausalLM(cfg)  # fp32, as the loader leaves norms and embeddings
     quantize_decoder_linears(model, compute_dtype=dtype)
     model.config.use_cache = False
-    attach_lora(model, LoraConfig(r=r, alpha=alpha, dropout=dropout))
+    kinds = [k for k in LINEAR_KINDS if (adapted or {}).get(k, 0) > 0]
+    attach_lora(model, LoraConfig(r=r, alpha=alpha, dropout=dropout, targets=kinds or ["all-linear"]))
     params = lora_parameters(model)
     for p in params:
         torch.nn.init.normal_(p, std=0.02)
@@ -191,12 +202,12 @@ def _calibration_model(shape: ModelShape, layers: int, r: int, alpha: float, dro
     return model, params
 
 
-def _lora_shapes(shape: ModelShape, r: int) -> list[tuple[int, int]]:
-    """(rows, cols) of every LoRA A and B of the model: q, k, v, o, gate, up, down per layer."""
-    h = shape.hidden
-    linears = [(h, shape.q_out), (h, shape.kv_out), (h, shape.kv_out), (shape.q_out, h),
-               (h, shape.inter), (h, shape.inter), (shape.inter, h)]
-    return [dims for _ in range(shape.layers) for fan_in, fan_out in linears for dims in ((r, fan_in), (fan_out, r))]
+def _lora_shapes(shape: ModelShape, r: int, adapted: dict[str, int] | None = None) -> list[tuple[int, int]]:
+    """(rows, cols) of every LoRA A and B of the model: on the linears ``adapted`` counts (None:
+    q, k, v, o, gate, up, down in every layer)."""
+    adapted = adapted if adapted is not None else dict.fromkeys(LINEAR_KINDS, shape.layers)
+    return [dims for kind, (fan_in, fan_out) in shape.linear_dims().items() for _ in range(adapted.get(kind, 0))
+            for dims in ((r, fan_in), (fan_out, r))]
 
 
 def _once(fn: Any) -> float:
@@ -234,8 +245,9 @@ def _paired_layer_time(run_few: Any, run_more: Any, extra_layers: int, pairs: in
 
 
 def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: int, alpha: float, dropout: float,
-              settings: Settings, repeats: int = 3) -> Calibration:
-    """Time the fast path's pieces for ``shape`` on ``batches`` (one micro-batch each, real data)."""
+              settings: Settings, repeats: int = 3, adapted: dict[str, int] | None = None) -> Calibration:
+    """Time the fast path's pieces for ``shape`` on ``batches`` (one micro-batch each, real data);
+    ``adapted``: the linears with LoRA (:func:`qlorakit.train.memory.adapted_linears`; None: all)."""
     from ..data.templating import IGNORE_INDEX
     from .fast import FastModel, FastOptions, fused_head_loss, head_workspace
     from .loss import shift_labels
@@ -247,7 +259,7 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
 
     def layers_fn(n_layers: int):
         """Forward and backward through ``n_layers`` layers of a fresh calibration model."""
-        model, _ = _calibration_model(shape, n_layers, r, alpha, dropout, dtype=settings.dtype)
+        model, _ = _calibration_model(shape, n_layers, r, alpha, dropout, dtype=settings.dtype, adapted=adapted)
         fm = FastModel(model, opts, pad_token_id=None)
 
         def run() -> None:
@@ -300,7 +312,7 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
     # the optimizer: clipping and AdamW over every LoRA tensor of the full model, in their real
     # shapes (one flat tensor of the same size took a quarter of the time: the per-tensor work is
     # most of it at these sizes)
-    params = [torch.nn.Parameter(torch.zeros(rows, cols)) for rows, cols in _lora_shapes(shape, r)]
+    params = [torch.nn.Parameter(torch.zeros(rows, cols)) for rows, cols in _lora_shapes(shape, r, adapted)]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -411,7 +423,8 @@ def choose_memory_settings(recipe: Any, model: Any, *, seq_len: int | None = Non
     for c in cands:
         e = estimate_memory(shape, micro_batch=c.micro_batch, seq_len=seq, r=recipe.lora.r, checkpointing=c.checkpointing,
                             weights=c.weights, fast=fast, baseline=base, file_bytes=file_bytes,
-                            compiled=c.compile, act_bytes=c.act_bytes)
+                            compiled=c.compile, act_bytes=c.act_bytes,
+                            adapted=adapted_linears(recipe.lora.targets, shape.layers))
         if e.peak <= budget:
             return MemoryChoice(c.checkpointing, c.weights, e, budget, True)
     return MemoryChoice(c.checkpointing, c.weights, e, budget, False)
@@ -460,10 +473,11 @@ def _baseline_bytes() -> float:
     return float(current_rss_bytes())
 
 
-def _memory(shape: ModelShape, s: Settings, r: int, baseline: float, file_bytes: float) -> MemoryEstimate:
+def _memory(shape: ModelShape, s: Settings, r: int, baseline: float, file_bytes: float,
+            adapted: dict[str, int] | None = None) -> MemoryEstimate:
     return estimate_memory(shape, micro_batch=s.micro_batch, seq_len=s.seq_len, r=r,
                            checkpointing=s.checkpointing, weights=s.weights, baseline=baseline,
-                           file_bytes=file_bytes, compiled=s.compile, act_bytes=s.act_bytes)
+                           file_bytes=file_bytes, compiled=s.compile, act_bytes=s.act_bytes, adapted=adapted)
 
 
 def _segment_work(position_ids: torch.Tensor) -> int:
@@ -504,15 +518,18 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
              alpha: float, dropout: float, budget_bytes: float, sample: dict[str, torch.Tensor] | None,
              total_steps: int = 0, tokens_per_step: float | None = None, gradient_checkpointing: str = "auto",
              compile_: bool | None = None, calibrate_time: bool = True, file_bytes: float = 0.0,
-             baseline: float | None = None, precision: str = "bf16") -> Plan:
+             baseline: float | None = None, precision: str = "bf16", targets: Any = ("all-linear",)) -> Plan:
     """Choose settings that fit ``budget_bytes`` and predict memory and time for them.
 
     ``sample`` is real data (input_ids, labels, position_ids) at the requested sequence length, one
     micro-batch or more rows (a typical micro-batch of them is taken, see :func:`_trim`), used for
     the time calibration; ``tokens_per_step`` is the real (non-padding) tokens of one
     optimizer step at the requested size (default: every position); ``precision`` the fast path's
-    matmul precision, "bf16" or "fp32" (CPUs without bf16 instructions).
+    matmul precision, "bf16" or "fp32" (CPUs without bf16 instructions); ``targets`` the recipe's
+    ``lora.targets`` (the LoRA weights, their optimizer state and activations, and the calibration
+    model's adapters follow them).
     """
+    adapted = adapted_linears(targets, shape.layers)
     base = _baseline_bytes() if baseline is None else baseline
     want_tokens = micro_batch * seq_len * grad_accum
     real_step = float(tokens_per_step if tokens_per_step is not None else want_tokens)
@@ -522,7 +539,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
     chosen: Settings | None = None
     est: MemoryEstimate | None = None
     for s in _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_, precision):
-        e = _memory(shape, s, r, base, file_bytes)
+        e = _memory(shape, s, r, base, file_bytes, adapted)
         tried.append(f"{s.describe()}: {e.peak / GB:.2f} GB")
         if e.peak <= budget_bytes:
             chosen, est = s, e
@@ -530,7 +547,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
     fits = chosen is not None
     if chosen is None:  # nothing fits: report the leanest
         chosen = _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_, precision)[-1]
-        est = _memory(shape, chosen, r, base, file_bytes)
+        est = _memory(shape, chosen, r, base, file_bytes, adapted)
     plan = Plan(model=model_name, shape=asdict(shape), settings=chosen, budget_bytes=budget_bytes,
                 memory=dict(est.parts), peak_bytes=est.peak, load_peak_bytes=est.load_peak, fits=fits, eval_peak_bytes=est.eval_peak,
                 total_steps=total_steps, tried=tried, asked_seq_len=seq_len)
@@ -539,7 +556,7 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
     if calibrate_time and sample is not None:
         cal_batch = _trim(sample, chosen.micro_batch, chosen.seq_len)
         # with checkpointing the calibration's layers recompute their forward too: it is in layer_s
-        cal = calibrate(shape, [cal_batch], r=r, alpha=alpha, dropout=dropout, settings=chosen)
+        cal = calibrate(shape, [cal_batch], r=r, alpha=alpha, dropout=dropout, settings=chosen, adapted=adapted)
         plan.step_s = predict_step_time(shape, cal, chosen.grad_accum)
         plan.tokens_per_s = plan.tokens_per_step / plan.step_s
         plan.total_s = plan.step_s * total_steps if total_steps else None
@@ -585,7 +602,7 @@ def plan_recipe(recipe: Any, *, budget_bytes: float | None = None, calibrate_tim
                     grad_accum=t.grad_accum, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
                     budget_bytes=budget, sample=sample, total_steps=total, tokens_per_step=tokens_per_step,
                     gradient_checkpointing=t.gradient_checkpointing, calibrate_time=calibrate_time,
-                    file_bytes=_file_bytes(folder), precision=precision)
+                    file_bytes=_file_bytes(folder), precision=precision, targets=recipe.lora.targets)
 
 
 def _fmt_s(s: float | None) -> str:
