@@ -136,6 +136,14 @@ def test_malformed_json_unknown_model_unsupported_params_and_routes(http):
     e = _err(http.post("/v1/chat/completions", content=b'{"model": ', headers={**auth("alice"),
                                                                               "Content-Type": "application/json"}), 400)
     assert "JSON" in e["message"] and e["param"] is None
+    # a JSON body under another content type (`curl -d` sends a form type), or none: told which header
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {**auth("alice"), **({"Content-Type": ctype} if ctype else {})}
+        e = _err(http.post("/v1/chat/completions", content=json.dumps(CHAT).encode(), headers=headers), 400)
+        assert "expected 'application/json'" in e["message"] and (ctype or "no Content-Type") in e["message"], e
+    r = http.post("/v1/chat/completions", content=json.dumps(CHAT).encode(),
+                  headers={**auth("alice"), "Content-Type": "application/json; charset=utf-8"})
+    assert r.status_code == 200, r.text
     e = _err(http.post("/v1/chat/completions", json=dict(CHAT, model="gpt-4"), headers=auth("alice")), 404)
     assert e["code"] == "model_not_found" and "base, support, tone" in e["message"]
     e = _err(http.post("/v1/chat/completions", json=dict(CHAT, n=2), headers=auth("alice")), 400)

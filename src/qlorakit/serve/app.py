@@ -288,6 +288,12 @@ def _check_unsupported(body: Any) -> None:
                               code="unsupported_parameter")
 
 
+def _is_json_type(content_type: str) -> bool:
+    """application/json or another JSON media type (``+json``), with or without parameters."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
 def _utf8(text: str, param: str) -> str:
     try:
         text.encode("utf-8")
@@ -439,9 +445,15 @@ def create_app(cfg: ServeConfig, hub: Any, *, store: AuditStore | None = None,
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errs = _one_branch(list(exc.errors()), exc.body)
         first = errs[0] if errs else {}
+        ctype = request.headers.get("content-type", "")
         if first.get("type") == "json_invalid":
             param = None
             msg = f"The body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})."
+        elif tuple(first.get("loc", ())) == ("body",) and not _is_json_type(ctype):
+            # FastAPI reads a body as JSON only under a JSON content type (`curl -d` sends a form type)
+            param = None
+            msg = (f"The request's Content-Type is {ctype!r}; expected 'application/json' with a JSON body."
+                   if ctype else "The request has no Content-Type; expected 'application/json' with a JSON body.")
         else:
             param = _param(first.get("loc", ())) or None
             msg = "; ".join(f"{_param(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errs[:5])
