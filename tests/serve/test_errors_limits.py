@@ -148,6 +148,16 @@ def test_malformed_json_unknown_model_unsupported_params_and_routes(http):
     assert e["code"] == "model_not_found" and "base, support, tone" in e["message"]
     e = _err(http.post("/v1/chat/completions", json=dict(CHAT, n=2), headers=auth("alice")), 400)
     assert e["param"] == "n"
+    # an earlier assistant turn's tool calls would be dropped from what the model reads: refused
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "track", "arguments": "{}"}}]
+    history = [{"role": "user", "content": "Where is order 42?"}, {"role": "assistant", "content": None, "tool_calls": calls},
+               {"role": "tool", "tool_call_id": "call_1", "content": "Shipped on Monday."}]
+    e = _err(http.post("/v1/chat/completions", json=dict(CHAT, messages=history), headers=auth("alice")), 400)
+    assert e["param"] == "messages[1].tool_calls" and e["code"] == "unsupported_parameter"
+    # content null without tool calls is an empty turn, as before
+    history = [{"role": "assistant", "content": None}, {"role": "user", "content": "Where is order 42?"}]
+    r = http.post("/v1/chat/completions", json=dict(CHAT, messages=history), headers=auth("alice"))
+    assert r.status_code == 200, r.text
     e = _err(http.post("/v1/chat/completions", json=dict(CHAT, logprobs=True), headers=auth("alice")), 400)
     assert e["param"] == "logprobs" and e["code"] == "unsupported_parameter"
     e = _err(http.post("/v1/completions", json={"model": "tone", "prompt": "hi", "echo": True}, headers=auth("alice")),

@@ -307,6 +307,11 @@ def _flatten_messages(body: ChatCompletionRequest) -> list[dict[str, str]]:
     out = []
     for i, m in enumerate(body.messages):
         where = f"messages[{i}].content"
+        for name in ("tool_calls", "function_call"):  # the model cannot see them: refused, not dropped
+            if (m.model_extra or {}).get(name):
+                raise bad_request(f"messages[{i}].{name}: tool and function calls are not supported by this server "
+                                  "(pass tool results as 'tool' or 'user' messages with text content).",
+                                  param=f"messages[{i}].{name}", code="unsupported_parameter")
         if m.content is None:
             text = ""
         elif isinstance(m.content, str):
