@@ -20,8 +20,14 @@ every round's own pair beside it.
     python bench/bench_scaling.py                                  # writes bench/results/plan.md
     python bench/bench_scaling.py --shapes 135M --seq-lens 512 --budget-gb 3
     python bench/bench_scaling.py --shapes 1.7B --merge                # rerun some rows, keep the others
+    python bench/bench_scaling.py --precision fp32 --out bench/results/plan_avx2.md  # CPUs without bf16
 
-``--merge`` replaces the rerun rows in ``bench/out/plan.json`` and keeps the rest; the table then
+``--precision`` (default auto: bf16 where the CPU has bf16 instructions, else fp32, as
+``model.compute_dtype=auto`` trains) sets the planner's precision, the training's compute dtype and
+the matmul rate MFU is measured against.
+
+``--merge`` replaces the rerun rows in ``bench/out/plan.json`` (``bench/out/<name>.json`` for
+``--out .../<name>.md``) and keeps the rest; the table then
 says which run (command, commit, time, matmul rate) each row comes from.
 """
 
@@ -45,12 +51,15 @@ import torch  # noqa: E402
 
 from common import (  # noqa: E402
     REPO,
+    add_precision_arg,
     cpu_name,
     matmul_tflops,
     model_flops_per_token,
     packed_text_batches,
     peak_rss_mb,
+    precision_dtype,
     random_model_folder,
+    resolve_precision,
     run_worker,
     write_atomic,
 )
@@ -80,14 +89,15 @@ def plan_worker(a: argparse.Namespace) -> dict[str, Any]:
     # the text the timed run trains on (the planner takes a micro-batch of typical attention work from it)
     batches = packed_text_batches(_tokenizer(), a.seq_len, a.batch, a.warmup + a.steps)
     batch = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
-    rate = matmul_tflops(seconds=2.0)  # the machine's speed as the planner calibrates (shared machines vary)
+    dt = precision_dtype(a.precision)
+    rate = matmul_tflops(seconds=2.0, dtype=dt)  # the machine's speed as the planner calibrates (shared machines vary)
     t = time.perf_counter()
     p = plan_run(shape, model_name=a.base, micro_batch=a.batch, seq_len=a.seq_len, grad_accum=1, r=16, alpha=32,
                  dropout=0.0, budget_bytes=a.budget_gb * 2**30, sample=batch, total_steps=a.steps,
-                 compile_=True, file_bytes=_file_bytes(folder))
+                 compile_=True, file_bytes=_file_bytes(folder), precision=a.precision)
     out = p.to_json()
     out["plan_s"] = time.perf_counter() - t
-    out["matmul_tflops"] = (rate + matmul_tflops(seconds=2.0)) / 2
+    out["matmul_tflops"] = (rate + matmul_tflops(seconds=2.0, dtype=dt)) / 2
     return out
 
 
@@ -99,7 +109,8 @@ def train_worker(a: argparse.Namespace) -> dict[str, Any]:
     from qlorakit.train.loop import autocast_ctx
 
     s = json.loads(a.settings)
-    recipe = load_recipe(None, [f"model.base={a.base}", "lora.r=16", "lora.alpha=32"])
+    recipe = load_recipe(None, [f"model.base={a.base}", f"model.compute_dtype={a.precision}", "lora.r=16", "lora.alpha=32"])
+    dt = precision_dtype(a.precision)
     t0 = time.perf_counter()
     loaded = load_base_model(recipe.model)
     load_s = time.perf_counter() - t0
@@ -111,7 +122,7 @@ def train_worker(a: argparse.Namespace) -> dict[str, Any]:
         p.requires_grad_(True)
     # as `qlorakit train` runs them (choose_fast_options): freed heap memory goes back to the OS near the budget
     fm = FastModel(model, FastOptions(weights=s["weights"], checkpointing=s["checkpointing"], compile=s["compile"],
-                                      trim_above=0.9 * a.budget_gb * 2**30),
+                                      trim_above=0.9 * a.budget_gb * 2**30, dtype=dt),
                    pad_token_id=loaded.tokenizer.pad_token_id)
     model.train()
     mb, accum = s["micro_batch"], s["grad_accum"]
@@ -132,9 +143,9 @@ def train_worker(a: argparse.Namespace) -> dict[str, Any]:
         return time.perf_counter() - t
 
     warm = [step(b) for b in batches[:a.warmup]]
-    rate = matmul_tflops(seconds=2.0)  # the machine's speed around the timed steps
+    rate = matmul_tflops(seconds=2.0, dtype=dt)  # the machine's speed around the timed steps
     times = [step(b) for b in batches[a.warmup:]]
-    rate = (rate + matmul_tflops(seconds=2.0)) / 2
+    rate = (rate + matmul_tflops(seconds=2.0, dtype=dt)) / 2
     tokens = mb * accum * s["seq_len"]
     return {"step_s_median": statistics.median(times), "step_s": [round(x, 3) for x in times],
             "warmup_s": [round(x, 2) for x in warm], "tokens_per_s": tokens * len(times) / sum(times),
@@ -199,14 +210,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=90.0,
                     help="before each process, wait up to this many seconds for the load average to come down")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the rows of bench/out/plan.json that this run does not redo")
+                    help="keep the rows of bench/out/<name of --out>.json that this run does not redo")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "plan.md"))
+    add_precision_arg(ap)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--base", help=argparse.SUPPRESS)
     ap.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--settings", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    a.precision = resolve_precision(a.precision)
+    prec = a.precision
     if a.worker:
         torch.set_num_threads(os.cpu_count() or 1)
         res = plan_worker(a) if a.worker == "plan" else train_worker(a)
@@ -214,13 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     torch.set_num_threads(os.cpu_count() or 1)
-    json_path = REPO / "bench" / "out" / "plan.json"
+    json_path = REPO / "bench" / "out" / (Path(a.out).stem + ".json")  # plan.md: bench/out/plan.json
     runs, kept = _load_previous(json_path) if a.merge else ([], [])
     cmd = "python bench/bench_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
     run = {"command": cmd.strip(), "commit": _commit(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "rounds": a.rounds, "rounds_large": a.rounds_large, "warmup": a.warmup, "steps": a.steps, "settle_s": a.settle}
+           "rounds": a.rounds, "rounds_large": a.rounds_large, "warmup": a.warmup, "steps": a.steps, "settle_s": a.settle,
+           "precision": prec}
     load_before = os.getloadavg()
-    peak0 = matmul_tflops()
+    peak0 = matmul_tflops(dtype=precision_dtype(prec))
     rows = []
     from transformers import AutoConfig
 
@@ -232,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         for seq in (int(x) for x in a.seq_lens.split(",")):
             batch = TOKENS_PER_STEP // seq
             common = ["--base", base, "--seq-len", str(seq), "--batch", str(batch), "--warmup", str(a.warmup),
-                      "--steps", str(a.steps), "--budget-gb", str(a.budget_gb)]
+                      "--steps", str(a.steps), "--budget-gb", str(a.budget_gb), "--precision", prec]
             plans, meass = [], []
             n_rounds = a.rounds_large if shape == "1.7B" else a.rounds
             for k in range(n_rounds):
@@ -252,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                 meass.append(meas)
             rows.append({"shape": shape, "seq": seq, "batch": batch, "plans": plans, "measured": meass,
                          "flops_per_token": model_flops_per_token(cfg), "run": len(runs)})
-    peak1 = matmul_tflops()
+    peak1 = matmul_tflops(dtype=precision_dtype(prec))
     load_after = os.getloadavg()
     run.update(finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), peak_tflops=max(peak0, peak1),
                load_before=round(load_before[0], 2), load_after=round(load_after[0], 2))
@@ -272,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         plans, meass = r["plans"], r["measured"]
         s = plans[0]["settings"]
         desc = (f"mb {s['micro_batch']}x{s['grad_accum']}, ckpt {'on' if s['checkpointing'] else 'off'}, "
-                f"{'bf16 copy' if s['weights'] == 'cache' else 'per-use'}")
+                f"{runs[r['run']].get('precision', 'bf16') + ' copy' if s['weights'] == 'cache' else 'per-use'}")
         if s["seq_len"] != r["seq"]:
             desc += f", seq shortened to {s['seq_len']}"
         if any(p["settings"] != s for p in plans):  # memory decides them, so this would be a bug
@@ -299,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                 if "load_before" in ru else "")
         wait = (f"waiting up to {ru['settle_s']:.0f} s before each process for the load average to fall to half "
                 f"the cores" if ru["settle_s"] else "no wait between processes")
-        return (f"`{ru['command']}` (commit {ru['commit']}, {when}; {load}bf16 matmul rate "
+        return (f"`{ru['command']}` (commit {ru['commit']}, {when}; {load}{ru.get('precision', 'bf16')} matmul rate "
                 f"{ru['peak_tflops']:.2f} TFLOP/s; {ru['rounds']} rounds per configuration "
                 f"({ru['rounds_large']} for 1.7B) of {ru['warmup']} warmup + {ru['steps']} timed steps; {wait})")
 
@@ -312,13 +327,14 @@ def main(argv: list[str] | None = None) -> int:
     md = ["# Scaling and the planner's predictions\n",
           *head,
           f"CPU: {cpu_name()}; torch {torch.__version__}, {rows[0]['measured'][0]['threads'] if rows else '?'} threads  ",
-          "MFU of each row is against the bf16 matmul rate measured in its own run. Memory budget given to the planner: "
+          f"Precision: {prec} (the planner's, the training's and the matmul rate's). "
+          f"MFU of each row is against the {prec} matmul rate measured in its own run. Memory budget given to the planner: "
           f"{a.budget_gb} GB. {TOKENS_PER_STEP} tokens per step of packed real text, LoRA r=16 on all linear "
           f"layers; each round of a configuration is a fresh planner process and then a fresh training "
           f"process; 360M and 1.7B are random-initialised SmolLM2 shapes.\n",
           "\n".join(table), "",
           "Errors are (predicted - measured) / measured. Peak RSS is the whole training process, loading included; "
-          "MFU counts 4 x matmul parameters per token against the measured bf16 matmul rate. "
+          f"MFU counts 4 x matmul parameters per token against the measured {prec} matmul rate. "
           "Predicted values are the median of the rounds' predictions, measured step time the median of every timed "
           "step of every round, peak RSS the highest of the rounds. The machine is shared with other jobs and its "
           "speed drifts over minutes (the same 360M full-depth calibration took 5.0 s and then 6.9 s a call two "

@@ -81,12 +81,27 @@ def _bf16_param() -> object:
     return pytest.param("bf16", 1e-3, marks=() if cpu_supports_bf16() else pytest.mark.slow)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Uninterrupted runs of the tests' settings, per compute dtype (made on first use): the
+    reference every interrupted run must end equal to (the run's name does not change its training)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+
+    class Runs(dict):
+        def __missing__(self, compute: str) -> Path:
+            full = _run(_driver(_overrides(tiny_model_dir, root, f"full-{compute}", compute)))
+            assert full.returncode == 0, full.stderr[-3000:]
+            self[compute] = root / f"full-{compute}"
+            return self[compute]
+
+    return Runs()
+
+
 @pytest.mark.parametrize("compute,tol", [("fp32", 1e-5), _bf16_param()])
-def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path, compute, tol):
+def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_dir, tmp_path, compute, tol,
+                                                                     uninterrupted):
     """fp32: max abs diff below 1e-5. bf16: the same bound is met in practice (the path is
     deterministic); the stated bf16 tolerance is 1e-3, one bf16 rounding step of the largest weights."""
-    full = _run(_driver(_overrides(tiny_model_dir, tmp_path, "full", compute)))
-    assert full.returncode == 0, full.stderr[-3000:]
 
     killed = _run(_driver(_overrides(tiny_model_dir, tmp_path, "killed", compute), kill_after_step=5))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -96,14 +111,14 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted(tiny_model_d
 
     resumed = _resume(run)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    diff = _max_diff(_adapter(tmp_path / "full"), _adapter(run))
+    diff = _max_diff(_adapter(uninterrupted[compute]), _adapter(run))
     assert diff < tol, f"resumed adapter differs from the uninterrupted one by {diff:.3g}"
     # metrics of the resumed run continue the killed run's history without duplicates
     steps = [int(l.split('"step": ')[1].split(",")[0]) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
 
 
-def test_kill_while_writing_checkpoint_leaves_previous_one_usable(tiny_model_dir, tmp_path):
+def test_kill_while_writing_checkpoint_leaves_previous_one_usable(tiny_model_dir, tmp_path, uninterrupted):
     ov = _overrides(tiny_model_dir, tmp_path, "torn", "fp32")
     torn = _run(_driver(ov, kill_in_checkpoint=4))
     assert torn.returncode == -signal.SIGKILL, torn.stderr[-3000:]
@@ -116,9 +131,7 @@ def test_kill_while_writing_checkpoint_leaves_previous_one_usable(tiny_model_dir
 
     resumed = _resume(tmp_path / "torn")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    full = _run(_driver(_overrides(tiny_model_dir, tmp_path, "full2", "fp32")))
-    assert full.returncode == 0, full.stderr[-3000:]
-    assert _max_diff(_adapter(tmp_path / "full2"), _adapter(tmp_path / "torn")) < 1e-5
+    assert _max_diff(_adapter(uninterrupted["fp32"]), _adapter(tmp_path / "torn")) < 1e-5
     assert not (ck / ".step-4.tmp").exists()
 
 
