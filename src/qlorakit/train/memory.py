@@ -41,6 +41,13 @@ ALLOCATOR_SLACK = 0.35
 # 0.78, 4 x 2048 1.04. Near the budget the fast path gives freed memory back at every layer instead
 # (FastModel._layer), which holds the peak under the budget where this falls short.
 ALLOCATOR_SLACK_RECOMPUTE = 0.8
+# ... in fp32 (CPUs without bf16 instructions), where malloc keeps far less of the freed blocks.
+# Measured on an AVX2-only AMD EPYC (bench/results/plan_avx2.md, 4 x 512-token steps), peak RSS
+# against the estimate without slack: 135M without recomputation 0.07, 0.10 and 0.15 of the working
+# set at sequence 256, 512 and 1024; the 360M shape with recomputation 0.24, 0.23 and 0.56. With the
+# bf16 fractions above the estimate was 12-18% high there
+ALLOCATOR_SLACK_FP32 = 0.2
+ALLOCATOR_SLACK_RECOMPUTE_FP32 = 0.6
 # the attention backward's score-sized buffers per (query head, query, key) of the longest segment:
 # probabilities and d-scores in bf16 (attention.py), and room for the matmuls' own workspace
 ATTENTION_BYTES = 6
@@ -329,7 +336,11 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
                                                   if not checkpointing else s.layers * tokens * 4 * s.hidden)
         p["transients (full logits and their gradient)"] = tokens * s.vocab * (2 + 4 + 4 + 4)
     # what malloc keeps of freed blocks (see ALLOCATOR_SLACK)
-    p["allocator slack (freed blocks malloc keeps)"] = (ALLOCATOR_SLACK_RECOMPUTE if checkpointing else ALLOCATOR_SLACK) * (
+    if b == 4 and fast:
+        slack = ALLOCATOR_SLACK_RECOMPUTE_FP32 if checkpointing else ALLOCATOR_SLACK_FP32
+    else:
+        slack = ALLOCATOR_SLACK_RECOMPUTE if checkpointing else ALLOCATOR_SLACK
+    p["allocator slack (freed blocks malloc keeps)"] = slack * (
         p["activations kept for the backward"] + max(v for k, v in p.items() if k.startswith("transients")))
     # loading: each tensor is read, converted to fp32 and quantized (or kept), malloc keeping part of
     # the largest conversion buffer; a .bin checkpoint is read whole first
