@@ -256,8 +256,8 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
                                  "nothing to resume")
             finished = _finished_state(run_dir)
             if finished is None or not finish:
-                why = ("it has no " + FINISHED_STATE + " (written by qlorakit versions since that file was added)"
-                       if finished is None else "finish=False was asked")
+                why = (f"it has no {FINISHED_STATE} (runs trained by earlier versions of qlorakit do not)"
+                       if finished is None else "the evaluation was not asked for (finish=False)")
                 raise TrainError(f"--resume {run_dir}: the run's training already finished (adapter/ exists), the "
                                  f"evaluation after it did not (no MODEL_CARD.md), and {why}; `qlorakit eval {run_dir}` "
                                  "evaluates the trained adapter against the base")
