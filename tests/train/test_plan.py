@@ -31,12 +31,12 @@ def test_parameter_counts_match_the_real_model(targets):
     assert s.linear_params + s.other_params == sum(p.numel() for p in model.parameters())
     from qlorakit.config import LoraConfig
     from qlorakit.lora import attach_lora, lora_parameters
-    from qlorakit.train.memory import adapted_linears
+    from qlorakit.train.plan import lora_sites
 
+    adapted = lora_sites(cfg, targets)  # before any adapter is attached, from the config alone
     names = attach_lora(model, LoraConfig(r=8, targets=targets))
     decoder = [p for n, m in model.named_modules() if n in names and not n.endswith("lm_head")
                for p in (m.lora_A.weight, m.lora_B.weight)]
-    adapted = adapted_linears(targets, s.layers)
     assert s.lora_params(8, adapted) == sum(p.numel() for p in decoder)
     if targets == ["all-linear"]:
         assert s.lora_params(8) == sum(p.numel() for p in lora_parameters(model))

@@ -158,23 +158,16 @@ def activation_bytes(config: Any, micro_batch: int, seq_len: int, bytes_per: int
 LINEAR_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def adapted_linears(targets: Any, layers: int) -> dict[str, int]:
+def adapted_linears(names: Any, layers: int) -> dict[str, int]:
     """How many of the ``layers`` decoder layers have a LoRA adapter on each linear of
-    :data:`LINEAR_KINDS`, for ``lora.targets`` as :func:`qlorakit.lora.attach_lora` reads it:
-    'all-linear' (every one), a linear's name ('q_proj': in every layer) or a module's full name
-    ('model.layers.3.mlp.down_proj': in that layer). Names of no decoder linear count nothing here."""
-    targets = [str(t) for t in (targets or [])]
-    if "all-linear" in targets:
-        return dict.fromkeys(LINEAR_KINDS, layers)
-    every = {t for t in targets if t in LINEAR_KINDS}
-    per_layer: dict[str, set[int]] = {k: set() for k in LINEAR_KINDS}
-    for t in targets:
-        parts = t.split(".")
-        if parts[-1] in LINEAR_KINDS and parts[-1] not in every and "layers" in parts[:-1]:
-            i = parts.index("layers")
-            if i + 1 < len(parts) - 1 and parts[i + 1].isdigit() and int(parts[i + 1]) < layers:
-                per_layer[parts[-1]].add(int(parts[i + 1]))
-    return {k: layers if k in every else len(per_layer[k]) for k in LINEAR_KINDS}
+    :data:`LINEAR_KINDS`, from the names of the modules LoRA is attached to (what
+    :func:`qlorakit.lora.attach_lora` returns); names of other modules (the head) count nothing here."""
+    counts = dict.fromkeys(LINEAR_KINDS, 0)
+    for name in names:
+        leaf = str(name).rsplit(".", 1)[-1]
+        if leaf in counts:
+            counts[leaf] += 1
+    return {k: min(v, layers) for k, v in counts.items()}
 
 
 @dataclass(frozen=True)

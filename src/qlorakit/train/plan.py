@@ -59,6 +59,7 @@ __all__ = [
     "plan_main",
     "compile_pays",
     "model_precision",
+    "lora_sites",
 ]
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,21 @@ def _calibration_model(shape: ModelShape, layers: int, r: int, alpha: float, dro
         p.requires_grad_(True)
     model.train()
     return model, params
+
+
+def lora_sites(config: Any, targets: Any) -> dict[str, int]:
+    """:func:`qlorakit.train.memory.adapted_linears` for ``lora.targets`` on a model of ``config``:
+    the targets are matched by :func:`qlorakit.lora.attach_lora` itself, on the model built on the
+    meta device (no memory, no weights), so the planner adapts what a run adapts, and a target list
+    that matches nothing gets the run's own error."""
+    from transformers import AutoModelForCausalLM
+
+    from ..config import LoraConfig
+    from ..lora import attach_lora
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return adapted_linears(attach_lora(model, LoraConfig(r=1, targets=list(targets))), config.num_hidden_layers)
 
 
 def _lora_shapes(shape: ModelShape, r: int, adapted: dict[str, int] | None = None) -> list[tuple[int, int]]:
@@ -408,9 +424,15 @@ def choose_memory_settings(recipe: Any, model: Any, *, seq_len: int | None = Non
     the choice its plan showed. Without them the process as it is now stands in for the baseline,
     the loaded model already in it: a larger estimate, so never a choice that fits less.
     """
+    from ..lora import lora_layers
+
     shape = ModelShape.from_config(model.config)
     t = recipe.train
     seq = seq_len or recipe.data.max_seq_len
+    # the adapters the run attached (or, before they are, the ones the recipe's targets give)
+    attached = [name for name, _ in lora_layers(model)]
+    adapted = (adapted_linears(attached, shape.layers) if attached
+               else lora_sites(model.config, recipe.lora.targets))
     steps = total_steps or t.max_steps or 100
     compile_ = compile_pays(shape, steps * t.micro_batch_size * seq * t.grad_accum)
     file_bytes = _file_bytes(folder) if folder is not None else 0.0
@@ -424,7 +446,7 @@ def choose_memory_settings(recipe: Any, model: Any, *, seq_len: int | None = Non
         e = estimate_memory(shape, micro_batch=c.micro_batch, seq_len=seq, r=recipe.lora.r, checkpointing=c.checkpointing,
                             weights=c.weights, fast=fast, baseline=base, file_bytes=file_bytes,
                             compiled=c.compile, act_bytes=c.act_bytes,
-                            adapted=adapted_linears(recipe.lora.targets, shape.layers))
+                            adapted=adapted)
         if e.peak <= budget:
             return MemoryChoice(c.checkpointing, c.weights, e, budget, True)
     return MemoryChoice(c.checkpointing, c.weights, e, budget, False)
@@ -518,18 +540,17 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
              alpha: float, dropout: float, budget_bytes: float, sample: dict[str, torch.Tensor] | None,
              total_steps: int = 0, tokens_per_step: float | None = None, gradient_checkpointing: str = "auto",
              compile_: bool | None = None, calibrate_time: bool = True, file_bytes: float = 0.0,
-             baseline: float | None = None, precision: str = "bf16", targets: Any = ("all-linear",)) -> Plan:
+             baseline: float | None = None, precision: str = "bf16", adapted: dict[str, int] | None = None) -> Plan:
     """Choose settings that fit ``budget_bytes`` and predict memory and time for them.
 
     ``sample`` is real data (input_ids, labels, position_ids) at the requested sequence length, one
     micro-batch or more rows (a typical micro-batch of them is taken, see :func:`_trim`), used for
     the time calibration; ``tokens_per_step`` is the real (non-padding) tokens of one
     optimizer step at the requested size (default: every position); ``precision`` the fast path's
-    matmul precision, "bf16" or "fp32" (CPUs without bf16 instructions); ``targets`` the recipe's
-    ``lora.targets`` (the LoRA weights, their optimizer state and activations, and the calibration
-    model's adapters follow them).
+    matmul precision, "bf16" or "fp32" (CPUs without bf16 instructions); ``adapted`` the linears
+    with LoRA (:func:`lora_sites` of the recipe's ``lora.targets``; None: every linear), which the
+    LoRA weights, their optimizer state and activations, and the calibration model's adapters follow.
     """
-    adapted = adapted_linears(targets, shape.layers)
     base = _baseline_bytes() if baseline is None else baseline
     want_tokens = micro_batch * seq_len * grad_accum
     real_step = float(tokens_per_step if tokens_per_step is not None else want_tokens)
@@ -602,7 +623,8 @@ def plan_recipe(recipe: Any, *, budget_bytes: float | None = None, calibrate_tim
                     grad_accum=t.grad_accum, r=recipe.lora.r, alpha=recipe.lora.alpha, dropout=recipe.lora.dropout,
                     budget_bytes=budget, sample=sample, total_steps=total, tokens_per_step=tokens_per_step,
                     gradient_checkpointing=t.gradient_checkpointing, calibrate_time=calibrate_time,
-                    file_bytes=_file_bytes(folder), precision=precision, targets=recipe.lora.targets)
+                    file_bytes=_file_bytes(folder), precision=precision,
+                    adapted=lora_sites(cfg, recipe.lora.targets))
 
 
 def _fmt_s(s: float | None) -> str:
