@@ -205,7 +205,8 @@ def _finished_state(run_dir: Path) -> dict[str, Any] | None:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
         obj["train_state"] = {k: obj["train_state"][k] for k in TrainState.__dataclass_fields__}
-        str(obj["data_fingerprint"])
+        if not isinstance(obj["data_fingerprint"], str):
+            raise TypeError(f"data_fingerprint is {type(obj['data_fingerprint']).__name__}, not a string")
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: not a readable end-of-training state ({type(e).__name__}: {e}); expected "
                               "the JSON written at the end of training (train_state, data_fingerprint)") from e
