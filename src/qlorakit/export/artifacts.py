@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .._gguf import shared_gguf_readers
 from ..lora import PEFT_PREFIX
 from .common import ExportError, LOSSY_GGUF_QUANTS, write_atomic
 from .gguf_file import (
@@ -509,6 +510,13 @@ def _open_ollama(out: Path, info: dict[str, Any], source: Source, runtime: str,
 
 def open_artifacts(fmt: str, out: Path, info: dict[str, Any], source: Source, *, runtime: str = "auto",
                    conversations: list[list[dict[str, str]]] | None = None) -> Opened:
+    # each GGUF file is parsed once, though its checks and transformers open it up to five times
+    with shared_gguf_readers():
+        return _open_artifacts(fmt, out, info, source, runtime, conversations)
+
+
+def _open_artifacts(fmt: str, out: Path, info: dict[str, Any], source: Source, runtime: str,
+                    conversations: list[list[dict[str, str]]] | None) -> Opened:
     if fmt == "merged":
         return _open_merged(out, info, source)
     if fmt == "peft":

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._gguf import shared_gguf_readers
 from .common import GGUF_QUANTS, LOSSY_GGUF_QUANTS, ExportError, fsync_file
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "write_lora_gguf",
     "read_gguf",
     "gguf_tensors_finite",
+    "shared_gguf_readers",
 ]
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
@@ -359,7 +361,8 @@ def read_gguf(path: str | Path) -> dict[str, Any]:
     import gguf
 
     try:
-        r = gguf.GGUFReader(str(path))
+        with shared_gguf_readers():
+            r = gguf.GGUFReader(str(path))
     except (ValueError, OSError) as e:
         raise ExportError(f"{path}: not a readable GGUF file ({e})") from e
     meta: dict[str, Any] = {}
@@ -379,7 +382,8 @@ def gguf_tensors_finite(path: str | Path) -> list[str]:
     """Names of tensors in a GGUF file that hold NaN or infinite values (dequantized)."""
     import gguf
 
-    r = gguf.GGUFReader(str(path))
+    with shared_gguf_readers():
+        r = gguf.GGUFReader(str(path))
     bad = []
     for t in r.tensors:
         vals = gguf.quants.dequantize(t.data, t.tensor_type)

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .._gguf import shared_gguf_readers
 from ..config import ModelConfig
 from ..quant import guard_linear4bit, cpu_supports_bf16
 
@@ -101,8 +102,9 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         log.info("converting %s to safetensors (once) in %s", gguf, target)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with shared_gguf_readers():  # transformers opens the file three times for the two
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         # the weights are plain fp32 now; drop the GGUF "quantization" so save_pretrained accepts them
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
