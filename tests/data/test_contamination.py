@@ -136,3 +136,15 @@ def test_eval_items_in_unspaced_scripts_are_checked(tmp_path, write_jsonl):
     assert report.counts["contaminated_records"] == 1
     (hit,) = find_contamination([read_records(train)[0]["instruction"]], index)
     assert hit.record == 0
+
+
+def test_hindi_eval_items_match_whole_words(tmp_path, write_jsonl):
+    # Hindi words were cut at their vowel signs, which were dropped: a training text with other words
+    # on the same consonants (का/की/को, भेजा/भेजी, ...) shared every "13-gram" with the question
+    question = "आपका ऑर्डर कल भेजा गया था और यह तीन दिनों में आपके घर पहुँच जाएगा, क्या ट्रैकिंग नंबर की जाँच करें?"
+    other = "आपकी ऑर्डर कल भेजी गयी थी और यह तीन दिन में आपको घर पहुँचा जाएगी, क्या ट्रैकिंग नंबर का जाँच करो?"
+    evals = write_jsonl(tmp_path / "eval_hi.jsonl", [{"question": question, "answer": "हाँ"}])
+    index = build_index([str(evals)])
+    assert len(words(question)) == 21
+    hits = find_contamination(["ग्राहक का प्रश्न: " + question, other], index)
+    assert [h.record for h in hits] == [0]

@@ -124,6 +124,34 @@ def test_unspaced_scripts_split_into_characters():
     assert normalise("退货 政策") == normalise("退货政策。") == "退 货 政 策"
 
 
+def test_words_keep_their_combining_marks():
+    # Python's re \w leaves out combining marks: Hindi words were cut at every vowel sign and virama,
+    # which were dropped, so का, की, के, को (of, of, of, to) all read as क
+    assert words("हिन्दी भाषा का की के को") == ["हिन्दी", "भाषा", "का", "की", "के", "को"]
+    assert words("বাংলা ভাষায় লেখা, தமிழ் மொழி") == ["বাংলা", "ভাষায়", "লেখা", "தமிழ்", "மொழி"]
+    assert words("ที่นี่") == ["ที่", "นี่"]  # a Thai character with its vowel and tone marks
+    assert words("e\u0301te\u0301 x² 3.14") == ["e\u0301te\u0301", "x²", "3", "14"]  # decomposed accents, numerals
+    # ASCII text takes a faster pattern: the same words as the general one
+    from qlorakit.data.dedup import _WORD
+
+    for text in ("Order #42: x_y don't -- e-mail@host.org\t(3.14)", "A\x00B\x7fC_9 __ 0x1F"):
+        assert text.isascii() and words(text) == _WORD.findall(text) != []
+
+
+def test_hindi_texts_differing_in_vowel_signs_are_not_duplicates():
+    order = "आपका ऑर्डर कल भेजा गया था और यह तीन दिनों में आपके घर पहुँच जाएगा। कृपया ट्रैकिंग नंबर की जाँच करें।"
+    # other words throughout (different vowel signs on the same consonants): an "exact duplicate" before
+    other = "आपकी ऑर्डर कल भेजी गयी थी और यह तीन दिन में आपको घर पहुँचा जाएगी। कृपया ट्रैकिंग नंबर का जाँच करो।"
+    spaced = order.replace("।", " । ").replace(" ", "  ")  # the same words, other spacing and punctuation
+    assert normalise(order) != normalise(other)
+    assert normalise(spaced) == normalise(order)
+    groups = exact_duplicates([order, other, spaced])
+    assert [(g.kind, g.members) for g in groups] == [("exact", [0, 2])]
+    assert jaccard(shingles(order), shingles(other)) < 0.2
+    edited = order.replace("तीन", "चार")  # one word changed: still a near duplicate
+    assert [g.members for g in near_duplicates([order, other, edited], 0.7)] == [[0, 2]]
+
+
 def test_near_duplicates_found_in_unspaced_scripts():
     # a run of Chinese text between two punctuation marks was one "word": two passages differing in
     # one character shared no 3-gram of such words, and no pair below was found

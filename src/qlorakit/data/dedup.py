@@ -9,7 +9,9 @@ really is at least ``threshold`` similar. Groups are the connected components of
 Words are those of :func:`words`: in scripts written without spaces between words (Chinese,
 Japanese, Thai, Lao, Khmer, Myanmar) each character counts as a word, so shingles there are
 character 3-grams; a run of Chinese text would otherwise be one "word", and two passages differing
-in one character would share no shingle.
+in one character would share no shingle. A word keeps its combining marks (the vowel signs and
+viramas of Hindi, Bengali, Tamil and the other Indic scripts, the tone marks of Thai): split at
+them, "हिन्दी" read as the three "words" ह न द, and का, की, के, को (of, of, of, to) were all क.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import unicodedata
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
+
+import regex
 
 __all__ = ["DuplicateGroup", "normalise", "shingles", "exact_duplicates", "near_duplicates", "jaccard", "lsh_params",
            "words"]
@@ -34,7 +38,10 @@ _UNSPACED = (
     "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"  # CJK ideographs
     "\U00020000-\U0003134f"  # CJK ideographs, supplementary planes
 )
-_WORD = re.compile(f"[{_UNSPACED}]|[^\\W{_UNSPACED}]+")
+# (the ``regex`` package: its \w is Unicode's word character, marks and joiners included, which
+# ``re``'s is not; \p{N} keeps the other numerals, such as superscripts, that ``re``'s \w had)
+_WORD = regex.compile(f"(?V1)[[\\w\\p{{N}}]--[{_UNSPACED}]]+|[[{_UNSPACED}]--\\p{{M}}]\\p{{M}}*")
+_ASCII_WORD = re.compile(r"[A-Za-z0-9_]+")  # the same words in ASCII text, about 3x faster
 
 
 @dataclass
@@ -45,9 +52,11 @@ class DuplicateGroup:
 
 
 def words(text: str) -> list[str]:
-    """The words of ``text`` as written (no normalisation): runs of letters and digits, and each single
-    character of a script written without spaces (Chinese, Japanese, Thai, ...); punctuation and
-    whitespace dropped."""
+    """The words of ``text`` as written (no normalisation): runs of letters, digits and their
+    combining marks, and each single character (with its marks) of a script written without spaces
+    (Chinese, Japanese, Thai, ...); punctuation and whitespace dropped."""
+    if text.isascii():  # (a flag of the string: no scan)
+        return _ASCII_WORD.findall(text)
     return _WORD.findall(text)
 
 
