@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ __all__ = ["shared_gguf_readers"]
 _GET_PARAMS = ["self", "offset", "dtype", "count", "override_order"]
 
 
+@functools.cache  # one subclass per reader class, however many blocks are entered
 def _fast_reader_class(real: type) -> type:
     """``real`` (gguf.GGUFReader) with its header parse about 3x faster (the packaged model: 5.5 -> 1.9 s
     on a 2-core CPU): the parse reads millions of small slices (a length and the bytes of each of 49k
@@ -51,7 +53,7 @@ def shared_gguf_readers() -> Iterator[None]:
     merges take it about 5.5 s on a 2-core CPU, and transformers opens a GGUF file three times to load
     a model and its tokenizer (config, tokenizer, weights), the export check twice more. Readers are
     only read from (fields, tensor views of a read-only map), so the block hands every opener of the
-    same file (path, size, modification time) the same one; ``gguf.GGUFReader`` is restored on exit
+    same file (path, inode, size, modification time) the same one; ``gguf.GGUFReader`` is restored on exit
     and the cached readers are dropped. Nested blocks share the outer one's cache."""
     import gguf
 

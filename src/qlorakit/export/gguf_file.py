@@ -38,7 +38,6 @@ __all__ = [
     "write_lora_gguf",
     "read_gguf",
     "gguf_tensors_finite",
-    "shared_gguf_readers",
 ]
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
