@@ -13,13 +13,18 @@ measured in the same run.
 
     python bench/bench_train.py                       # SmolLM2-135M, 4 x 512, r=16, dropout 0
     python bench/bench_train.py --dropout 0.05 --out bench/results/train_speed_dropout.md
+    python bench/bench_train.py --nproc 2 --out bench/results/train_speed_nproc2.md   # every side data parallel
+
+With ``--nproc N`` every side runs data parallel in N processes (torchrun, gloo): each process takes
+1/N of every step's sequences, the gradients are summed over the processes once per step (the
+all-reduce of ``qlorakit train --nproc``, on both sides), and the cores are shared equally. Peak
+RSS is then the sum of the processes' peaks, and the CPU-clock columns count every process's CPU time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -111,7 +116,11 @@ def _hf_setup(a: argparse.Namespace) -> tuple[Any, Any, list[torch.nn.Parameter]
 
 
 def worker(a: argparse.Namespace) -> None:
-    torch.set_num_threads(a.threads or os.cpu_count() or 1)
+    from qlorakit.train.distributed import local_world_size, world_from_env
+
+    group = world_from_env()  # several processes under torchrun (--nproc), else one
+    group.start(want_cuda=False)
+    torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 1) // local_world_size()))
     t0 = time.perf_counter()
     if a.side == "hf":
         model, tok, params = _hf_setup(a)
@@ -134,14 +143,20 @@ def worker(a: argparse.Namespace) -> None:
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_mb()
     batches = packed_text_batches(tok, a.seq_len, a.batch, a.warmup + a.steps)
+    if a.batch % group.world:
+        raise SystemExit(f"--batch {a.batch} does not split into {group.world} processes")
+    share = a.batch // group.world
     opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
 
     cpu_secs: list[float] = []
 
     def step(batch: dict[str, torch.Tensor]) -> tuple[float, float, int]:
         t, c = time.perf_counter(), time.process_time()
-        loss, _ = loss_of(batch)
-        loss.backward()
+        mine = {k: v[group.rank * share:(group.rank + 1) * share] for k, v in batch.items()}
+        loss, _ = loss_of(mine)  # the mean over this process's sequences; the step takes the processes' mean, as DDP does
+        (loss / group.world).backward()
+        (total,) = group.sum_grads_(params, [float(loss.detach()) / group.world])
+        loss = torch.tensor(total)
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -152,14 +167,18 @@ def worker(a: argparse.Namespace) -> None:
     timed = [step(b) for b in batches[a.warmup:]]
     tokens = sum(n for _, _, n in timed)
     secs = sum(t for t, _, _ in timed)
-    cpu = sum(cpu_secs[a.warmup:])
+    cpu = sum(group.gather(sum(cpu_secs[a.warmup:])))  # every process's CPU time
+    peaks = group.gather((rss_loaded, peak_rss_mb()))
+    group.close()
+    if not group.main:
+        return
     res = {
         "side": a.side, "tokens_per_s": tokens / secs, "tokens_per_cpu_s": tokens / cpu,
         "step_s_median": statistics.median(t for t, _, _ in timed),
         "step_s": [round(t, 3) for t, _, _ in timed], "warmup_s": [round(t, 2) for t, _, _ in warm],
         "losses": [round(x, 5) for _, x, _ in warm + timed], "load_s": round(load_s, 1),
-        "rss_after_load_mb": round(rss_loaded, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-        "tokens_timed": tokens, "threads": torch.get_num_threads(),
+        "rss_after_load_mb": round(sum(x for x, _ in peaks), 1), "peak_rss_mb": round(sum(y for _, y in peaks), 1),
+        "tokens_timed": tokens, "threads": torch.get_num_threads(), "processes": group.world,
     }
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -189,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="default", help="qlorakit model.base (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=4, help="sequences per step (one micro-batch)")
-    ap.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2 r), on all linear layers")
+    ap.add_argument("--r", "--lora-r", dest="r", type=int, default=16, help="LoRA rank (alpha = 2 r), on all linear layers")
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout, the same on every side")
     ap.add_argument("--warmup", type=int, default=2, help="steps excluded from timing on every side")
     ap.add_argument("--steps", type=int, default=10, help="timed steps on every side")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per process (default: all cores, shared "
+                    "equally by the processes)")
+    ap.add_argument("--nproc", type=int, default=1, help="processes per side, data parallel through torchrun")
     add_precision_arg(ap)
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {SIDES}")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_speed.md"))
@@ -214,13 +235,13 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     peak0 = matmul_tflops(dtype=dt)
     cpu_peak0 = matmul_tflops(clock="cpu", dtype=dt)
-    common = ["--model", a.model, "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--r", str(a.r),
+    common = ["--model", a.model, "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--lora-r", str(a.r),
               "--dropout", str(a.dropout), "--warmup", str(a.warmup), "--steps", str(a.steps),
               "--threads", str(a.threads), "--precision", a.precision]
     results = []
     for s in sides:
         print(f"running {s} ...", file=sys.stderr, flush=True)
-        r = run_worker(Path(__file__), ["--side", s, *common], timeout=3600)
+        r = run_worker(Path(__file__), ["--side", s, *common], timeout=3600, nproc=a.nproc)
         print(f"  {s}: {r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
         results.append(r)
     peak1 = matmul_tflops(dtype=dt)
@@ -234,9 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     flops_tok = model_flops_per_token(cfg)
     cmd = "python bench/bench_train.py " + " ".join(sys.argv[1:] if argv is None else argv)
     md = [
-        f"# Training speed: qlorakit vs the Hugging Face stack\n",
+        "# Training speed: qlorakit vs the Hugging Face stack\n",
         f"Command: `{cmd.strip()}`  ",
-        f"CPU: {cpu_name()}; torch {torch.__version__}, {results[0]['threads'] if results else '?'} threads; "
+        f"CPU: {cpu_name()}; torch {torch.__version__}, "
+        f"{f'{a.nproc} processes (data parallel, gloo) x ' if a.nproc > 1 else ''}"
+        f"{results[0]['threads'] if results else '?'} threads; "
         f"load average before/after {load_before[0]:.2f}/{load_after[0]:.2f}  ",
         f"Model: {a.model} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}); batch {a.batch} x {a.seq_len} "
         f"packed real text, no padding; LoRA r={a.r}, alpha={2 * a.r}, dropout {a.dropout}, all linear layers; "

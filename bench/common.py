@@ -194,10 +194,15 @@ def random_model_folder(shape: str, seed: int = 0) -> Path:
     return folder
 
 
-def run_worker(script: Path, args: list[str], timeout: float) -> dict[str, Any]:
-    """Run one side of a benchmark in its own process (so peak RSS is its own); return its JSON line."""
+def run_worker(script: Path, args: list[str], timeout: float, nproc: int = 1) -> dict[str, Any]:
+    """Run one side of a benchmark in its own process (so peak RSS is its own); return its JSON line.
+    With ``nproc`` > 1 the side runs in that many processes through torchrun (the first one reports)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    launcher = [sys.executable]
+    if nproc > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    proc = subprocess.run([*launcher, str(script), *args], capture_output=True, text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or "")[-3000:]

@@ -2,6 +2,7 @@
 
     qlorakit train [RECIPE.yaml] [key=value ...]     fine-tune (no arguments: the default recipe)
     qlorakit train --resume RUN_DIR                  continue from the latest checkpoint
+    qlorakit train --nproc N ...                     train data parallel in N processes (torchrun)
     qlorakit generate RUN_DIR "prompt"               one answer from the tuned model
     qlorakit chat RUN_DIR                            a terminal chat with the tuned model
     qlorakit plan [RECIPE.yaml] [key=value ...]      predicted memory and time of a run
@@ -20,6 +21,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "USER_ERRORS", "number_arg"]
@@ -41,9 +43,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .lora import AdapterError
     from .models import ModelError
     from .train import CheckpointError, RunError, TrainError
+    from .train.distributed import DistributedError
 
     errs: list[type[BaseException]] = [RecipeError, DataError, ModelError, AdapterError, TrainError, RunError,
-                                       CheckpointError]
+                                       CheckpointError, DistributedError]
     for mod, name in (("qlorakit.export", "ExportError"), ("qlorakit.eval.cli", "EvalError")):
         try:
             errs.append(getattr(importlib.import_module(mod), name))
@@ -74,11 +77,16 @@ def _train(argv: list[str]) -> int:
     p.add_argument("items", nargs="*", help="an optional RECIPE.yaml, then key=value overrides (e.g. train.lr=1e-4)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint (or, "
                    "when its training finished and the evaluation after it did not, run that evaluation)")
+    p.add_argument("--nproc", type=number_arg(int, 1), default=1, metavar="N",
+                   help="train data parallel in N processes on this machine (through torchrun; the same as "
+                   "'torchrun --nproc-per-node N -m qlorakit train ...'): a step then takes N x train.grad_accum "
+                   "micro-batches, and the cores and the memory budget are shared among the processes")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     _quiet_libraries(a.verbose)
     from .config import load_recipe
     from .train import train
+    from .train.distributed import launch, world_from_env
 
     path = None
     overrides = list(a.items)
@@ -87,13 +95,40 @@ def _train(argv: list[str]) -> int:
     bad = [o for o in overrides if "=" not in o]
     if bad:
         p.error(f"expected key=value overrides after the recipe, got {bad}")
+    if a.resume and path:
+        p.error("--resume takes the recipe from the run folder; give only key=value overrides")
+    group = world_from_env()
+    if a.nproc > 1:
+        if group.active:
+            p.error(f"--nproc {a.nproc}: this process is already one of {group.world} started by torchrun")
+        if a.resume:
+            if not (Path(a.resume) / "recipe.yaml").is_file():
+                p.error(f"--resume {a.resume}: no recipe.yaml there; expected a run folder")
+            load_recipe(Path(a.resume) / "recipe.yaml", overrides)  # a bad override fails here, once
+        else:
+            from .train.loop import check_output_dir
+
+            check_output_dir(load_recipe(path, overrides))
+        return launch(a.nproc, ["train", *_without_nproc(argv)])
+    if not group.main:  # one process of several: the first one reports
+        logging.getLogger("qlorakit").setLevel(logging.ERROR)
     if a.resume:
-        if path:
-            p.error("--resume takes the recipe from the run folder; give only key=value overrides")
         train(resume=a.resume, overrides=overrides)
     else:
         train(load_recipe(path, overrides))
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--nproc":
+            skip = True
+        elif not x.startswith("--nproc="):
+            out.append(x)
+    return out
 
 
 def number_arg(kind: type, low: float, *, above: bool = False, high: float | None = None) -> Callable[[str], Any]:
@@ -245,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(cmd, rest)
     except _user_errors() as e:
-        print(f"qlorakit {cmd}: error: {e}", file=sys.stderr)
+        who = f" (process {os.environ['RANK']})" if os.environ.get("RANK", "0") != "0" else ""  # under torchrun
+        print(f"qlorakit {cmd}{who}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"qlorakit {cmd}: interrupted", file=sys.stderr)

@@ -113,7 +113,7 @@ class TrainConfig:
     epochs: float = _f(3.0, "Passes over the training data.")
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
     micro_batch_size: int = _f(4, "Sequences per forward pass.")
-    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step (per process: with N processes a step takes N x this).")
     lr: float = _f(2e-4, "Peak learning rate (AdamW).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     betas: list[float] = _f([0.9, 0.999], "AdamW betas.")
@@ -127,13 +127,13 @@ class TrainConfig:
         None,
         "Memory budget (GB) the run is fitted to: checkpointing ('auto') and the base weights' form are "
         "chosen to fit it; `qlorakit plan` also picks a micro-batch and sequence length that do. "
-        "Default: 80% of available RAM.",
+        "Default: 80% of available RAM. Several training processes on one machine (--nproc) share it equally.",
     )
     fast: bool = _f(True, "Use the fast path on the CPU and on CUDA (cached base weights in the compute dtype, fused LoRA, chunked loss).")
     log_every: int = _f(1, "Write a metrics line every N optimizer steps.")
     checkpoint_every: int = _f(50, "Write a resumable checkpoint every N optimizer steps; 0 turns it off.")
     keep_checkpoints: int = _f(2, "How many checkpoints to keep.")
-    threads: int | None = _f(None, "Torch threads; default: all cores.")
+    threads: int | None = _f(None, "Torch threads per process; default: all cores, shared equally by the training processes on this machine.")
     progress: bool = _f(True, "Show a progress bar.")
 
 

@@ -133,7 +133,10 @@ def heldout_loss(model: torch.nn.Module, loaded: LoadedModel, rows: list[Row], b
 
 
 def _set_threads(recipe: Recipe) -> None:
-    n = recipe.train.threads or os.cpu_count() or 1
+    """``train.threads``, or the cores shared equally among this machine's training processes."""
+    from .distributed import local_world_size
+
+    n = recipe.train.threads or max(1, (os.cpu_count() or 1) // local_world_size())
     torch.set_num_threads(n)
 
 
@@ -213,7 +216,7 @@ def _finished_state(run_dir: Path) -> dict[str, Any] | None:
     return obj
 
 
-def _check_output_dir(recipe: Recipe) -> None:
+def check_output_dir(recipe: Recipe) -> None:
     """Fail before any work when the run folder cannot be made, or (with a fixed name) is taken."""
     out = Path(recipe.output_dir)
     if out.exists() and not out.is_dir():
@@ -235,7 +238,15 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
     """Fine-tune; return the run folder. ``resume`` continues the run folder's latest checkpoint.
 
     ``finish=False`` skips the end-of-run evaluation and report (used by tests and benchmarks).
+
+    Started by torchrun (``WORLD_SIZE`` > 1), the processes train data parallel
+    (:mod:`qlorakit.train.distributed`): a step takes ``grad_accum`` micro-batches on each process,
+    and only the first process writes the run folder and evaluates. Other processes return the run
+    folder when training ends.
     """
+    from .distributed import world_from_env
+
+    group = world_from_env()
     if resume is not None:
         run_dir = Path(resume)
         rpath = run_dir / "recipe.yaml"
@@ -267,17 +278,25 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
             ckpt = latest_checkpoint(run_dir / "checkpoints")
             if ckpt is None:
                 raise TrainError(f"--resume {run_dir}: no checkpoint yet (checkpoints/LATEST is missing); start it again")
-        if changed:  # the run folder's recipe is the one the rest of the run follows
+        if changed and group.main:  # the run folder's recipe is the one the rest of the run follows
             log.warning("resuming %s with %s changed", run_dir, ", ".join(changed))
             write_atomic(rpath, dump_recipe(recipe))
     else:
         recipe = recipe or load_recipe(None, overrides)
         run_dir = None
         ckpt = finished = None
-        _check_output_dir(recipe)
+        if group.main:  # the others wait for its run folder (below)
+            check_output_dir(recipe)
 
+    from ..models.loader import pick_device
+
+    group.start(want_cuda=pick_device(recipe.model).type == "cuda")
     _set_threads(recipe)
     _seed_all(recipe.seed)
+    if group.active:  # a .gguf base is converted once per machine, by its first process, while the others wait
+        if group.local_rank == 0:
+            resolve_base(recipe.model.base)
+        group.barrier()
     # data first: bad data or a blocking licence fails in seconds, before the model loads
     folder, _ = resolve_base(recipe.model.base)
     data = prepare_data(recipe.data, load_tokenizer(folder), recipe.seed)
@@ -292,21 +311,26 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
     model = loaded.model
     torch.manual_seed(recipe.seed)  # LoRA initialisation depends on the seed only
     targets = attach_lora(model, recipe.lora)
+    if group.rank:  # every other process draws its own dropout keys (the first one those of a single process)
+        _seed_all(recipe.seed + 7919 * group.rank)
 
     if run_dir is None:
-        run_dir = Path(recipe.output_dir) / _run_name(recipe, loaded.name)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise TrainError(f"{run_dir} exists; pick another name or continue it with --resume {run_dir}")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
-        write_atomic(run_dir / "data_manifest.json", json.dumps(ledger, indent=2, default=str) + "\n")
+        if group.main:
+            run_dir = Path(recipe.output_dir) / _run_name(recipe, loaded.name)
+            if run_dir.exists() and any(run_dir.iterdir()):
+                raise TrainError(f"{run_dir} exists; pick another name or continue it with --resume {run_dir}")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
+            write_atomic(run_dir / "data_manifest.json", json.dumps(ledger, indent=2, default=str) + "\n")
+        run_dir = Path(group.broadcast(str(run_dir) if run_dir is not None else None))
 
     params = lora_parameters(model)
     for p in params:
         p.requires_grad_(True)
     t = recipe.train
     sched_data = BatchSchedule(len(data.train_rows), t.micro_batch_size, recipe.seed)
-    steps_per_epoch = math.ceil(sched_data.batches_per_epoch / t.grad_accum)
+    per_step = t.grad_accum * group.world  # micro-batches an optimizer step takes, over all processes
+    steps_per_epoch = math.ceil(sched_data.batches_per_epoch / per_step)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     # checkpointing and the base weights' form: the choice `qlorakit plan` shows for these settings
     from .fast import fast_path_runs
@@ -339,6 +363,11 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
         from ..lora import AdapterError, load_lora_state_dict, read_adapter_weights
 
         st = load_checkpoint_state(ckpt)
+        if st.get("world_size", 1) != group.world:
+            raise CheckpointError(
+                f"{ckpt}: trained by {st.get('world_size', 1)} process(es), resumed by {group.world}; a step's "
+                f"batch depends on the number of processes, so resume it with {st.get('world_size', 1)} "
+                f"(qlorakit train --nproc {st.get('world_size', 1)} --resume {run_dir})")
         if st["data_fingerprint"] != fingerprint:
             raise CheckpointError(
                 f"{ckpt}: the training data differs from the data this checkpoint was trained on; "
@@ -355,8 +384,9 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         state = TrainState(**st["train_state"])
-        set_rng_state(st["rng"])
-        _truncate_metrics(metrics_path, state.step)
+        set_rng_state(st["rng_ranks"][group.rank] if "rng_ranks" in st else st["rng"])
+        if group.main:
+            _truncate_metrics(metrics_path, state.step)
         log.info("resumed %s at step %d", ckpt, state.step)
 
     if finished is not None:
@@ -378,21 +408,22 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
         save_adapter(model, folder, recipe.lora, base_name=loaded.name, metadata=ledger.get("adapter_metadata"))
 
     pad = loaded.tokenizer.pad_token_id
-    bar = _progress(total_steps, state.step, t.progress)
+    bar = _progress(total_steps, state.step, t.progress and group.main)
     window_t, window_tok = time.perf_counter(), 0
     try:
         while state.step < total_steps:
             t0 = time.perf_counter()
-            micro = [sched_data.batch(state.micro + k) for k in range(t.grad_accum)]
-            rows = [[data.train_rows[i] for i in idx] for idx in micro]
+            micro = [sched_data.batch(state.micro + k) for k in range(per_step)]
+            rows = [[data.train_rows[i] for i in idx] for idx in micro]  # the step's, over all processes
             n_loss = sum(r.n_loss_tokens for rs in rows for r in rs)
             step_loss = 0.0
-            for rs in rows:
+            for rs in rows[group.rank * t.grad_accum:(group.rank + 1) * t.grad_accum]:  # this process's share
                 batch = {k: v.to(loaded.device) for k, v in collate(rs, pad).items()}
                 with autocast_ctx(loaded):
                     s, _ = loss_fn(model, batch)
                 (s / max(1, n_loss)).backward()
                 step_loss += float(s.detach())
+            (step_loss,) = group.sum_grads_(params, [step_loss])
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm if t.max_grad_norm > 0 else float("inf")))
             lr = float(opt.param_groups[0]["lr"])  # the rate this step uses (the scheduler then sets the next)
             opt.step()
@@ -400,13 +431,13 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
             opt.zero_grad(set_to_none=True)
             real = sum(r.n_real for rs in rows for r in rs)
             state.step += 1
-            state.micro += t.grad_accum
+            state.micro += per_step
             state.tokens += real
             dt = time.perf_counter() - t0
             state.elapsed += dt
             window_tok += real
             loss = step_loss / max(1, n_loss)
-            if state.step % t.log_every == 0 or state.step == total_steps:
+            if group.main and (state.step % t.log_every == 0 or state.step == total_steps):
                 now = time.perf_counter()
                 tps = window_tok / max(1e-9, now - window_t)
                 window_t, window_tok = now, 0
@@ -420,16 +451,26 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
                 bar.set_postfix_str(f"loss {loss:.3f}, {tps:.0f} tok/s", refresh=False)
             bar.update(1)
             if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < total_steps:
-                save_checkpoint(run_dir / "checkpoints", state.step, write_adapter, {
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "train_state": state.__dict__.copy(), "rng": rng_state(),
-                    "data_fingerprint": fingerprint, "total_steps": total_steps,
-                }, t.keep_checkpoints)
+                rngs = group.gather(rng_state())  # every process's, to resume each exactly
+                if group.main:
+                    save_checkpoint(run_dir / "checkpoints", state.step, write_adapter, {
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "train_state": state.__dict__.copy(), "rng": rngs[0],
+                        **({"rng_ranks": rngs} if group.active else {}), "world_size": group.world,
+                        "data_fingerprint": fingerprint, "total_steps": total_steps,
+                    }, t.keep_checkpoints)
             if on_step is not None:
                 on_step(state)
     finally:
         bar.close()
 
+    if group.active:
+        group.barrier()  # every process has trained every step
+        group.close()
+        if not group.main:
+            return run_dir
+        # the others are done: the evaluation after training takes this machine's cores
+        torch.set_num_threads(recipe.train.threads or os.cpu_count() or 1)
     if use_gc:
         model.gradient_checkpointing_disable()
     if finished is None:
@@ -453,5 +494,6 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
         # the optimizer's state goes first, and the evaluation sizes its buffers to what is left
         cap = min(mem.budget_bytes, max(mem.estimate.peak, peak_rss_mb() * 2**20))
         del opt, sched
-        finish_run(run_dir, recipe, loaded, model, data, ledger, state, targets, loss_fn=loss_fn, memory_cap=cap)
+        finish_run(run_dir, recipe, loaded, model, data, ledger, state, targets, loss_fn=loss_fn, memory_cap=cap,
+                   processes=group.world)
     return run_dir

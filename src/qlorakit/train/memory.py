@@ -134,8 +134,12 @@ def mmap_threshold(nbytes: int) -> Iterator[None]:
 
 
 def memory_budget_bytes(recipe: Any) -> float:
+    """The budget of one training process: ``train.memory_budget_gb`` (or 0.8 of the memory available
+    now), shared equally by the training processes on this machine (torchrun's LOCAL_WORLD_SIZE)."""
+    from .distributed import local_world_size
+
     gb = recipe.train.memory_budget_gb
-    return gb * 2**30 if gb else 0.8 * available_memory_bytes()
+    return (gb * 2**30 if gb else 0.8 * available_memory_bytes()) / local_world_size()
 
 
 def activation_bytes(config: Any, micro_batch: int, seq_len: int, bytes_per: int = 2) -> float:

@@ -92,8 +92,9 @@ def _free_training_memory(loss_fn: Any) -> None:
 
 def finish_run(run_dir: Path, recipe: Recipe, loaded: LoadedModel, model: torch.nn.Module, data: PreparedData,
                ledger: dict[str, Any], state: Any, targets: list[str], *, loss_fn: Any = None,
-               memory_cap: float | None = None) -> dict[str, Any]:
+               memory_cap: float | None = None, processes: int = 1) -> dict[str, Any]:
     """Held-out loss of base and tuned, sample generations, the short gate and the model card.
+    ``processes``: how many processes trained the run, data parallel.
 
     ``loss_fn``: the training's loss function (the fast path's, which computes the held-out loss
     in the memory training took; released afterwards); the recipe's plain choice when None.
@@ -131,7 +132,7 @@ def finish_run(run_dir: Path, recipe: Recipe, loaded: LoadedModel, model: torch.
                         "base_ppl": float(torch.tensor(base_loss).exp()), "tuned_ppl": float(torch.tensor(tuned_loss).exp())},
             "samples": samples,
             "train": {"steps": state.step, "tokens": state.tokens, "seconds": round(state.elapsed, 1),
-                      "tokens_per_s": round(state.tokens / max(1e-9, state.elapsed), 1)},
+                      "tokens_per_s": round(state.tokens / max(1e-9, state.elapsed), 1), "processes": processes},
             "eval_seconds": round(time.perf_counter() - t0, 1),
         }
         (run_dir / "eval").mkdir(exist_ok=True)
@@ -209,7 +210,8 @@ def write_model_card(run_dir: Path, recipe: Recipe, loaded: LoadedModel, data: P
         "",
         f"- LoRA rank {recipe.lora.r}, alpha {recipe.lora.alpha:g}, dropout {recipe.lora.dropout:g}, "
         f"on {len(targets)} layers ({', '.join(leaves)})",
-        f"- {tr['steps']} steps, {tr['tokens']} tokens, {tr['seconds']} s ({tr['tokens_per_s']} tokens/s), "
+        f"- {tr['steps']} steps, {tr['tokens']} tokens, {tr['seconds']} s ({tr['tokens_per_s']} tokens/s"
+        f"{', data parallel in %d processes' % tr['processes'] if tr.get('processes', 1) > 1 else ''}), "
         f"learning rate {recipe.train.lr:g} ({recipe.train.schedule}), sequence length {recipe.data.max_seq_len}, "
         f"compute {str(loaded.compute_dtype).replace('torch.', '')}",
         f"- {len(data.train_examples)} training examples packed into {len(data.train_rows)} sequences; "
