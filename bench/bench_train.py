@@ -116,11 +116,11 @@ def _hf_setup(a: argparse.Namespace) -> tuple[Any, Any, list[torch.nn.Parameter]
 
 
 def worker(a: argparse.Namespace) -> None:
-    from qlorakit.train.distributed import local_world_size, world_from_env
+    from qlorakit.train.distributed import cores_per_process, world_from_env
 
     group = world_from_env()  # several processes under torchrun (--nproc), else one
     group.start(want_cuda=False)
-    torch.set_num_threads(a.threads or max(1, (os.cpu_count() or 1) // local_world_size()))
+    torch.set_num_threads(a.threads or cores_per_process())
     t0 = time.perf_counter()
     if a.side == "hf":
         model, tok, params = _hf_setup(a)

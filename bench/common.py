@@ -200,7 +200,9 @@ def run_worker(script: Path, args: list[str], timeout: float, nproc: int = 1) ->
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     launcher = [sys.executable]
     if nproc > 1:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        from qlorakit.train.distributed import cores_per_process
+
+        env.setdefault("OMP_NUM_THREADS", str(cores_per_process(nproc)))
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     proc = subprocess.run([*launcher, str(script), *args], capture_output=True, text=True, timeout=timeout, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

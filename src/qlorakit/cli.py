@@ -21,7 +21,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "USER_ERRORS", "number_arg"]
@@ -101,15 +100,15 @@ def _train(argv: list[str]) -> int:
     if a.nproc > 1:
         if group.active:
             p.error(f"--nproc {a.nproc}: this process is already one of {group.world} started by torchrun")
-        if a.resume:
-            if not (Path(a.resume) / "recipe.yaml").is_file():
-                p.error(f"--resume {a.resume}: no recipe.yaml there; expected a run folder")
-            load_recipe(Path(a.resume) / "recipe.yaml", overrides)  # a bad override fails here, once
-        else:
-            from .train.loop import check_output_dir
+        from .train.loop import check_output_dir, resumed_recipe
 
+        # a bad override, run folder or output_dir fails here, once, before any process starts
+        if a.resume:
+            resumed_recipe(a.resume, overrides)
+        else:
             check_output_dir(load_recipe(path, overrides))
-        return launch(a.nproc, ["train", *_without_nproc(argv)])
+        again = [*a.items, *(["--resume", a.resume] if a.resume else []), *(["-v"] if a.verbose else [])]
+        return launch(a.nproc, ["train", *again])
     if not group.main:  # one process of several: the first one reports
         logging.getLogger("qlorakit").setLevel(logging.ERROR)
     if a.resume:
@@ -117,18 +116,6 @@ def _train(argv: list[str]) -> int:
     else:
         train(load_recipe(path, overrides))
     return 0
-
-
-def _without_nproc(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for x in argv:
-        if skip:
-            skip = False
-        elif x == "--nproc":
-            skip = True
-        elif not x.startswith("--nproc="):
-            out.append(x)
-    return out
 
 
 def number_arg(kind: type, low: float, *, above: bool = False, high: float | None = None) -> Callable[[str], Any]:

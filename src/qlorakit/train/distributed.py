@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DistributedError", "ProcessGroup", "world_from_env", "local_world_size", "launch"]
+__all__ = ["DistributedError", "ProcessGroup", "world_from_env", "local_world_size", "cores_per_process", "launch"]
 
 
 class DistributedError(RuntimeError):
@@ -42,6 +42,11 @@ def _env_int(name: str, default: int) -> int:
 def local_world_size() -> int:
     """Processes of this run on this machine (1 outside torchrun)."""
     return max(1, _env_int("LOCAL_WORLD_SIZE", _env_int("WORLD_SIZE", 1)))
+
+
+def cores_per_process(nproc: int | None = None) -> int:
+    """This machine's cores shared equally by ``nproc`` processes (default: this run's processes here)."""
+    return max(1, (os.cpu_count() or 1) // (nproc or local_world_size()))
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
 
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(cores_per_process(nproc)))
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "qlorakit", *argv])
     args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     config, cmd, cmd_args = config_from_args(args)

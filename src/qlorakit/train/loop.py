@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..config import Recipe, dump_recipe, load_recipe, recipe_to_dict
-from ..data import BatchSchedule, PreparedData, Row, collate, no_pack, prepare_data
+from ..data import BatchSchedule, Row, collate, prepare_data
 from ..lora import attach_lora, lora_parameters, save_adapter
 from ..models import LoadedModel, load_base_model, load_tokenizer, resolve_base
 from .checkpoint import (
@@ -134,10 +134,9 @@ def heldout_loss(model: torch.nn.Module, loaded: LoadedModel, rows: list[Row], b
 
 def _set_threads(recipe: Recipe) -> None:
     """``train.threads``, or the cores shared equally among this machine's training processes."""
-    from .distributed import local_world_size
+    from .distributed import cores_per_process
 
-    n = recipe.train.threads or max(1, (os.cpu_count() or 1) // local_world_size())
-    torch.set_num_threads(n)
+    torch.set_num_threads(recipe.train.threads or cores_per_process())
 
 
 def _seed_all(seed: int) -> None:
@@ -216,6 +215,14 @@ def _finished_state(run_dir: Path) -> dict[str, Any] | None:
     return obj
 
 
+def resumed_recipe(run_dir: Path, overrides: list[str] = ()) -> Recipe:
+    """The recipe a resumed run follows: the run folder's, with ``overrides``."""
+    rpath = Path(run_dir) / "recipe.yaml"
+    if not rpath.is_file():
+        raise TrainError(f"--resume {run_dir}: no recipe.yaml there; expected a run folder")
+    return load_recipe(rpath, overrides)
+
+
 def check_output_dir(recipe: Recipe) -> None:
     """Fail before any work when the run folder cannot be made, or (with a fixed name) is taken."""
     out = Path(recipe.output_dir)
@@ -244,15 +251,13 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
     and only the first process writes the run folder and evaluates. Other processes return the run
     folder when training ends.
     """
-    from .distributed import world_from_env
+    from .distributed import cores_per_process, world_from_env
 
     group = world_from_env()
     if resume is not None:
         run_dir = Path(resume)
         rpath = run_dir / "recipe.yaml"
-        if not rpath.is_file():
-            raise TrainError(f"--resume {run_dir}: no recipe.yaml there; expected a run folder")
-        recipe = load_recipe(rpath, overrides)
+        recipe = resumed_recipe(run_dir, overrides)
         saved = load_recipe(rpath)
         changed = _changed_keys(saved, recipe)
         fixed = [k for k in changed if not k.startswith(RESUME_MAY_CHANGE)]
@@ -293,12 +298,14 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
     group.start(want_cuda=pick_device(recipe.model).type == "cuda")
     _set_threads(recipe)
     _seed_all(recipe.seed)
-    if group.active:  # a .gguf base is converted once per machine, by its first process, while the others wait
-        if group.local_rank == 0:
-            resolve_base(recipe.model.base)
-        group.barrier()
+    # a .gguf base is converted once per machine, by its first process, while the others wait
+    first_here = group.local_rank == 0
+    if first_here:
+        folder, _ = resolve_base(recipe.model.base)
+    group.barrier()
+    if not first_here:
+        folder, _ = resolve_base(recipe.model.base)
     # data first: bad data or a blocking licence fails in seconds, before the model loads
-    folder, _ = resolve_base(recipe.model.base)
     data = prepare_data(recipe.data, load_tokenizer(folder), recipe.seed)
 
     from ..data.ledger_hook import build_run_ledger
@@ -470,7 +477,7 @@ def train(recipe: Recipe | None = None, *, resume: str | Path | None = None, ove
         if not group.main:
             return run_dir
         # the others are done: the evaluation after training takes this machine's cores
-        torch.set_num_threads(recipe.train.threads or os.cpu_count() or 1)
+        torch.set_num_threads(recipe.train.threads or cores_per_process(1))
     if use_gc:
         model.gradient_checkpointing_disable()
     if finished is None:
