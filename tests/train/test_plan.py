@@ -182,11 +182,67 @@ def test_plan_command_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert rc == 1 and "DOES NOT FIT" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_a_run_chooses_what_its_plan_showed(tiny_model_dir, monkeypatch, precision):
+def test_plan_for_several_processes(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`qlorakit plan --nproc 2` plans what `qlorakit train --nproc 2` runs: each process gets half the
+    budget and its share of the cores (the calibration runs with that many threads), a step holds
+    both processes' tokens, an epoch half the steps; the command it prints says --nproc 2."""
+    import os
+    import shlex
+
+    from qlorakit.config import load_recipe
+    from qlorakit.train import plan as plan_mod
+
+    import multiprocessing
+
+    seen_threads, seen_others = [], []
+    real = plan_mod.calibrate
+
+    def spy(*args, **kw):
+        seen_threads.append(torch.get_num_threads())
+        # the other process trains alongside the calibration, and has run its first round already
+        seen_others.append(sum(p.is_alive() for p in multiprocessing.active_children()))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(plan_mod, "calibrate", spy)
+    threads_before = torch.get_num_threads()
+    args = [f"model.base={tiny_model_dir}", "data.max_seq_len=128", "train.micro_batch_size=2", "train.epochs=1"]
+    plans = {}
+    for n in (1, 2):
+        out = tmp_path / f"plan{n}.json"
+        assert plan_main([*args, "--budget-gb", "8", "--nproc", str(n), "--json", str(out)]) == 0
+        plans[n] = (json.loads(out.read_text()), capsys.readouterr().out)
+    (one, _), (two, text) = plans[1], plans[2]
+    assert seen_threads == [max(1, (os.cpu_count() or 1) // n) for n in (1, 2)]
+    assert seen_others == [0, 1] and not multiprocessing.active_children()  # and it is gone after
+    assert torch.get_num_threads() == threads_before  # the calibration's thread count is put back
+    assert (one["processes"], two["processes"]) == (1, 2) and two["threads"] == seen_threads[1]
+    assert two["budget_bytes"] == one["budget_bytes"] == 8 * GB
+    assert two["tokens_per_step"] == pytest.approx(2 * one["tokens_per_step"])
+    assert two["total_steps"] == -(-one["total_steps"] // 2) and one["total_steps"] >= 2
+    assert two["tokens_per_s"] == pytest.approx(two["tokens_per_step"] / two["step_s"])
+    assert "per process" in text and "2 processes" in text
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("to run it"))
+    words = shlex.split(line.split("to run it", 1)[1])
+    assert words[:4] == ["qlorakit", "train", "--nproc", "2"]
+    run = load_recipe(None, words[4:])
+    assert run.train.memory_budget_gb * GB == pytest.approx(8 * GB)  # the machine's budget; train halves it
+    # half the budget for each process: a budget that fits one process's plan does not fit two
+    monkeypatch.setattr(plan_mod, "_baseline_bytes", lambda: 0.3 * GB)  # the same process baseline each time
+    recipe = load_recipe(None, [*args, "train.gradient_checkpointing=off"])
+    need = plan_mod.plan_recipe(recipe, budget_bytes=64 * GB, calibrate_time=False).peak_bytes
+    fit_one, fit_two = (plan_mod.plan_recipe(recipe, budget_bytes=need * 1.01, calibrate_time=False, processes=n)
+                        for n in (1, 2))
+    assert fit_one.fits and not fit_two.fits and fit_two.peak_bytes > need * 1.01 / 2
+    assert plan_main([*args, "--nproc", "0", "--no-calibrate"]) == 2
+    assert "--nproc must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision,nproc", [("bf16", 1), ("fp32", 1), ("bf16", 2)])
+def test_a_run_chooses_what_its_plan_showed(tiny_model_dir, monkeypatch, precision, nproc):
     """`qlorakit train` takes checkpointing and the base weights' form from the same candidates and
     the same estimate as `qlorakit plan`, at every budget from roomy to too small, in either
-    precision of the fast path."""
+    precision of the fast path, and in each process of a data parallel run (`plan --nproc 2`,
+    `train --nproc 2`: the processes share the budget)."""
     from transformers import AutoConfig
 
     from qlorakit.train import memory
@@ -194,6 +250,7 @@ def test_a_run_chooses_what_its_plan_showed(tiny_model_dir, monkeypatch, precisi
     # the tiny model's evaluation after training (a fixed overhead) would outweigh every training
     # candidate; without it the candidates' own peaks decide, as they do for real models
     monkeypatch.setattr(memory, "EVAL_OVERHEAD", 0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(nproc))  # what torchrun tells each training process
 
     from qlorakit.config import load_recipe
     from qlorakit.models import load_base_model
@@ -206,7 +263,7 @@ def test_a_run_chooses_what_its_plan_showed(tiny_model_dir, monkeypatch, precisi
     base, seq, mb = 300e6, 96, 4
     common = dict(model_name="tiny", micro_batch=mb, seq_len=seq, grad_accum=1, r=16, alpha=32, dropout=0.0,
                   sample=None, total_steps=50, calibrate_time=False, file_bytes=_file_bytes(tiny_model_dir),
-                  baseline=base, precision=precision)
+                  baseline=base, precision=precision, processes=nproc)
     from qlorakit.train.plan import _memory
 
     # budgets at and just under each candidate's predicted peak at the recipe's micro-batch
@@ -214,8 +271,9 @@ def test_a_run_chooses_what_its_plan_showed(tiny_model_dir, monkeypatch, precisi
              for c in _candidates(mb, seq, 1, "auto", False, precision)[:4]]
     assert len(set(peaks)) == 4
     seen = set()
-    for budget in sorted({x * f for x in peaks for f in (1.0, 0.999)}):
+    for budget in sorted({nproc * x * f for x in peaks for f in (1.0, 0.999)}):
         p = plan_run(shape, budget_bytes=budget, **common)
+        assert p.fits == (p.peak_bytes <= budget / nproc)
         if p.settings.micro_batch != mb:
             continue  # the run keeps the recipe's micro-batch; the plan's command sets the smaller one
         recipe = load_recipe(None, [f"model.base={tiny_model_dir}", f"data.max_seq_len={seq}", "train.max_steps=50",

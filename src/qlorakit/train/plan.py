@@ -17,6 +17,11 @@ step), then shorter sequences.
 
     qlorakit plan                                   # the default recipe
     qlorakit plan my.yaml train.micro_batch_size=8 --budget-gb 4
+    qlorakit plan --nproc 2                         # data parallel in 2 processes (qlorakit train --nproc 2)
+
+With ``--nproc N`` the settings are one process's: each gets its share of the budget and of the
+cores (its thread count is what the calibration runs with) and trains ``train.grad_accum``
+micro-batches of every step, so a step holds N times the tokens.
 """
 
 from __future__ import annotations
@@ -144,6 +149,15 @@ class Plan:
     calibration: dict[str, Any] | None = None
     tried: list[str] = field(default_factory=list)
     asked_seq_len: int = 0  # the sequence length planned for (the chosen one may be shorter)
+    # data parallel training (``qlorakit train --nproc N``): each of ``processes`` processes on this
+    # machine trains ``settings`` (its share of every step) within ``budget_bytes / processes`` and
+    # ``threads`` threads; memory figures are one process's, tokens per step and per second all of them
+    processes: int = 1
+    threads: int = 0
+
+    @property
+    def process_budget_bytes(self) -> float:
+        return self.budget_bytes / self.processes
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -343,8 +357,83 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
     return Calibration(fixed_s, layer_s, head_s, opt_s, tokens, n_loss, compile_s)
 
 
+OTHER_PROCESS_READY_S = 600.0  # how long the calibration waits for the other processes' first step
+
+
+def _other_process(shape: ModelShape, batch: dict[str, torch.Tensor], r: int, alpha: float, dropout: float,
+                   settings: Settings, adapted: dict[str, int] | None, threads: int, ready: Any, stop: Any) -> None:
+    """The work of one more training process of a data parallel run, for as long as the calibration
+    times the first: the model's layers (up to :data:`CALIBRATION_LAYERS` of them) and the output
+    head, forward and backward, on the same micro-batch with the same threads. ``ready`` is set once
+    the first round has run (the model is built and its kernels warm)."""
+    from .fast import FastModel, FastOptions, fused_head_loss
+
+    torch.set_num_threads(threads)
+    opts = FastOptions(weights=settings.weights, checkpointing=settings.checkpointing, compile=settings.compile,
+                       dtype=settings.dtype)
+    model, _ = _calibration_model(shape, min(CALIBRATION_LAYERS, shape.layers), r, alpha, dropout, seed=1,
+                                  dtype=settings.dtype, adapted=adapted)
+    fm = FastModel(model, opts, pad_token_id=None)
+    vocab_batch = dict(batch, input_ids=batch["input_ids"] % 256)
+    n = int(batch["input_ids"].numel())
+    w = (torch.randn(shape.vocab, shape.hidden) * 0.02).to(settings.dtype)
+    tgt = torch.randint(0, shape.vocab, (n,))
+    while not stop.is_set():
+        h, _ = fm.hidden(vocab_batch)
+        h.float().sum().backward()
+        x = torch.randn(n, shape.hidden).to(settings.dtype).requires_grad_(True)
+        fused_head_loss(x, w, tgt, opts.loss_chunk, compiled=settings.compile).backward()
+        ready.set()
+
+
+class _OtherProcesses:
+    """``count`` more processes doing a training process's work (:func:`_other_process`) while the
+    block runs: processes of one machine contend for its memory bandwidth and caches (and, where its
+    cores are hyperthreads, for the cores themselves), so one process timed alone on an idle machine
+    predicted the step of two processes on a 2-core machine 27% short."""
+
+    def __init__(self, count: int, *args: Any) -> None:
+        self.count, self.args, self.procs = count, args, []
+
+    def __enter__(self) -> "_OtherProcesses":
+        import multiprocessing
+
+        if self.count < 1:
+            return self
+        ctx = multiprocessing.get_context("spawn")
+        self.stop = ctx.Event()
+        readies = []
+        for _ in range(self.count):
+            ready = ctx.Event()
+            proc = ctx.Process(target=_other_process, args=(*self.args, ready, self.stop), daemon=True)
+            proc.start()
+            self.procs.append(proc)
+            readies.append(ready)
+        deadline = time.monotonic() + OTHER_PROCESS_READY_S
+        for proc, ready in zip(self.procs, readies):
+            while not ready.wait(1.0):
+                if not proc.is_alive() or time.monotonic() > deadline:
+                    self.__exit__(None, None, None)
+                    why = (f"exited with code {proc.exitcode}" if not proc.is_alive()
+                           else f"did not start within {OTHER_PROCESS_READY_S:.0f} s")
+                    raise RuntimeError(f"the calibration's other training process {why}")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.procs:
+            return
+        self.stop.set()
+        for proc in self.procs:
+            proc.join(60)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self.procs = []
+
+
 def predict_step_time(shape: ModelShape, cal: Calibration, grad_accum: int) -> float:
-    """Seconds per optimizer step: ``grad_accum`` micro-batches and one optimizer step."""
+    """Seconds per optimizer step: ``grad_accum`` micro-batches and one optimizer step (of one
+    process, when several train data parallel: each runs its share at the same time)."""
     micro = cal.fixed_s + shape.layers * cal.layer_s + cal.head_s
     return grad_accum * micro + cal.optimizer_s
 
@@ -540,7 +629,8 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
              alpha: float, dropout: float, budget_bytes: float, sample: dict[str, torch.Tensor] | None,
              total_steps: int = 0, tokens_per_step: float | None = None, gradient_checkpointing: str = "auto",
              compile_: bool | None = None, calibrate_time: bool = True, file_bytes: float = 0.0,
-             baseline: float | None = None, precision: str = "bf16", adapted: dict[str, int] | None = None) -> Plan:
+             baseline: float | None = None, precision: str = "bf16", adapted: dict[str, int] | None = None,
+             processes: int = 1, threads: int | None = None) -> Plan:
     """Choose settings that fit ``budget_bytes`` and predict memory and time for them.
 
     ``sample`` is real data (input_ids, labels, position_ids) at the requested sequence length, one
@@ -550,7 +640,19 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
     matmul precision, "bf16" or "fp32" (CPUs without bf16 instructions); ``adapted`` the linears
     with LoRA (:func:`lora_sites` of the recipe's ``lora.targets``; None: every linear), which the
     LoRA weights, their optimizer state and activations, and the calibration model's adapters follow.
+
+    ``processes``: training processes on this machine (``qlorakit train --nproc``); each gets
+    ``budget_bytes / processes`` and trains ``grad_accum`` micro-batches of every step (with
+    ``tokens_per_step`` one process's share), calibrated with ``threads`` threads (default: its
+    share of the cores, as the run takes them) while ``processes - 1`` more processes do the same
+    work (:class:`_OtherProcesses`).
     """
+    from .distributed import cores_per_process
+
+    if processes < 1:
+        raise ValueError(f"processes must be at least 1, got {processes}")
+    threads = threads or cores_per_process(processes)
+    total_budget, budget_bytes = budget_bytes, budget_bytes / processes
     base = _baseline_bytes() if baseline is None else baseline
     want_tokens = micro_batch * seq_len * grad_accum
     real_step = float(tokens_per_step if tokens_per_step is not None else want_tokens)
@@ -569,15 +671,22 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
     if chosen is None:  # nothing fits: report the leanest
         chosen = _candidates(micro_batch, seq_len, grad_accum, gradient_checkpointing, compile_, precision)[-1]
         est = _memory(shape, chosen, r, base, file_bytes, adapted)
-    plan = Plan(model=model_name, shape=asdict(shape), settings=chosen, budget_bytes=budget_bytes,
+    plan = Plan(model=model_name, shape=asdict(shape), settings=chosen, budget_bytes=total_budget,
                 memory=dict(est.parts), peak_bytes=est.peak, load_peak_bytes=est.load_peak, fits=fits, eval_peak_bytes=est.eval_peak,
-                total_steps=total_steps, tried=tried, asked_seq_len=seq_len)
+                total_steps=total_steps, tried=tried, asked_seq_len=seq_len, processes=processes, threads=threads)
     # tokens per optimizer step stay what was asked for, unless the sequence had to be shortened
-    plan.tokens_per_step = real_step * (chosen.seq_len / seq_len)
+    plan.tokens_per_step = processes * real_step * (chosen.seq_len / seq_len)
     if calibrate_time and sample is not None:
         cal_batch = _trim(sample, chosen.micro_batch, chosen.seq_len)
         # with checkpointing the calibration's layers recompute their forward too: it is in layer_s
-        cal = calibrate(shape, [cal_batch], r=r, alpha=alpha, dropout=dropout, settings=chosen, adapted=adapted)
+        was = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            # the other processes of a data parallel run train alongside, as they will
+            with _OtherProcesses(processes - 1, shape, cal_batch, r, alpha, dropout, chosen, adapted, threads):
+                cal = calibrate(shape, [cal_batch], r=r, alpha=alpha, dropout=dropout, settings=chosen, adapted=adapted)
+        finally:
+            torch.set_num_threads(was)
         plan.step_s = predict_step_time(shape, cal, chosen.grad_accum)
         plan.tokens_per_s = plan.tokens_per_step / plan.step_s
         plan.total_s = plan.step_s * total_steps if total_steps else None
@@ -585,8 +694,10 @@ def plan_run(shape: ModelShape, *, model_name: str, micro_batch: int, seq_len: i
     return plan
 
 
-def plan_recipe(recipe: Any, *, budget_bytes: float | None = None, calibrate_time: bool = True) -> Plan:
-    """Plan the run ``recipe`` describes: its model, its data, its settings."""
+def plan_recipe(recipe: Any, *, budget_bytes: float | None = None, calibrate_time: bool = True,
+                processes: int = 1) -> Plan:
+    """Plan the run ``recipe`` describes: its model, its data, its settings; ``processes``: run
+    data parallel in that many processes on this machine (``qlorakit train --nproc``)."""
     from transformers import AutoConfig
 
     from ..data import prepare_data
@@ -601,10 +712,12 @@ def plan_recipe(recipe: Any, *, budget_bytes: float | None = None, calibrate_tim
     data = prepare_data(recipe.data, tok, recipe.seed)
     rows = data.train_rows
     if not rows:
-        raise TrainError(f"data.train: no training rows after preparation; nothing to plan")
+        raise TrainError("data.train: no training rows after preparation; nothing to plan")
     t = recipe.train
     sched = BatchSchedule(len(rows), t.micro_batch_size, recipe.seed)
-    total = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(sched.batches_per_epoch / t.grad_accum)))
+    # a step takes grad_accum micro-batches in each process (the training loop's count)
+    per_step = t.grad_accum * processes
+    total = t.max_steps or max(1, math.ceil(t.epochs * math.ceil(sched.batches_per_epoch / per_step)))
     real_per_row = sum(r.n_real for r in rows) / len(rows)
     tokens_per_step = real_per_row * t.micro_batch_size * t.grad_accum
     # the calibration sample: rows of the longest length, as the run's slowest micro-batches (packed
@@ -615,7 +728,7 @@ def plan_recipe(recipe: Any, *, budget_bytes: float | None = None, calibrate_tim
         longest = sorted(rows, key=lambda r: -len(r.input_ids))[:t.micro_batch_size]
     sample = collate(longest, tok.pad_token_id)
     seq = sample["input_ids"].shape[1]
-    budget = budget_bytes if budget_bytes is not None else memory_budget_bytes(recipe)
+    budget = budget_bytes if budget_bytes is not None else memory_budget_bytes(recipe)  # this machine's, all processes'
     from ..models.loader import pick_compute_dtype
 
     precision = _precision(pick_compute_dtype(recipe.model, torch.device("cpu")))
@@ -624,7 +737,7 @@ def plan_recipe(recipe: Any, *, budget_bytes: float | None = None, calibrate_tim
                     budget_bytes=budget, sample=sample, total_steps=total, tokens_per_step=tokens_per_step,
                     gradient_checkpointing=t.gradient_checkpointing, calibrate_time=calibrate_time,
                     file_bytes=_file_bytes(folder), precision=precision,
-                    adapted=lora_sites(cfg, recipe.lora.targets))
+                    adapted=lora_sites(cfg, recipe.lora.targets), processes=processes, threads=t.threads)
 
 
 def _fmt_s(s: float | None) -> str:
@@ -643,18 +756,24 @@ def format_plan(p: Plan, recipe_path: str | None = None, overrides: list[str] = 
     ours = p.train_overrides()
     keys = {o.split("=", 1)[0] for o in ours}
     args = [*([recipe_path] if recipe_path else []), *(o for o in overrides if o.split("=", 1)[0] not in keys), *ours]
-    run = " ".join(["qlorakit train", *(shlex.quote(a) for a in args)])
+    several = p.processes > 1
+    run = " ".join(["qlorakit train", *([f"--nproc {p.processes}"] if several else []), *(shlex.quote(a) for a in args)])
     lines = [f"plan for {p.model} ({p.shape['layers']} layers, hidden {p.shape['hidden']}, vocab {p.shape['vocab']})",
-             f"  settings      {p.settings.describe()}",
+             f"  settings      {p.settings.describe()}"
+             + (f", in each of {p.processes} processes ({p.threads} threads each)" if several else ""),
              f"  to run it     {run}",
-             f"  memory        predicted peak {p.peak_bytes / GB:.2f} GB (training {sum(p.memory.values()) / GB:.2f} GB, "
+             f"  memory        predicted peak {p.peak_bytes / GB:.2f} GB{' per process' if several else ''} "
+             f"(training {sum(p.memory.values()) / GB:.2f} GB, "
              f"loading {p.load_peak_bytes / GB:.2f} GB, evaluation after training {p.eval_peak_bytes / GB:.2f} GB), "
-             f"budget {p.budget_bytes / GB:.2f} GB"
+             + (f"budget {p.process_budget_bytes / GB:.2f} GB per process; {p.processes} processes "
+                f"{p.processes * p.peak_bytes / GB:.2f} GB in all, budget {p.budget_bytes / GB:.2f} GB"
+                if several else f"budget {p.budget_bytes / GB:.2f} GB")
              + ("" if p.fits else "  -- DOES NOT FIT even with the leanest settings")]
     for k, v in p.memory.items():
         lines.append(f"      {v / 2**20:9.0f} MB  {k}")
     if p.step_s is not None:
-        lines += [f"  step time     {p.step_s:.2f} s ({p.tokens_per_step:.0f} tokens per step)",
+        lines += [f"  step time     {p.step_s:.2f} s ({p.tokens_per_step:.0f} tokens per step"
+                  + (", all processes; one gradient all-reduce per step not counted)" if several else ")"),
                   f"  throughput    {p.tokens_per_s:.0f} tokens/s",
                   f"  total         {_fmt_s(p.total_s)} for {p.total_steps} steps"
                   + (f" (+ about {_fmt_s(p.calibration['compile_s'])} compiling once)"
@@ -665,13 +784,16 @@ def format_plan(p: Plan, recipe_path: str | None = None, overrides: list[str] = 
 
 
 def plan_main(argv: list[str]) -> int:
-    """``qlorakit plan [RECIPE.yaml] [key=value ...] [--budget-gb X] [--no-calibrate] [--json FILE]``."""
+    """``qlorakit plan [RECIPE.yaml] [key=value ...] [--budget-gb X] [--nproc N] [--no-calibrate] [--json FILE]``."""
     from ..config import load_recipe
 
     ap = argparse.ArgumentParser(prog="qlorakit plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("args", nargs="*", help="a recipe file and/or key=value overrides")
     ap.add_argument("--budget-gb", type=float, help="memory budget in GB (default: train.memory_budget_gb, else 80%% of available RAM)")
+    ap.add_argument("--nproc", type=int, default=1, metavar="N",
+                    help="plan 'qlorakit train --nproc N': N processes share the budget and the cores, each trains "
+                    "train.grad_accum micro-batches of every step (default 1)")
     ap.add_argument("--no-calibrate", action="store_true", help="skip the time calibration (memory only)")
     ap.add_argument("--json", help="also write the plan as JSON to this file")
     a = ap.parse_args(argv)
@@ -683,8 +805,12 @@ def plan_main(argv: list[str]) -> int:
     if a.budget_gb is not None and a.budget_gb <= 0:
         print(f"qlorakit plan: --budget-gb must be positive, got {a.budget_gb}", file=sys.stderr)
         return 2
+    if a.nproc < 1:
+        print(f"qlorakit plan: --nproc must be at least 1, got {a.nproc}", file=sys.stderr)
+        return 2
     recipe = load_recipe(path, overrides)
-    p = plan_recipe(recipe, budget_bytes=a.budget_gb * GB if a.budget_gb else None, calibrate_time=not a.no_calibrate)
+    p = plan_recipe(recipe, budget_bytes=a.budget_gb * GB if a.budget_gb else None, calibrate_time=not a.no_calibrate,
+                    processes=a.nproc)
     print(format_plan(p, path, overrides))
     if a.json:
         from .checkpoint import write_atomic
