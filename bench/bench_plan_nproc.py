@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import REPO, cpu_name, write_atomic  # noqa: E402
+from common import REPO, cpu_name, git_commit, settle, write_atomic  # noqa: E402
 
 SHARED = Path(os.environ.get("QLORAKIT_SHARED_DATA", REPO.parent / "shared" / "data"))
 DATA = SHARED / "instruction" / "oasst1_val_en.jsonl"
@@ -43,13 +43,6 @@ def _run(cmd: list[str], log: Path) -> float:
     if r.returncode not in (0, 1):  # plan exits 1 when nothing fits; the table says so
         raise SystemExit(f"{' '.join(cmd)} failed with exit {r.returncode}; its output is in {log}")
     return time.perf_counter() - t
-
-
-def settle(max_s: float) -> None:
-    """Wait until the 1-minute load average is at most half the cores, or ``max_s`` seconds."""
-    t0 = time.monotonic()
-    while os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1) and time.monotonic() - t0 < max_s:
-        time.sleep(2.0)
 
 
 def one(n: int, a: argparse.Namespace, work: Path, rnd: int) -> dict[str, Any]:
@@ -85,7 +78,7 @@ def _table(rows: list[dict[str, Any]], cmd: str, started: str) -> str:
         return f"{100 * (pred - meas) / meas:+.0f}%"
 
     out = ["# The planner against `qlorakit train`, in one process and several (`--nproc`)", "",
-           f"Command: `{cmd}` ({started}, {cpu_name()}). Each process's predicted "
+           f"Command: `{cmd}` ({started}, commit {git_commit()}, {cpu_name()}). Each process's predicted "
            "and measured values: the step time of one optimizer step (all processes at once), trained tokens/s "
            "of all processes, and the first process's peak RSS in training (loading included).", "",
            "| processes | threads each | micro-batch x seq | predicted step | measured step (median) | error | "

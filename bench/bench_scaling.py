@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     REPO,
     add_precision_arg,
+    git_commit,
     cpu_name,
     matmul_tflops,
     model_flops_per_token,
@@ -61,6 +61,7 @@ from common import (  # noqa: E402
     random_model_folder,
     resolve_precision,
     run_worker,
+    settle,
     write_atomic,
 )
 
@@ -153,28 +154,6 @@ def train_worker(a: argparse.Namespace) -> dict[str, Any]:
             "matmul_tflops": rate}
 
 
-def settle(max_s: float) -> tuple[float, float]:
-    """Wait until the 1-minute load average is at most half the cores, or ``max_s`` seconds;
-    (seconds waited, load average then)."""
-    t0 = time.monotonic()
-    limit = 0.5 * (os.cpu_count() or 1)
-    while os.getloadavg()[0] > limit and time.monotonic() - t0 < max_s:
-        time.sleep(2.0)
-    return time.monotonic() - t0, os.getloadavg()[0]
-
-
-def _commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        rev = git("rev-parse", "--short", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.CalledProcessError) as e:
-        return f"unknown ({e})"
-    return rev + (" with uncommitted changes" if dirty else "")
-
-
 # what a run recorded before these fields existed: the defaults of that version, no settle wait
 LEGACY_RUN = {"commit": "not recorded", "rounds": 3, "rounds_large": 2, "warmup": 2, "steps": 5, "settle_s": 0.0}
 
@@ -231,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path = REPO / "bench" / "out" / (Path(a.out).stem + ".json")  # plan.md: bench/out/plan.json
     runs, kept = _load_previous(json_path) if a.merge else ([], [])
     cmd = "python bench/bench_scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    run = {"command": cmd.strip(), "commit": _commit(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    run = {"command": cmd.strip(), "commit": git_commit(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "rounds": a.rounds, "rounds_large": a.rounds_large, "warmup": a.warmup, "steps": a.steps, "settle_s": a.settle,
            "precision": prec}
     load_before = os.getloadavg()

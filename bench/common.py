@@ -230,3 +230,26 @@ def resolve_precision(precision: str) -> str:
 
 def precision_dtype(precision: str) -> torch.dtype:
     return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
+def settle(max_s: float) -> tuple[float, float]:
+    """Wait until the 1-minute load average is at most half the cores, or ``max_s`` seconds;
+    (seconds waited, load average then)."""
+    t0 = time.monotonic()
+    limit = 0.5 * (os.cpu_count() or 1)
+    while os.getloadavg()[0] > limit and time.monotonic() - t0 < max_s:
+        time.sleep(2.0)
+    return time.monotonic() - t0, os.getloadavg()[0]
+
+
+def git_commit() -> str:
+    """The repository's commit, and whether tracked files differ from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError) as e:
+        return f"unknown ({e})"
+    return rev + (" with uncommitted changes" if dirty else "")

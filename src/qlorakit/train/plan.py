@@ -274,29 +274,65 @@ def _paired_layer_time(run_few: Any, run_more: Any, extra_layers: int, pairs: in
     return first, layer_s, statistics.median(few_s), statistics.median(more_s)
 
 
+def _fast_options(settings: Settings) -> Any:
+    from .fast import FastOptions
+
+    return FastOptions(weights=settings.weights, checkpointing=settings.checkpointing, compile=settings.compile,
+                       dtype=settings.dtype)
+
+
+def _layers_run(shape: ModelShape, n_layers: int, batch: dict[str, torch.Tensor], r: int, alpha: float,
+                dropout: float, settings: Settings, adapted: dict[str, int] | None, seed: int = 0) -> Any:
+    """A call that runs ``n_layers`` layers of a fresh calibration model forward and backward on ``batch``."""
+    from .fast import FastModel
+
+    model, _ = _calibration_model(shape, n_layers, r, alpha, dropout, seed=seed, dtype=settings.dtype, adapted=adapted)
+    fm = FastModel(model, _fast_options(settings), pad_token_id=None)
+    vocab_batch = dict(batch, input_ids=batch["input_ids"] % 256)  # the calibration model's vocabulary
+
+    def run() -> None:
+        h, _ = fm.hidden(vocab_batch)
+        h.float().sum().backward()
+
+    return run
+
+
+def _loss_positions(batch: dict[str, torch.Tensor]) -> int:
+    from ..data.templating import IGNORE_INDEX
+    from .loss import shift_labels
+
+    return int((shift_labels(batch["labels"]).reshape(-1) != IGNORE_INDEX).sum())
+
+
+def _head_run(shape: ModelShape, n_loss: int, settings: Settings) -> Any:
+    """A call that runs the output head (the real vocabulary) and its loss over ``n_loss`` positions
+    forward and backward."""
+    from .fast import fused_head_loss, head_workspace
+
+    chunk = _fast_options(settings).loss_chunk
+    n = max(1, n_loss)
+    torch.manual_seed(0)
+    w = (torch.randn(shape.vocab, shape.hidden) * 0.02).to(settings.dtype)
+    h = torch.randn(n, shape.hidden).to(settings.dtype).requires_grad_(True)
+    tgt = torch.randint(0, shape.vocab, (n,))
+    # the logits buffer is reused from call to call, as the training step reuses it (a fresh one
+    # per call costs the kernel's page mapping, about a tenth of the head's time)
+    logits = head_workspace(n, chunk, shape.vocab, "cpu", dtype=settings.dtype)
+
+    def run() -> None:
+        fused_head_loss(h, w, tgt, chunk, compiled=settings.compile, workspace=logits).backward()
+
+    return run
+
+
 def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: int, alpha: float, dropout: float,
               settings: Settings, repeats: int = 3, adapted: dict[str, int] | None = None) -> Calibration:
     """Time the fast path's pieces for ``shape`` on ``batches`` (one micro-batch each, real data);
     ``adapted``: the linears with LoRA (:func:`qlorakit.train.memory.adapted_linears`; None: all)."""
-    from ..data.templating import IGNORE_INDEX
-    from .fast import FastModel, FastOptions, fused_head_loss, head_workspace
-    from .loss import shift_labels
-
-    opts = FastOptions(weights=settings.weights, checkpointing=settings.checkpointing, compile=settings.compile,
-                       dtype=settings.dtype)
     batch = batches[0]
-    vocab_batch = dict(batch, input_ids=batch["input_ids"] % 256)  # the calibration model's vocabulary
 
     def layers_fn(n_layers: int):
-        """Forward and backward through ``n_layers`` layers of a fresh calibration model."""
-        model, _ = _calibration_model(shape, n_layers, r, alpha, dropout, dtype=settings.dtype, adapted=adapted)
-        fm = FastModel(model, opts, pad_token_id=None)
-
-        def run() -> None:
-            h, _ = fm.hidden(vocab_batch)
-            h.float().sum().backward()
-
-        return run
+        return _layers_run(shape, n_layers, batch, r, alpha, dropout, settings, adapted)
 
     # the full depth when it is quick enough (see FULL_DEPTH_CALL_SECONDS), so nothing is extrapolated;
     # otherwise the difference of 1 and CALIBRATION_LAYERS layers: it divides the timing noise, and the
@@ -323,21 +359,8 @@ def calibrate(shape: ModelShape, batches: list[dict[str, torch.Tensor]], *, r: i
     fixed_s = max(0.0, per_few - few * layer_s)
 
     # the output head: the real vocabulary, the real number of loss positions
-    target = shift_labels(batch["labels"]).reshape(-1)
-    n_loss = int((target != IGNORE_INDEX).sum())
-    torch.manual_seed(0)
-    w = (torch.randn(shape.vocab, shape.hidden) * 0.02).to(settings.dtype)
-    h = torch.randn(max(1, n_loss), shape.hidden).to(settings.dtype).requires_grad_(True)
-    tgt = torch.randint(0, shape.vocab, (max(1, n_loss),))
-    # the logits buffer is reused from call to call, as the training step reuses it (a fresh one
-    # per call costs the kernel's page mapping, about a tenth of the head's time)
-    logits = head_workspace(max(1, n_loss), opts.loss_chunk, shape.vocab, "cpu", dtype=settings.dtype)
-
-    def head() -> None:
-        fused_head_loss(h, w, tgt, opts.loss_chunk, compiled=settings.compile, workspace=logits).backward()
-
-    _, head_s = _time(head, repeats)
-    del w, h, logits
+    n_loss = _loss_positions(batch)
+    _, head_s = _time(_head_run(shape, n_loss, settings), repeats)
 
     # the optimizer: clipping and AdamW over every LoRA tensor of the full model, in their real
     # shapes (one flat tensor of the same size took a quarter of the time: the per-tensor work is
@@ -366,23 +389,13 @@ def _other_process(shape: ModelShape, batch: dict[str, torch.Tensor], r: int, al
     times the first: the model's layers (up to :data:`CALIBRATION_LAYERS` of them) and the output
     head, forward and backward, on the same micro-batch with the same threads. ``ready`` is set once
     the first round has run (the model is built and its kernels warm)."""
-    from .fast import FastModel, FastOptions, fused_head_loss
-
     torch.set_num_threads(threads)
-    opts = FastOptions(weights=settings.weights, checkpointing=settings.checkpointing, compile=settings.compile,
-                       dtype=settings.dtype)
-    model, _ = _calibration_model(shape, min(CALIBRATION_LAYERS, shape.layers), r, alpha, dropout, seed=1,
-                                  dtype=settings.dtype, adapted=adapted)
-    fm = FastModel(model, opts, pad_token_id=None)
-    vocab_batch = dict(batch, input_ids=batch["input_ids"] % 256)
-    n = int(batch["input_ids"].numel())
-    w = (torch.randn(shape.vocab, shape.hidden) * 0.02).to(settings.dtype)
-    tgt = torch.randint(0, shape.vocab, (n,))
+    layers = _layers_run(shape, min(CALIBRATION_LAYERS, shape.layers), batch, r, alpha, dropout, settings, adapted,
+                         seed=1)
+    head = _head_run(shape, _loss_positions(batch), settings)
     while not stop.is_set():
-        h, _ = fm.hidden(vocab_batch)
-        h.float().sum().backward()
-        x = torch.randn(n, shape.hidden).to(settings.dtype).requires_grad_(True)
-        fused_head_loss(x, w, tgt, opts.loss_chunk, compiled=settings.compile).backward()
+        layers()
+        head()
         ready.set()
 
 
@@ -760,7 +773,8 @@ def format_plan(p: Plan, recipe_path: str | None = None, overrides: list[str] = 
     run = " ".join(["qlorakit train", *([f"--nproc {p.processes}"] if several else []), *(shlex.quote(a) for a in args)])
     lines = [f"plan for {p.model} ({p.shape['layers']} layers, hidden {p.shape['hidden']}, vocab {p.shape['vocab']})",
              f"  settings      {p.settings.describe()}"
-             + (f", in each of {p.processes} processes ({p.threads} threads each)" if several else ""),
+             + (f", in each of {p.processes} processes ({p.threads} thread{'s' if p.threads > 1 else ''} each)"
+                if several else ""),
              f"  to run it     {run}",
              f"  memory        predicted peak {p.peak_bytes / GB:.2f} GB{' per process' if several else ''} "
              f"(training {sum(p.memory.values()) / GB:.2f} GB, "
