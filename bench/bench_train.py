@@ -149,6 +149,13 @@ def worker(a: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
 
     cpu_secs: list[float] = []
+    probes: list[float] = []  # this process's matmul rate right after each step
+
+    def probe() -> None:
+        # the machine's rate drifts over minutes on shared hosts: sampled between the steps, it shows
+        # the rate this side had (every process probes at once, after the step's all-reduce)
+        if a.probe_s > 0:
+            probes.append(matmul_tflops(seconds=a.probe_s, dtype=precision_dtype(a.precision)))
 
     def step(batch: dict[str, torch.Tensor]) -> tuple[float, float, int]:
         t, c = time.perf_counter(), time.process_time()
@@ -161,7 +168,9 @@ def worker(a: argparse.Namespace) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         cpu_secs.append(time.process_time() - c)
-        return time.perf_counter() - t, float(loss.detach()), int(batch["input_ids"].numel())
+        took = time.perf_counter() - t
+        probe()
+        return took, float(loss.detach()), int(batch["input_ids"].numel())
 
     warm = [step(b) for b in batches[:a.warmup]]
     timed = [step(b) for b in batches[a.warmup:]]
@@ -169,6 +178,8 @@ def worker(a: argparse.Namespace) -> None:
     secs = sum(t for t, _, _ in timed)
     cpu = sum(group.gather(sum(cpu_secs[a.warmup:])))  # every process's CPU time
     peaks = group.gather((rss_loaded, peak_rss_mb()))
+    # the machine's rate at each probe: the processes' concurrent rates summed
+    rates = [sum(x) for x in zip(*group.gather(probes[a.warmup:]))]
     group.close()
     if not group.main:
         return
@@ -179,6 +190,8 @@ def worker(a: argparse.Namespace) -> None:
         "losses": [round(x, 5) for _, x, _ in warm + timed], "load_s": round(load_s, 1),
         "rss_after_load_mb": round(sum(x for x, _ in peaks), 1), "peak_rss_mb": round(sum(y for _, y in peaks), 1),
         "tokens_timed": tokens, "threads": torch.get_num_threads(), "processes": group.world,
+        "matmul_tflops_probes": [round(x, 3) for x in rates],
+        "matmul_tflops_side": statistics.median(rates) if rates else None,
     }
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -189,16 +202,19 @@ def worker(a: argparse.Namespace) -> None:
 
 def _table(results: list[dict[str, Any]], peak: float, cpu_peak: float, flops_tok: float) -> str:
     hf = next((r for r in results if r["side"] == "hf"), None)
-    rows = ["| side | trained tokens/s | vs HF | MFU | tokens per CPU-second | vs HF | MFU (CPU clock) | step (s, median) | peak RSS (MB) | RSS vs HF | RSS after load (MB) | first loss | warmup steps (s) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| side | trained tokens/s | vs HF | MFU | tokens per CPU-second | vs HF | MFU (CPU clock) | matmul rate during the side (TFLOP/s) | MFU at that rate | step (s, median) | peak RSS (MB) | RSS vs HF | RSS after load (MB) | first loss | warmup steps (s) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
         cratio = f"{r['tokens_per_cpu_s'] / hf['tokens_per_cpu_s']:.2f}x" if hf else "-"
         rss = f"{r['peak_rss_mb'] / hf['peak_rss_mb']:.2f}" if hf else "-"
         mfu = r["tokens_per_s"] * flops_tok / (peak * 1e12)
         cmfu = r["tokens_per_cpu_s"] * flops_tok / (cpu_peak * 1e12)
+        side_rate = r.get("matmul_tflops_side")
+        srate, smfu = ((f"{side_rate:.2f}", f"{100 * r['tokens_per_s'] * flops_tok / (side_rate * 1e12):.1f}%")
+                       if side_rate else ("-", "-"))
         rows.append(f"| {r['side']} | {r['tokens_per_s']:.0f} | {ratio} | {100 * mfu:.1f}% | {r['tokens_per_cpu_s']:.0f} | "
-                    f"{cratio} | {100 * cmfu:.1f}% | {r['step_s_median']:.2f} | {r['peak_rss_mb']:.0f} | {rss} | "
+                    f"{cratio} | {100 * cmfu:.1f}% | {srate} | {smfu} | {r['step_s_median']:.2f} | {r['peak_rss_mb']:.0f} | {rss} | "
                     f"{r['rss_after_load_mb']:.0f} | {r['losses'][0]:.4f} | {', '.join(str(x) for x in r['warmup_s'])} |")
     return "\n".join(rows)
 
@@ -216,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
                     "equally by the processes)")
     ap.add_argument("--nproc", type=int, default=1, help="processes per side, data parallel through torchrun")
     add_precision_arg(ap)
+    ap.add_argument("--probe-s", type=float, default=0.5,
+                    help="seconds of matmul-rate probe after every step of a side (0: none); not in the step times")
     ap.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated subset of {SIDES}")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "train_speed.md"))
     ap.add_argument("--json", default=str(REPO / "bench" / "out" / "train_speed.json"))
@@ -237,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_peak0 = matmul_tflops(clock="cpu", dtype=dt)
     common = ["--model", a.model, "--seq-len", str(a.seq_len), "--batch", str(a.batch), "--lora-r", str(a.r),
               "--dropout", str(a.dropout), "--warmup", str(a.warmup), "--steps", str(a.steps),
-              "--threads", str(a.threads), "--precision", a.precision]
+              "--threads", str(a.threads), "--precision", a.precision, "--probe-s", str(a.probe_s)]
     results = []
     for s in sides:
         print(f"running {s} ...", file=sys.stderr, flush=True)
@@ -277,7 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         "MFU counts 4 x matmul parameters per token (LoRA and attention-score FLOPs left out). The CPU-clock "
         "columns divide by the process's CPU time instead of wall time (tokens per CPU-second, and MFU against "
         "the matmul rate per CPU-second): on a machine shared with other jobs they show the work each side "
-        "needs, where wall-clock figures also show how much of the machine the side happened to get.",
+        "needs, where wall-clock figures also show how much of the machine the side happened to get. "
+        "MFU is against the best matmul rate measured before and after all the sides; the matmul rate during a "
+        f"side is the median of {a.probe_s:g} s probes (best 2048^3 matmul, summed over the processes) taken "
+        "after each of its timed steps, outside their times, and the next column is MFU against it: the rate "
+        "of a shared machine drifts over minutes, so that a side's MFU against the run's best rate also shows "
+        "how fast the machine happened to be while it ran.",
     ]
     text = "\n".join(md) + "\n"
     write_atomic(Path(a.out), text)
