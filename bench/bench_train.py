@@ -149,13 +149,6 @@ def worker(a: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0)
 
     cpu_secs: list[float] = []
-    probes: list[float] = []  # this process's matmul rate right after each step
-
-    def probe() -> None:
-        # the machine's rate drifts over minutes on shared hosts: sampled between the steps, it shows
-        # the rate this side had (every process probes at once, after the step's all-reduce)
-        if a.probe_s > 0:
-            probes.append(matmul_tflops(seconds=a.probe_s, dtype=precision_dtype(a.precision)))
 
     def step(batch: dict[str, torch.Tensor]) -> tuple[float, float, int]:
         t, c = time.perf_counter(), time.process_time()
@@ -168,18 +161,22 @@ def worker(a: argparse.Namespace) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         cpu_secs.append(time.process_time() - c)
-        took = time.perf_counter() - t
-        probe()
-        return took, float(loss.detach()), int(batch["input_ids"].numel())
+        return time.perf_counter() - t, float(loss.detach()), int(batch["input_ids"].numel())
 
     warm = [step(b) for b in batches[:a.warmup]]
-    timed = [step(b) for b in batches[a.warmup:]]
+    timed, probes = [], []
+    for b in batches[a.warmup:]:
+        timed.append(step(b))
+        # the machine's rate drifts over minutes on shared hosts: sampled between the timed steps, it
+        # shows the rate this side had (every process probes at once, after the step's all-reduce)
+        if a.probe_s > 0:
+            probes.append(matmul_tflops(seconds=a.probe_s, dtype=precision_dtype(a.precision)))
     tokens = sum(n for _, _, n in timed)
     secs = sum(t for t, _, _ in timed)
     cpu = sum(group.gather(sum(cpu_secs[a.warmup:])))  # every process's CPU time
     peaks = group.gather((rss_loaded, peak_rss_mb()))
     # the machine's rate at each probe: the processes' concurrent rates summed
-    rates = [sum(x) for x in zip(*group.gather(probes[a.warmup:]))]
+    rates = [sum(x) for x in zip(*group.gather(probes))]
     group.close()
     if not group.main:
         return
@@ -202,19 +199,21 @@ def worker(a: argparse.Namespace) -> None:
 
 def _table(results: list[dict[str, Any]], peak: float, cpu_peak: float, flops_tok: float) -> str:
     hf = next((r for r in results if r["side"] == "hf"), None)
+
+    def _mfu(tokens_per_s: float, tflops: float) -> str:
+        return f"{100 * tokens_per_s * flops_tok / (tflops * 1e12):.1f}%"
+
     rows = ["| side | trained tokens/s | vs HF | MFU | tokens per CPU-second | vs HF | MFU (CPU clock) | matmul rate during the side (TFLOP/s) | MFU at that rate | step (s, median) | peak RSS (MB) | RSS vs HF | RSS after load (MB) | first loss | warmup steps (s) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         ratio = f"{r['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if hf else "-"
         cratio = f"{r['tokens_per_cpu_s'] / hf['tokens_per_cpu_s']:.2f}x" if hf else "-"
         rss = f"{r['peak_rss_mb'] / hf['peak_rss_mb']:.2f}" if hf else "-"
-        mfu = r["tokens_per_s"] * flops_tok / (peak * 1e12)
-        cmfu = r["tokens_per_cpu_s"] * flops_tok / (cpu_peak * 1e12)
         side_rate = r.get("matmul_tflops_side")
-        srate, smfu = ((f"{side_rate:.2f}", f"{100 * r['tokens_per_s'] * flops_tok / (side_rate * 1e12):.1f}%")
-                       if side_rate else ("-", "-"))
-        rows.append(f"| {r['side']} | {r['tokens_per_s']:.0f} | {ratio} | {100 * mfu:.1f}% | {r['tokens_per_cpu_s']:.0f} | "
-                    f"{cratio} | {100 * cmfu:.1f}% | {srate} | {smfu} | {r['step_s_median']:.2f} | {r['peak_rss_mb']:.0f} | {rss} | "
+        srate, smfu = (f"{side_rate:.2f}", _mfu(r["tokens_per_s"], side_rate)) if side_rate else ("-", "-")
+        rows.append(f"| {r['side']} | {r['tokens_per_s']:.0f} | {ratio} | {_mfu(r['tokens_per_s'], peak)} | "
+                    f"{r['tokens_per_cpu_s']:.0f} | {cratio} | {_mfu(r['tokens_per_cpu_s'], cpu_peak)} | {srate} | {smfu} | "
+                    f"{r['step_s_median']:.2f} | {r['peak_rss_mb']:.0f} | {rss} | "
                     f"{r['rss_after_load_mb']:.0f} | {r['losses'][0]:.4f} | {', '.join(str(x) for x in r['warmup_s'])} |")
     return "\n".join(rows)
 
