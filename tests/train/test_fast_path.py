@@ -290,6 +290,26 @@ def test_per_use_weights_equal_cached_weights():
         FastModel(model, FastOptions(weights="cache")).cached_weight_bytes()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_memory_estimate_counts_the_per_use_weight_buffers(dtype):
+    """In per-use mode the fast path holds one reused buffer per stacked weight shape ([q|k|v],
+    [gate|up]) for the run: the memory estimate counts exactly those bytes, and no weight copy."""
+    from qlorakit.train.memory import ModelShape, estimate_memory, stacked_buffer_bytes
+
+    model = _tiny()
+    fm = FastModel(model, FastOptions(compile=False, weights="per-use", dtype=dtype), pad_token_id=PAD)
+    _grads(model, fm, _batch(), autocast=False)
+    held = sum(b.numel() * b.element_size() for b in fm._weight_buffers.values())
+    assert len(fm._weight_buffers) == 2 and all(b.dtype == dtype for b in fm._weight_buffers.values())
+    shape = ModelShape.from_config(model.config)
+    size = torch.finfo(dtype).bits // 8
+    assert stacked_buffer_bytes(shape, size) == held
+    est = estimate_memory(shape, micro_batch=2, seq_len=48, r=8, weights="per-use", act_bytes=size)
+    copy = "bf16" if size == 2 else "fp32"
+    assert est.parts[f"{copy} buffers of the stacked weights (per use)"] == held
+    assert f"{copy} copy of the base weights" not in est.parts
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("out_features,in_features", [(192, 128), (130, 96), (64, 4096)])

@@ -26,6 +26,7 @@ __all__ = [
     "ModelShape",
     "MemoryEstimate",
     "estimate_memory",
+    "stacked_buffer_bytes",
     "NF4_BYTES_PER_PARAM",
     "LINEAR_KINDS",
     "adapted_linears",
@@ -286,6 +287,15 @@ def _fast_saved_per_token_layer(s: ModelShape, r: int, act_bytes: int = 2,
     return saved
 
 
+def stacked_buffer_bytes(shape: ModelShape, act_bytes: int = 2) -> float:
+    """Bytes of the buffers the fast path dequantizes its stacked weights into in ``per-use`` mode
+    (:class:`qlorakit.quant.fast_linear.FrozenWeight`): one per stacked shape, reused layer after
+    layer and held for the run, [q | k | v] and [gate | up]. The single weights (o, down) are
+    dequantized into fresh tensors, counted with the transients."""
+    h = shape.hidden
+    return act_bytes * (h * (shape.q_out + 2 * shape.kv_out) + h * 2 * shape.inter)
+
+
 def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int,
                     checkpointing: bool = False, weights: str = "cache", fast: bool = True,
                     loss_chunk: int = 2048, baseline: float = 0.0, file_bytes: float = 0.0,
@@ -312,6 +322,8 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
     if fast:
         if weights == "cache":
             p[f"{copy} copy of the base weights"] = s.linear_params * b
+        else:
+            p[f"{copy} buffers of the stacked weights (per use)"] = stacked_buffer_bytes(s, b)
         p[f"{copy} copy of the output head"] = s.vocab * s.hidden * b
         if checkpointing:
             kept = s.layers * tokens * 4 * s.hidden + tokens * _fast_saved_per_token_layer(s, r, b, adapted)
