@@ -230,6 +230,11 @@ class ModelShape:
         """Unquantized parameters: embeddings, the untied head, norms."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
 
+    def stacked_weights(self) -> tuple[int, int]:
+        """Elements of the weights the fast path stacks per layer: [q | k | v] and [gate | up]."""
+        h = self.hidden
+        return h * (self.q_out + 2 * self.kv_out), h * 2 * self.inter
+
     def linear_dims(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear of :data:`LINEAR_KINDS`."""
         h = self.hidden
@@ -292,8 +297,7 @@ def stacked_buffer_bytes(shape: ModelShape, act_bytes: int = 2) -> float:
     (:class:`qlorakit.quant.fast_linear.FrozenWeight`): one per stacked shape, reused layer after
     layer and held for the run, [q | k | v] and [gate | up]. The single weights (o, down) are
     dequantized into fresh tensors, counted with the transients."""
-    h = shape.hidden
-    return act_bytes * (h * (shape.q_out + 2 * shape.kv_out) + h * 2 * shape.inter)
+    return act_bytes * sum(shape.stacked_weights())
 
 
 def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int,
@@ -331,10 +335,11 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
             kept = s.layers * tokens * _fast_saved_per_token_layer(s, r, b, adapted)
         p["activations kept for the backward"] = kept
         # one layer's backward at a time: gradients of its activations, attention scores of the
-        # longest segment, a per-use dequantized weight group
+        # longest segment, and per use the largest stacked group's freshly dequantized parts (before
+        # they are copied into its buffer)
         grad_tr = tokens * (4 * s.hidden * 3 + b * 2 * s.inter * 2 + b * (s.q_out + 2 * s.kv_out) * 2)
         attn_tr = s.heads * seq_len * seq_len * ATTENTION_BYTES * b / 2
-        deq_tr = b * max(s.hidden * (s.q_out + 2 * s.kv_out), 2 * s.hidden * s.inter) if weights == "per-use" else 0
+        deq_tr = b * max(s.stacked_weights()) if weights == "per-use" else 0
         chunk = min(loss_chunk, tokens)
         # the (chunk, vocabulary) logits in bf16 and, eager, the fp32 log-softmax and the gradient's
         # conversions (measured: 8.1 bytes per logit above the bf16 buffer on a 2048 x 49152 chunk)
