@@ -10,9 +10,10 @@ rest, several times faster than the CPU flash kernel's own backward at these siz
 steps keep its gradients as precise as bf16 SDPA's with autograd where queries and keys share a
 large common part (k_proj / q_proj biases): dp - delta comes out of its matmul's accumulator the
 same way, and dq is taken against the keys less their segment mean (a test pins both). Grouped-query
-attention is handled by repeating k/v for the forward and by laying out q as (kv head, token,
-group) so that one batched matmul per kv head covers its whole group in the backward. On CPUs
-without bf16 instructions everything here runs in fp32 instead (the fast path's dtype).
+attention is handled by broadcasting k/v over the group in the forward (no copy) and by laying
+out q as (kv head, token, group) so that one batched matmul per kv head covers its whole group in
+the backward. On CPUs without bf16 instructions everything here runs in fp32 instead (the fast
+path's dtype).
 """
 
 from __future__ import annotations
@@ -121,10 +122,14 @@ class _SegmentAttention(torch.autograd.Function):
         lse = torch.empty(n_kv, n, groups, dtype=torch.float32, device=q.device)  # of scores * scale
         for s, e in segments:
             length = e - s
-            qs, ks, vs = _segment_heads(q, k, v, s, e)
+            # views, no copies: the kernel reads any strides but the last, so a segment runs as batch
+            # Hkv x heads G, with k/v broadcast over the group (stride 0) instead of repeated
+            qs = q[:, s:e].permute(0, 2, 1, 3)  # (Hkv, G, L, D)
+            ks = k[:, None, s:e].expand(n_kv, groups, length, d)
+            vs = v[:, None, s:e].expand(n_kv, groups, length, d)
             out, lse_s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, True, scale=scale)[:2]
-            o[s:e] = out[0].view(n_kv, groups, length, d).permute(2, 0, 1, 3)  # -> (L, Hkv, G, D)
-            lse[:, s:e] = lse_s[0].view(n_kv, groups, length).transpose(1, 2)
+            o[s:e] = out.permute(2, 0, 1, 3)  # (Hkv, G, L, D) -> (L, Hkv, G, D)
+            lse[:, s:e] = lse_s.transpose(1, 2)  # (Hkv, G, L) -> (Hkv, L, G)
         o = o.view(n, hq * d)
         ctx.segments = segments
         ctx.workspace = workspace

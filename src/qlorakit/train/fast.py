@@ -104,6 +104,35 @@ class _RMSNorm(torch.autograd.Function):
         return kernel("rms_bwd", ctx.compiled)(dy, x, w, rstd), None, None, None, None
 
 
+class _AddNorm(torch.autograd.Function):
+    """``s = x + y`` (the residual add of a sublayer's output y) and the RMSNorm of s, as one kernel
+    each way: the backward adds the residual stream's gradient to the norm's and hands y its share
+    already in y's dtype, where autograd would add in one pass and cast in another."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float, compiled: bool,
+                dtype: torch.dtype = BF16) -> tuple[torch.Tensor, torch.Tensor]:
+        s, h, rstd = kernel("add_rms_fwd", compiled)(x, y, w, eps, dtype)
+        ctx.compiled, ctx.dtype, ctx.y_dtype = compiled, dtype, y.dtype
+        ctx.save_for_backward(s, w, rstd)
+        ctx.set_materialize_grads(False)
+        return s, h
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor | None, dh: torch.Tensor | None):
+        s, w, rstd = ctx.saved_tensors
+        if dh is None:  # the norm's output took no part in the loss
+            return g, None if g is None else g.to(ctx.y_dtype), None, None, None, None
+        if g is None:  # s itself is used only through the norm (the final one)
+            t = kernel("rms_bwd", ctx.compiled)(dh, s, w, rstd)
+            return t, t.to(ctx.y_dtype), None, None, None, None
+        if ctx.y_dtype == torch.float32:
+            t = g + kernel("rms_bwd", ctx.compiled)(dh, s, w, rstd)
+            return t, t, None, None, None, None
+        t, ty = kernel("add_rms_bwd", ctx.compiled)(g, dh, s, w, rstd, ctx.y_dtype)
+        return t, ty, None, None, None, None
+
+
 class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q: int, n_kv: int,
@@ -358,22 +387,33 @@ class FastModel:
             extra -= n
         return keep.reshape(-1).nonzero().squeeze(1)
 
-    def _layer(self, x: torch.Tensor, i: int, cos: torch.Tensor, sin: torch.Tensor,
-               segments: list[tuple[int, int]]) -> torch.Tensor:
-        if self.options.checkpointing:
-            # recomputation's transients land between the kept layer inputs, and malloc's heap grows
-            # past them layer after layer: near the budget, give the freed blocks back at every layer
-            # (measured on the packaged model, 4 x 1024 tokens, trimming at every layer: peak RSS 2.0
-            # against 2.5 GB, step 13.2 against 11.3 s; so only above ``trim_above``)
-            self._trim()
+    def _layer(self, x: torch.Tensor, y: torch.Tensor | None, i: int, cos: torch.Tensor, sin: torch.Tensor,
+               segments: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i`` on the residual stream ``x + y`` (y: the previous layer's MLP output, not yet
+        added; None when x is the whole stream) -> the same pair for the next layer: each residual
+        add runs in one kernel with the norm after it (:class:`_AddNorm`)."""
         L, c, tr = self.layers[i], self.options.compile, self.model.training
-        h = _RMSNorm.apply(x, L.in_w, L.eps, c, self.dtype)
+        if y is None:
+            h = _RMSNorm.apply(x, L.in_w, L.eps, c, self.dtype)
+        else:
+            x, h = _AddNorm.apply(x, y, L.in_w, L.eps, c, self.dtype)
         q, k, v = _Rope.apply(lora_group_matmul(h, L.qkv, tr), cos, sin, self.n_q, self.n_kv, c)
         a = segment_attention(q, k, v, segments, self.scale, c, self._attn_ws)
-        x = x + lora_group_matmul(a, L.o, tr)
-        h = _RMSNorm.apply(x, L.post_w, L.eps, c, self.dtype)
+        x, h = _AddNorm.apply(x, lora_group_matmul(a, L.o, tr), L.post_w, L.eps, c, self.dtype)
         m = _GateUpSilu.apply(h, L.gu, tr, c, *L.gu.params())
-        return x + lora_group_matmul(m, L.down, tr)
+        return x, lora_group_matmul(m, L.down, tr)
+
+    def _whole_layer(self, x: torch.Tensor, i: int, cos: torch.Tensor, sin: torch.Tensor,
+                     segments: list[tuple[int, int]]) -> torch.Tensor:
+        """Layer ``i`` from and to the whole residual stream: the unit of recomputation, whose kept
+        input is then one fp32 (N, H) tensor."""
+        # recomputation's transients land between the kept layer inputs, and malloc's heap grows
+        # past them layer after layer: near the budget, give the freed blocks back at every layer
+        # (measured on the packaged model, 4 x 1024 tokens, trimming at every layer: peak RSS 2.0
+        # against 2.5 GB, step 13.2 against 11.3 s; so only above ``trim_above``)
+        self._trim()
+        x, y = self._layer(x, None, i, cos, sin, segments)
+        return x + y
 
     def hidden(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Final-normed hidden states (N, H) of the kept tokens (in the fast path's dtype), and their
@@ -390,12 +430,16 @@ class FastModel:
             cos, sin = self.rotary(x[None], flat_pos[None])
             cos, sin = cos[0].float().contiguous(), sin[0].float().contiguous()  # (N, D)
             use_ckpt = self.options.checkpointing and torch.is_grad_enabled()
+            y = None
             for i in range(len(self.layers)):
                 if use_ckpt:
-                    x = checkpoint(self._layer, x, i, cos, sin, segments, use_reentrant=False)
+                    x = checkpoint(self._whole_layer, x, i, cos, sin, segments, use_reentrant=False)
                 else:
-                    x = self._layer(x, i, cos, sin, segments)
-            h = _RMSNorm.apply(x, self.norm_w, self.norm_eps, self.options.compile, self.dtype)
+                    x, y = self._layer(x, y, i, cos, sin, segments)
+            if y is None:
+                h = _RMSNorm.apply(x, self.norm_w, self.norm_eps, self.options.compile, self.dtype)
+            else:
+                _, h = _AddNorm.apply(x, y, self.norm_w, self.norm_eps, self.options.compile, self.dtype)
         return h, target
 
     def _trim(self) -> None:

@@ -29,6 +29,8 @@ __all__ = [
     "compile_available",
     "rms_fwd",
     "rms_bwd",
+    "add_rms_fwd",
+    "add_rms_bwd",
     "rope_fwd",
     "rope_bwd",
     "silu_mul_fwd",
@@ -61,6 +63,23 @@ def rms_bwd(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tens
     g = dy.float() * w
     xhat = x * rstd
     return rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+
+
+def add_rms_fwd(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float,
+                dtype: torch.dtype = BF16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual add and the RMSNorm after it in one pass: x (N, H) fp32 residual stream, y (N, H)
+    a sublayer's output -> (s = x + y fp32, :func:`rms_fwd` of s as ``dtype``, 1 / rms(s) fp32)."""
+    s = x + y.float()
+    rstd = torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + eps)
+    return s, (w * (s * rstd)).to(dtype), rstd
+
+
+def add_rms_bwd(g: torch.Tensor, dy: torch.Tensor, s: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor,
+                dtype: torch.dtype = BF16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient at s of :func:`add_rms_fwd`: g (N, H) fp32 from the residual stream plus the norm's
+    from dy; fp32 (for x) and as ``dtype`` (for y), in one pass."""
+    t = g + rms_bwd(dy, s, w, rstd)
+    return t, t.to(dtype)
 
 
 def _rotate(x: torch.Tensor) -> torch.Tensor:
@@ -226,6 +245,8 @@ def ce_fwd(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 _EAGER: dict[str, Callable[..., Any]] = {
     "rms_fwd": rms_fwd,
     "rms_bwd": rms_bwd,
+    "add_rms_fwd": add_rms_fwd,
+    "add_rms_bwd": add_rms_bwd,
     "rope_fwd": rope_fwd,
     "rope_bwd": rope_bwd,
     "silu_mul_fwd": silu_mul_fwd,

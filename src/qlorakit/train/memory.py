@@ -40,7 +40,7 @@ ALLOCATOR_SLACK = 0.35
 # heap grows past them layer after layer. `qlorakit train` on the packaged model, recomputation on,
 # its peak RSS against this estimate without slack: 2 x 512 needed 0.49 of the working set, 4 x 1024
 # 0.78, 4 x 2048 1.04. Near the budget the fast path gives freed memory back at every layer instead
-# (FastModel._layer), which holds the peak under the budget where this falls short.
+# (FastModel._whole_layer), which holds the peak under the budget where this falls short.
 ALLOCATOR_SLACK_RECOMPUTE = 0.8
 # ... in fp32 (CPUs without bf16 instructions), where malloc keeps far less of the freed blocks.
 # Measured on an AVX2-only AMD EPYC (bench/results/plan_avx2.md, 4 x 512-token steps), peak RSS
