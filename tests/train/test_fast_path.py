@@ -494,6 +494,42 @@ def test_unsupported_models_are_named():
         FastModel(model)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("used", ["both", "norm only", "sum only"])
+def test_fused_residual_add_and_norm_match_autograd_of_the_separate_ops(compiled, used):
+    """``x + y`` and the RMSNorm after it in one kernel each way (:class:`_AddNorm`): the same values
+    and gradients as autograd through the add (fp32 + bf16) and the norm, whichever outputs the loss
+    uses; y's gradient comes back in y's dtype."""
+    from qlorakit.train import kernels as K
+    from qlorakit.train.fast import _AddNorm
+
+    if compiled and not K.compile_available():
+        pytest.skip("no C++ compiler for inductor")
+    torch.manual_seed(0)
+    x = torch.randn(70, 48, requires_grad=True)
+    y = torch.randn(70, 48).bfloat16().requires_grad_()
+    w = torch.rand(48) + 0.5
+    gs, gh = torch.randn(70, 48), torch.randn(70, 48).bfloat16()
+
+    def loss(s, h):
+        parts = []
+        if used in ("both", "sum only"):
+            parts.append((s * gs).sum())
+        if used in ("both", "norm only"):
+            parts.append((h.float() * gh.float()).sum())
+        return sum(parts)
+
+    s, h = _AddNorm.apply(x, y, w, 1e-5, compiled, torch.bfloat16)
+    got = torch.autograd.grad(loss(s, h), (x, y))
+    s_ref = x + y
+    h_ref = (w * (s_ref * torch.rsqrt(s_ref.pow(2).mean(-1, keepdim=True) + 1e-5))).bfloat16()
+    want = torch.autograd.grad(loss(s_ref, h_ref), (x, y))
+    assert torch.equal(s, s_ref) and torch.equal(h, h_ref)
+    assert got[1].dtype == torch.bfloat16
+    assert _rel(got[0], want[0]) < 1e-5
+    assert _rel(got[1].float(), want[1].float()) < 1e-2  # one bf16 rounding of the same fp32 sum
+
+
 @pytest.mark.slow
 def test_compiled_kernels_equal_eager_kernels():
     from qlorakit.train import kernels as K
