@@ -223,25 +223,12 @@ def group_backward(group: LoraGroup, sv: GroupSaved, dy: torch.Tensor | Sequence
             bi = b_full[group.offsets[i]:group.offsets[i + 1]]
             g = d @ bi if g is None else g.addmm_(d, bi)
     grads: list[torch.Tensor] = []
-    if sv.keys is None and len(sv.idx) > 1:
-        # no dropout: every member's dA from one matmul (R, N) x (N, in), and with the whole dy, every
-        # dB from one (out_total, N) x (N, R) whose diagonal blocks are the members' (measured on
-        # the packaged model's q/k/v group, 2048 tokens: 0.7 against 1.1 ms for the per-member
-        # products, which run at a fraction of the matmul rate with 16 output rows)
-        da = (g.t() @ x).float()
-        db = (dy.t() @ xa).float() if isinstance(dy, torch.Tensor) else None
-        col = 0
-        for j, i in enumerate(sv.idx):
-            r, off = ranks[j], group.offsets
-            grads.append(da[col:col + r])
-            if db is not None:
-                grads.append(db[off[i]:off[i + 1], col:col + r] * group.members[i].scaling)
-            else:
-                grads.append((parts[i].t() @ xa[:, col:col + r]).float() * group.members[i].scaling)
-            col += r
-        if dx is not None:
-            dx.addmm_(g, a_cat)
-        return dx, grads
+    # no dropout: every member's dA from one (R, N) x (N, in) matmul and, with the whole dy, every dB
+    # from one (out_total, N) x (N, R) whose diagonal blocks are the members' (the packaged model's
+    # q/k/v group, 2048 tokens: 0.7 against 1.1 ms for per-member products, which run at a fraction
+    # of the matmul rate with 16 output rows); with dropout each member's input is its own
+    da = (g.t() @ x).float() if sv.keys is None else None
+    db = (dy.t() @ xa).float() if sv.keys is None and isinstance(dy, torch.Tensor) else None
     col = 0
     for j, i in enumerate(sv.idx):
         m, r = group.members[i], ranks[j]
@@ -255,8 +242,12 @@ def group_backward(group: LoraGroup, sv: GroupSaved, dy: torch.Tensor | Sequence
             xd = dropped_backward_(x, gj @ a_cat[col:col + r], dx, key, group.compiled)
         else:
             xd = dropped(x, key, group.compiled)
-        grads.append((gj.t() @ xd).float())
-        grads.append((parts[i].t() @ xa[:, col:col + r]).float() * m.scaling)
+        grads.append(da[col:col + r] if da is not None else (gj.t() @ xd).float())
+        if db is not None:
+            db_i = db[group.offsets[i]:group.offsets[i + 1], col:col + r]
+        else:
+            db_i = parts[i].t() @ xa[:, col:col + r]
+        grads.append(db_i.float() * m.scaling)
         col += r
     if dx is not None and sv.keys is None:
         dx.addmm_(g, a_cat)

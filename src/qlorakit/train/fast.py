@@ -113,7 +113,7 @@ class _AddNorm(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float, compiled: bool,
                 dtype: torch.dtype = BF16) -> tuple[torch.Tensor, torch.Tensor]:
         s, h, rstd = kernel("add_rms_fwd", compiled)(x, y, w, eps, dtype)
-        ctx.compiled, ctx.dtype, ctx.y_dtype = compiled, dtype, y.dtype
+        ctx.compiled, ctx.y_dtype = compiled, y.dtype
         ctx.save_for_backward(s, w, rstd)
         ctx.set_materialize_grads(False)
         return s, h
