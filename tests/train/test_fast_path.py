@@ -411,14 +411,25 @@ def test_head_matmuls_run_on_rounded_row_counts(n, chunk):
     assert _rel(h.grad.float(), h2.grad.float()) <= 1e-2
 
 
+def _native_or_skip():
+    from qlorakit.train.native import attention_ops
+
+    if attention_ops() is None:
+        pytest.skip("native attention kernels not built here (no C++ compiler or ninja, or QLORAKIT_NATIVE=0)")
+
+
 @pytest.mark.parametrize("impl,lengths", [
     ("cpu", (7, 12, 5)),
+    ("native", (7, 12, 5)),
     ("fused", (7, 12, 5)),
     ("cpu", (7, 300, 40)),  # a long segment, padded to 320 tokens in the backward
+    ("native", (7, 300, 40)),
 ])
 def test_segment_attention_matches_masked_sdpa(impl, lengths):
-    """Both implementations: the CPU one, and the per-segment fused one other devices take (run here
-    on the CPU, the same code as on a GPU)."""
+    """Every implementation: the CPU one with its Python loop and with the native loop, and the
+    per-segment fused one other devices take (run here on the CPU, the same code as on a GPU)."""
+    if impl == "native":
+        _native_or_skip()
     torch.manual_seed(0)
     n_kv, groups, d = 2, 3, 16
     pos = torch.cat([torch.arange(x) for x in lengths])
@@ -428,7 +439,10 @@ def test_segment_attention_matches_masked_sdpa(impl, lengths):
     q = torch.randn(n_kv, n, groups, d).to(torch.bfloat16).requires_grad_(True)
     k = torch.randn(n_kv, n, d).to(torch.bfloat16).requires_grad_(True)
     v = torch.randn(n_kv, n, d).to(torch.bfloat16).requires_grad_(True)
-    out = segment_attention(q, k, v, segs, d ** -0.5) if impl == "cpu" else _fused_segments(q, k, v, segs, d ** -0.5)
+    if impl == "fused":
+        out = _fused_segments(q, k, v, segs, d ** -0.5)
+    else:
+        out = segment_attention(q, k, v, segs, d ** -0.5, native=impl == "native")
     go = torch.randn_like(out)
     out.backward(go)
     # reference: fp32 SDPA over the whole stream with a block-diagonal causal mask
@@ -445,11 +459,15 @@ def test_segment_attention_matches_masked_sdpa(impl, lengths):
         assert _rel(a.grad.float(), b.grad) <= 2e-2
 
 
+@pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_segment_attention_gradients_hold_their_precision_with_biased_queries_and_keys(seed):
+def test_segment_attention_gradients_hold_their_precision_with_biased_queries_and_keys(seed, native):
     """Queries and keys sharing a large common part (k_proj / q_proj biases, as Qwen2 has): the
-    CPU backward's gradients against a float64 reference are as precise as bf16 SDPA's with
-    autograd; dq more precise (its matmul uses the keys less their segment mean)."""
+    CPU backward's gradients (Python loop and native loop) against a float64 reference are as
+    precise as bf16 SDPA's with autograd; dq more precise (its matmul uses the keys less their
+    segment mean)."""
+    if native:
+        _native_or_skip()
     torch.manual_seed(seed)
     n_kv, groups, d = 1, 4, 16
     pos = torch.cat([torch.arange(x) for x in (20, 18, 10)])
@@ -478,11 +496,91 @@ def test_segment_attention_gradients_hold_their_precision_with_biased_queries_an
 
     ref = grads(sdpa, torch.float64)
     bf16 = grads(sdpa, torch.bfloat16)
-    ours = grads(lambda q, k, v: segment_attention(q, k, v, segs, d ** -0.5), torch.bfloat16)
+    ours = grads(lambda q, k, v: segment_attention(q, k, v, segs, d ** -0.5, native=native), torch.bfloat16)
     err = [_rel(a, r) for a, r in zip(ours, ref)]
     err_sdpa = [_rel(a, r) for a, r in zip(bf16, ref)]
     assert err[0] <= 0.75 * err_sdpa[0], (err, err_sdpa)
     assert err[1] <= 1.5 * err_sdpa[1] and err[2] <= 1.5 * err_sdpa[2], (err, err_sdpa)
+
+
+@pytest.mark.parametrize("n_kv,groups,d,lengths", [
+    (3, 3, 64, (334, 297, 1, 32, 64, 121)),  # the packaged model's heads; lengths at and off the 32-token step
+    (2, 1, 16, (5, 40, 7)),  # no grouping
+    (1, 4, 8, (90,)),  # one segment
+])
+def test_native_attention_backward_gives_the_python_loops_gradients(n_kv, groups, d, lengths):
+    """The native loop builds the same operands and runs the same products as the Python loop; only
+    its exp differs from torch.exp (a polynomial within 2 ulp in fp32, then rounded to bf16), so
+    the gradients agree to within a rare last-bit difference."""
+    _native_or_skip()
+    torch.manual_seed(0)
+    pos = torch.cat([torch.arange(x) for x in lengths])
+    segs = segments_from_positions(pos)
+    n = pos.numel()
+    q0 = (torch.randn(n_kv, n, groups, d) + torch.randn(d)).to(torch.bfloat16)
+    k0 = (torch.randn(n_kv, n, d) + 2 * torch.randn(d)).to(torch.bfloat16)
+    v0 = torch.randn(n_kv, n, d).to(torch.bfloat16)
+    go = torch.randn(n, n_kv * groups * d).to(torch.bfloat16)
+
+    def grads(native):
+        xs = [x.clone().requires_grad_(True) for x in (q0, k0, v0)]
+        out = segment_attention(*xs, segs, d ** -0.5, native=native)
+        out.backward(go)
+        return out.detach(), [x.grad for x in xs]
+
+    out_py, g_py = grads(False)
+    out_nat, g_nat = grads(True)
+    assert torch.equal(out_nat, out_py)  # the forward is the same code
+    for a, b in zip(g_nat, g_py):
+        assert a.shape == b.shape and torch.isfinite(a).all()
+        assert (a != b).float().mean() <= 1e-3 and _rel(a.float(), b.float()) <= 1e-3
+
+
+def test_native_elementwise_steps_equal_the_python_kernels():
+    """Probabilities from shifted scores (the causal mask, rows past the segment zero) and the softmax
+    backward, against the Python kernels they replace."""
+    _native_or_skip()
+    from qlorakit.train import kernels as K
+    from qlorakit.train.native import attention_ops
+
+    ops = attention_ops()
+    torch.manual_seed(0)
+    groups, rows, keys, valid = 3, 96, 32, 29  # 32 query tokens of which 29 real
+    x = (torch.randn(2, rows, keys) * 4 - 3).to(torch.bfloat16)
+    got = ops.probs(x, 0.125, groups, valid)
+    want = K.attn_probs_shifted(x, 0.125, groups, valid)
+    assert (got != want).float().mean() <= 1e-3 and _rel(got.float(), want.float()) <= 1e-3
+    assert got[:, valid * groups:].abs().sum() == 0 and got[0, 0, 1:].abs().sum() == 0  # padding rows, the mask
+    assert float(got[0, 0, 0]) == pytest.approx(float(torch.exp(x[0, 0, 0].float() * 0.125)), rel=4e-3)
+    dp = torch.randn(2, rows, keys).to(torch.bfloat16)
+    # equal values (+ 0 turns the Python kernel's -0 products into +0)
+    assert torch.equal(ops.dscores(want, dp, 0.125, groups, valid).float() + 0, K.attn_dscores(want, dp, 0.125).float() + 0)
+
+
+def test_native_kernels_fall_back_to_the_python_loop(monkeypatch, caplog):
+    """QLORAKIT_NATIVE=0, and a build that fails (logged with its error), both leave the Python loop."""
+    import torch.utils.cpp_extension as ext
+
+    from qlorakit.train import native
+
+    native.attention_ops.cache_clear()
+    try:
+        monkeypatch.setenv("QLORAKIT_NATIVE", "0")
+        assert native.attention_ops() is None
+        native.attention_ops.cache_clear()
+        monkeypatch.setenv("QLORAKIT_NATIVE", "1")
+        monkeypatch.setattr("qlorakit.train.kernels.compile_available", lambda: True)
+        monkeypatch.setattr(ext, "is_ninja_available", lambda: True)
+
+        def broken(**kwargs):
+            raise RuntimeError("Error building extension 'x': c++: fatal error")
+
+        monkeypatch.setattr(ext, "load", broken)
+        with caplog.at_level("WARNING", logger="qlorakit.train.native"):
+            assert native.attention_ops() is None
+        assert "could not build the native attention kernels" in caplog.text and "fatal error" in caplog.text
+    finally:
+        native.attention_ops.cache_clear()
 
 
 def test_unsupported_models_are_named():

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import kernel
+from .native import attention_ops
 
 __all__ = ["segment_attention", "segments_from_positions", "Workspace"]
 
@@ -111,10 +112,17 @@ def _with_ones(y: torch.Tensor, pad: int) -> torch.Tensor:
     return out
 
 
+def native_scratch_numel(n_kv: int, groups: int, d: int, longest: int) -> int:
+    """Elements of the native backward's scratch buffer for segments up to ``longest`` (padded)
+    tokens: each segment's operands, score matrices and results (csrc/segment_attention.cpp)."""
+    d3, rows, keys = d + 3, n_kv * longest * groups, n_kv * longest
+    return 4 * rows * d3 + 4 * keys * d3 + keys * d + 2 * rows * longest + rows * d
+
+
 class _SegmentAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[tuple[int, int]],
-                scale: float, compiled: bool, workspace: Workspace | None) -> torch.Tensor:
+                scale: float, compiled: bool, workspace: Workspace | None, native: bool) -> torch.Tensor:
         # q (Hkv, N, G, D), k/v (Hkv, N, D) bf16 -> o (N, Hkv G D) bf16, query head j G + g at [j G + g]
         n_kv, n, groups, d = q.shape
         hq = n_kv * groups
@@ -135,6 +143,7 @@ class _SegmentAttention(torch.autograd.Function):
         ctx.workspace = workspace
         ctx.scale = scale
         ctx.compiled = compiled
+        ctx.native = native
         ctx.save_for_backward(q, k, v, o, lse)
         return o
 
@@ -156,7 +165,19 @@ class _SegmentAttention(torch.autograd.Function):
         dt = q.dtype  # bf16, or fp32 on CPUs without bf16 instructions
         do = do.to(dt).contiguous()
         # delta = rowsum(do * o) per query token and head, laid out as q is: (Hkv, N, G)
-        delta = kernel("attn_delta", ctx.compiled)(do, o, n_kv * groups).view(n, n_kv, groups).permute(1, 0, 2)
+        delta = kernel("attn_delta", ctx.compiled)(do, o, n_kv * groups)
+        ops = attention_ops() if ctx.native and dt == torch.bfloat16 else None
+        if ops is not None:
+            # the same values from native code (csrc/segment_attention.cpp): it builds each segment's
+            # operands below into contiguous blocks of one reused buffer and runs the same products
+            dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+            need = native_scratch_numel(n_kv, groups, d, longest)
+            scratch = ws.view("native", dt, need, (need,), q.device)
+            ops.segment_attention_backward(q, k, v, do, (lse / scale).contiguous(), delta,
+                                           [s for s, _ in ctx.segments], [e for _, e in ctx.segments],
+                                           scale, pad, dq, dk, dv, scratch)
+            return dq, dk, dv, None, None, None, None, None
+        delta = delta.view(n, n_kv, groups).permute(1, 0, 2)
         # Shifted scores x = q.k - lse / scale from one bf16 matmul: q gets three more columns holding
         # -lse / scale split exactly into three bf16 parts, k three columns of ones. The products and
         # their sum are fp32 inside the matmul, and only x is rounded to bf16: where a probability
@@ -206,20 +227,23 @@ class _SegmentAttention(torch.autograd.Function):
             dscores(p, ds, scale)
             dq[:, s:e] = torch.bmm(ds, ks).view(n_kv, lp, groups, d)[:, :length]
             dk[:, s:e] = torch.bmm(qs.transpose(1, 2), ds)[:, :d, :length].transpose(1, 2)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[tuple[int, int]],
-                      scale: float, compiled: bool = False, workspace: Workspace | None = None) -> torch.Tensor:
+                      scale: float, compiled: bool = False, workspace: Workspace | None = None,
+                      native: bool = True) -> torch.Tensor:
     """Causal attention within each segment: q (Hkv, N, G, D), k/v (Hkv, N, D) -> (N, Hkv G D), all
     bf16 (or all fp32 on CPUs without bf16 instructions).
 
     ``workspace`` holds the backward's score-sized buffers across calls (one per model is enough).
-    On devices other than the CPU, each segment runs PyTorch's fused attention with its own backward.
+    ``native``: run the backward's segment loop as native code (:mod:`qlorakit.train.native`) where
+    it is built, bf16 only; False keeps the Python loop (the reference). On devices other than the
+    CPU, each segment runs PyTorch's fused attention with its own backward.
     """
     if q.device.type != "cpu":
         return _fused_segments(q, k, v, segments, scale)
-    return _SegmentAttention.apply(q, k, v, segments, scale, compiled, workspace)
+    return _SegmentAttention.apply(q, k, v, segments, scale, compiled, workspace, native)
 
 
 def _fused_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Sequence[tuple[int, int]],
