@@ -364,12 +364,18 @@ def test_fast_path_respects_disabled_adapters_and_eval_mode():
     model.train()
 
 
-def test_fused_head_loss_matches_cross_entropy():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_head_loss_matches_cross_entropy(compiled):
+    """Eager, and compiled (where the native cross-entropy runs if it is built)."""
+    from qlorakit.train import kernels as K
+
+    if compiled and not K.compile_available():
+        pytest.skip("no C++ compiler")
     torch.manual_seed(0)
     h = torch.randn(70, 32).to(torch.bfloat16).requires_grad_(True)
     w = (torch.randn(500, 32) * 0.3).to(torch.bfloat16)
     t = torch.randint(0, 500, (70,))
-    loss = fused_head_loss(h, w, t, chunk=16)
+    loss = fused_head_loss(h, w, t, chunk=16, compiled=compiled)
     loss.backward()
     h2 = h.detach().clone().requires_grad_(True)
     ref = F.cross_entropy((h2 @ w.t()).float(), t, reduction="sum")
@@ -555,6 +561,31 @@ def test_native_elementwise_steps_equal_the_python_kernels():
     dp = torch.randn(2, rows, keys).to(torch.bfloat16)
     # equal values (+ 0 turns the Python kernel's -0 products into +0)
     assert torch.equal(ops.dscores(want, dp, 0.125, groups, valid).float() + 0, K.attn_dscores(want, dp, 0.125).float() + 0)
+
+
+def test_native_cross_entropy_matches_the_python_kernel():
+    """The summed loss against fp32 cross-entropy, the gradient written over the logits against the
+    Python kernel (one bf16 rounding apart), and a target outside the vocabulary named."""
+    _native_or_skip()
+    from qlorakit.train import kernels as K
+    from qlorakit.train.native import cross_entropy_ops
+
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 1000) * 3).to(torch.bfloat16)
+    logits[3, 7] = 40.0  # a confident row
+    target = torch.randint(0, 1000, (37,))
+    target[3] = 7
+    mine, ref = logits.clone(), logits.clone()
+    loss = cross_entropy_ops().ce_fwd_bwd_(mine, target)
+    want = F.cross_entropy(logits.float(), target, reduction="sum")
+    assert loss.dtype == torch.float32 and abs(float(loss) - float(want)) <= 1e-5 * float(want)
+    K._ce_fwd_bwd_inplace_eager(ref, target)
+    assert (mine != ref).float().mean() <= 1e-3 and _rel(mine.float(), ref.float()) <= 1e-3
+    assert float(mine.float().sum(1).abs().max()) <= 0.05  # each row of the gradient sums to 0
+    bad = target.clone()
+    bad[5] = 1000
+    with pytest.raises(RuntimeError, match="target 1000 of row 5 is outside the vocabulary of 1000"):
+        cross_entropy_ops().ce_fwd_bwd_(logits.clone(), bad)
 
 
 def test_native_kernels_fall_back_to_the_python_loop(monkeypatch, caplog):

@@ -282,10 +282,30 @@ def _compiled(name: str) -> Callable[..., Any]:
     return torch.compile(_EAGER[name], fullgraph=True)  # sizes that change become dynamic
 
 
+@functools.lru_cache(maxsize=1)
+def _native_ce_fwd_bwd_() -> Callable[..., Any]:
+    """:func:`ce_fwd_bwd_` in native code (csrc/cross_entropy.cpp: one exp an element where the fused
+    loop takes two) for bf16 logits on the CPU, the compiled kernel for anything else."""
+    from .native import cross_entropy_ops
+
+    fallback = _compiled("ce_fwd_bwd_")
+    ops = cross_entropy_ops()
+    if ops is None:
+        return fallback
+
+    def run(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.dtype == BF16 and logits.device.type == "cpu" and logits.is_contiguous():
+            return ops.ce_fwd_bwd_(logits, target)
+        return fallback(logits, target)
+
+    return run
+
+
 def kernel(name: str, compiled: bool) -> Callable[..., Any]:
-    """The named kernel, compiled with inductor when ``compiled`` and a compiler exists."""
+    """The named kernel, compiled with inductor when ``compiled`` and a compiler exists (for the
+    cross-entropy with its gradient, the native form where it is built)."""
     if name not in _EAGER:
         raise KeyError(f"unknown kernel {name!r}; known: {sorted(_EAGER)}")
     if compiled and compile_available():
-        return _compiled(name)
+        return _native_ce_fwd_bwd_() if name == "ce_fwd_bwd_" else _compiled(name)
     return _EAGER_ONLY.get(name, _EAGER[name])

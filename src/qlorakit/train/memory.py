@@ -300,6 +300,17 @@ def stacked_buffer_bytes(shape: ModelShape, act_bytes: int = 2) -> float:
     return act_bytes * sum(shape.stacked_weights())
 
 
+def _head_bytes_per_logit(compiled: bool, b: int) -> int:
+    """Bytes per (position, vocabulary) logit of the head's chunk: the logits in the matmul dtype
+    (``b`` bytes) and what the cross-entropy kernel takes beyond them."""
+    if compiled and b == 2:
+        from .native import cross_entropy_ops
+
+        if cross_entropy_ops() is not None:
+            return b
+    return (4 if compiled else 10) + b - 2
+
+
 def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int,
                     checkpointing: bool = False, weights: str = "cache", fast: bool = True,
                     loss_chunk: int = 2048, baseline: float = 0.0, file_bytes: float = 0.0,
@@ -342,8 +353,10 @@ def estimate_memory(shape: ModelShape, *, micro_batch: int, seq_len: int, r: int
         deq_tr = b * max(s.stacked_weights()) if weights == "per-use" else 0
         chunk = min(loss_chunk, tokens)
         # the (chunk, vocabulary) logits in bf16 and, eager, the fp32 log-softmax and the gradient's
-        # conversions (measured: 8.1 bytes per logit above the bf16 buffer on a 2048 x 49152 chunk)
-        head_tr = chunk * s.vocab * ((4 if compiled else 10) + b - 2) + tokens * s.hidden * b * 2
+        # conversions (measured: 8.1 bytes per logit above the bf16 buffer on a 2048 x 49152 chunk);
+        # the native kernel (bf16 on the CPU, where it is built) converts a row at a time and adds
+        # nothing per logit
+        head_tr = chunk * s.vocab * (_head_bytes_per_logit(compiled, b)) + tokens * s.hidden * b * 2
         p["transients (one layer's backward, one head chunk)"] = max(grad_tr + attn_tr + deq_tr, head_tr)
     else:
         p["activations kept for the backward"] = (activation_bytes(_Cfg(s), micro_batch, seq_len)

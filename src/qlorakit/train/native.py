@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["attention_ops", "native_enabled"]
+__all__ = ["attention_ops", "cross_entropy_ops", "native_enabled"]
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "segment_attention.cpp"]
+SOURCES = [CSRC / "segment_attention.cpp", CSRC / "cross_entropy.cpp"]
 HEADERS = [CSRC / "common.h"]
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 
@@ -91,3 +91,8 @@ def _library() -> bool:
 def attention_ops() -> Any | None:
     """``torch.ops.qlorakit_attn`` (built and loaded on the first call), or None where it can't be."""
     return torch.ops.qlorakit_attn if _library() else None
+
+
+def cross_entropy_ops() -> Any | None:
+    """``torch.ops.qlorakit_ce`` (built and loaded on the first call), or None where it can't be."""
+    return torch.ops.qlorakit_ce if _library() else None
