@@ -116,7 +116,7 @@ def native_scratch_numel(n_kv: int, groups: int, d: int, longest: int) -> int:
     """Elements of the native backward's scratch buffer for segments up to ``longest`` (padded)
     tokens: each segment's operands, score matrices and results (csrc/segment_attention.cpp)."""
     d3, rows, keys = d + 3, n_kv * longest * groups, n_kv * longest
-    return 4 * rows * d3 + 4 * keys * d3 + keys * d + 2 * rows * longest + rows * d
+    return 2 * rows * d3 + 4 * keys * d3 + keys * d + 2 * rows * longest + rows * d
 
 
 class _SegmentAttention(torch.autograd.Function):

@@ -101,7 +101,7 @@ inline void shift_columns(float shift, uint16_t* out) {
 // segment's padded length lp; the regions are laid out for the longest segment, so a segment's
 // blocks stay at the same addresses and in cache from one product to the next
 struct Blocks {
-  at::Tensor qa, qa_t, doa, doa_t, ka, va, kp, p, ds, dq, dk_t, dv_t;
+  at::Tensor qa, doa, ka, va, kp, p, ds, dq, dk_t, dv_t;
 };
 
 Blocks carve(at::Tensor& scratch, int64_t n_kv, int64_t groups, int64_t d, int64_t lmax, int64_t lp) {
@@ -117,9 +117,7 @@ Blocks carve(at::Tensor& scratch, int64_t n_kv, int64_t groups, int64_t d, int64
   const int64_t S = n_kv * lmax * groups, T = n_kv * lmax;
   Blocks b;
   b.qa = take(S * d3, {n_kv, lp * groups, d3});
-  b.qa_t = take(S * d3, {n_kv, d3, lp * groups});
   b.doa = take(S * d3, {n_kv, lp * groups, d3});
-  b.doa_t = take(S * d3, {n_kv, d3, lp * groups});
   b.ka = take(T * d3, {n_kv, lp, d3});
   b.va = take(T * d3, {n_kv, lp, d3});
   b.kp = take(T * d, {n_kv, lp, d});
@@ -135,7 +133,7 @@ Blocks carve(at::Tensor& scratch, int64_t n_kv, int64_t groups, int64_t d, int64
 // (attention.py's native_scratch_numel computes the same)
 int64_t scratch_numel(int64_t n_kv, int64_t groups, int64_t d, int64_t lmax) {
   const int64_t d3 = d + 3, S = n_kv * lmax * groups, T = n_kv * lmax;
-  return 4 * S * d3 + 4 * T * d3 + T * d + 2 * S * lmax + S * d;
+  return 2 * S * d3 + 4 * T * d3 + T * d + 2 * S * lmax + S * d;
 }
 
 inline uint16_t* bits(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
@@ -175,7 +173,7 @@ void segment_attention_backward(const at::Tensor& q, const at::Tensor& k, const 
   for (size_t i = 0; i < starts.size(); ++i) {
     const int64_t s = starts[i], length = ends[i] - s, lp = (length + pad - 1) / pad * pad;
     Blocks b = carve(scratch, n_kv, groups, d, lmax, lp);
-    uint16_t *qa = bits(b.qa), *qa_t = bits(b.qa_t), *doa = bits(b.doa), *doa_t = bits(b.doa_t);
+    uint16_t *qa = bits(b.qa), *doa = bits(b.doa);
     uint16_t *ka = bits(b.ka), *va = bits(b.va), *kp = bits(b.kp);
     const int64_t R = lp * groups;
     // operands: one task per (kv head, token) row
@@ -195,10 +193,6 @@ void segment_attention_backward(const at::Tensor& q, const at::Tensor& k, const 
           } else {
             std::memset(qrow, 0, d3 * sizeof(uint16_t));
             std::memset(drow, 0, d3 * sizeof(uint16_t));
-          }
-          for (int64_t c = 0; c < d3; ++c) {
-            qa_t[(h * d3 + c) * R + r] = qrow[c];
-            doa_t[(h * d3 + c) * R + r] = drow[c];
           }
         }
         uint16_t* krow = ka + (h * lp + t) * d3;
@@ -238,11 +232,12 @@ void segment_attention_backward(const at::Tensor& q, const at::Tensor& k, const 
     });
     at::bmm_out(b.p, b.qa, b.ka.transpose(1, 2));
     probs_inplace(b.p, sc, groups, length);
-    at::bmm_out(b.dv_t, b.doa_t, b.p);  // (Hkv, D + 3, lp): sums over the group
+    // the (D + 3, L G) operands are transposed views: the matmul reads them as they are
+    at::bmm_out(b.dv_t, b.doa.transpose(1, 2), b.p);  // (Hkv, D + 3, lp): sums over the group
     at::bmm_out(b.ds, b.doa, b.va.transpose(1, 2));
     dscores_inplace(b.p, b.ds, sc, groups, length);
     at::bmm_out(b.dq, b.ds, b.kp);
-    at::bmm_out(b.dk_t, b.qa_t, b.ds);
+    at::bmm_out(b.dk_t, b.qa.transpose(1, 2), b.ds);
     const uint16_t *dqs = bits(b.dq), *dk_t = bits(b.dk_t), *dv_t = bits(b.dv_t);
     at::parallel_for(0, n_kv * length, 16, [&](int64_t lo, int64_t hi) {
       for (int64_t row = lo; row < hi; ++row) {
