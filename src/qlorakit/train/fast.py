@@ -10,6 +10,9 @@ Same maths as the plain path (a test compares losses and gradients), computed di
   dropped before the first layer, and attention runs per packed example (causal, no mask tensor).
 - **Fused elementwise chains** (RMSNorm, rotary embedding, SiLU gate, attention softmax and its
   backward, cross-entropy), compiled with inductor when a C++ compiler is there.
+- **Native code for two pieces** on CPUs with bf16 instructions (:mod:`qlorakit.train.native`,
+  built on first use): the attention backward's loop over packed segments, and the cross-entropy
+  with its gradient (one exp a logit).
 - **The output head and cross-entropy in chunks**, only at positions with a label, with the
   gradient computed in the same pass, so the (tokens, vocab) logits never exist at once.
 - **LoRA dropout in one fused pass per adapted linear**, its mask a hash of the element's position
