@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["train_speed", "train_speed_dropout", "train_speed_epyc", "train_speed_dropout_epyc", "train_speed_nproc_epyc", "train_speed_avx2",
          "generation_speed", "generation_speed_epyc", "generation_speed_avx2", "generation_trained_epyc", "plan",
-         "plan_135m", "plan_epyc", "plan_avx2", "plan_nproc", "budget", "budget_long", "budget_finish", "gpu", "eval_agreement", "eval_speed", "data_check", "guards",
+         "plan_135m", "plan_360m", "plan_epyc", "plan_avx2", "plan_nproc", "budget", "budget_long", "budget_finish", "gpu", "eval_agreement", "eval_speed", "data_check", "guards",
          "serve", "export"]
 
 
