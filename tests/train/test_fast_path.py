@@ -366,7 +366,7 @@ def test_fast_path_respects_disabled_adapters_and_eval_mode():
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fused_head_loss_matches_cross_entropy(compiled):
-    """Eager, and compiled (where the native cross-entropy runs if it is built)."""
+    """Eager and compiled kernels (the native cross-entropy in both where it is built)."""
     from qlorakit.train import kernels as K
 
     if compiled and not K.compile_available():

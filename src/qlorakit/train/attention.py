@@ -152,8 +152,6 @@ class _SegmentAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         n_kv, n, groups, d = q.shape
         scale = ctx.scale
-        probs = kernel("attn_probs_shifted_", ctx.compiled)
-        dscores = kernel("attn_dscores_", ctx.compiled)
         ws: Workspace = ctx.workspace or Workspace()
         # every segment is processed at its length rounded up to LENGTH_STEP: the matmul shapes then
         # take a few values (each new shape costs oneDNN a new cached kernel, ~1 MB, and time). The
@@ -161,7 +159,6 @@ class _SegmentAttention(torch.autograd.Function):
         # get probability 0 and their results are dropped.
         pad = LENGTH_STEP
         longest = -(-max(e - s for s, e in ctx.segments) // pad) * pad
-        size = n_kv * longest * groups * longest
         dt = q.dtype  # bf16, or fp32 on CPUs without bf16 instructions
         do = do.to(dt).contiguous()
         # delta = rowsum(do * o) per query token and head, laid out as q is: (Hkv, N, G)
@@ -178,6 +175,9 @@ class _SegmentAttention(torch.autograd.Function):
                                            scale, pad, dq, dk, dv, scratch)
             return dq, dk, dv, None, None, None, None, None
         delta = delta.view(n, n_kv, groups).permute(1, 0, 2)
+        probs = kernel("attn_probs_shifted_", ctx.compiled)
+        dscores = kernel("attn_dscores_", ctx.compiled)
+        size = n_kv * longest * groups * longest
         # Shifted scores x = q.k - lse / scale from one bf16 matmul: q gets three more columns holding
         # -lse / scale split exactly into three bf16 parts, k three columns of ones. The products and
         # their sum are fp32 inside the matmul, and only x is rounded to bf16: where a probability

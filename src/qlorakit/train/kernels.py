@@ -27,6 +27,7 @@ from ..lora.dropout import dropout_apply, dropout_backward_
 __all__ = [
     "kernel",
     "compile_available",
+    "native_kernel_available",
     "rms_fwd",
     "rms_bwd",
     "add_rms_fwd",
@@ -282,30 +283,46 @@ def _compiled(name: str) -> Callable[..., Any]:
     return torch.compile(_EAGER[name], fullgraph=True)  # sizes that change become dynamic
 
 
-@functools.lru_cache(maxsize=1)
-def _native_ce_fwd_bwd_() -> Callable[..., Any]:
-    """:func:`ce_fwd_bwd_` in native code (csrc/cross_entropy.cpp: one exp an element where the fused
-    loop takes two) for bf16 logits on the CPU, the compiled kernel for anything else."""
-    from .native import cross_entropy_ops
+# kernels with a native form (qlorakit.train.native) for contiguous bf16 CPU tensors, used where the
+# native library is built whether or not inductor compiles the rest (as the native attention
+# backward is): name -> the native.py accessor of its op namespace; the op has the kernel's name
+_NATIVE: dict[str, str] = {
+    "ce_fwd_bwd_": "cross_entropy_ops",  # csrc/cross_entropy.cpp: one exp a logit where the fused loop takes two
+}
 
-    fallback = _compiled("ce_fwd_bwd_")
-    ops = cross_entropy_ops()
+
+@functools.lru_cache(maxsize=None)
+def _native_or(name: str, fallback: Callable[..., Any]) -> Callable[..., Any]:
+    """The native form of ``name`` for a contiguous bf16 CPU first argument, ``fallback`` otherwise."""
+    from . import native
+
+    ops = getattr(native, _NATIVE[name])()
     if ops is None:
         return fallback
+    op = getattr(ops, name)
 
-    def run(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if logits.dtype == BF16 and logits.device.type == "cpu" and logits.is_contiguous():
-            return ops.ce_fwd_bwd_(logits, target)
-        return fallback(logits, target)
+    def run(x: torch.Tensor, *args: Any) -> Any:
+        if x.dtype == BF16 and x.device.type == "cpu" and x.is_contiguous():
+            return op(x, *args)
+        return fallback(x, *args)
 
     return run
 
 
+def native_kernel_available(name: str) -> bool:
+    """Whether ``name`` runs in native code here (for bf16 CPU tensors)."""
+    from . import native
+
+    return name in _NATIVE and getattr(native, _NATIVE[name])() is not None
+
+
 def kernel(name: str, compiled: bool) -> Callable[..., Any]:
-    """The named kernel, compiled with inductor when ``compiled`` and a compiler exists (for the
-    cross-entropy with its gradient, the native form where it is built)."""
+    """The named kernel: its native form where it has one and it is built (bf16 CPU tensors), else
+    compiled with inductor when ``compiled`` and a compiler exists, else eager."""
     if name not in _EAGER:
         raise KeyError(f"unknown kernel {name!r}; known: {sorted(_EAGER)}")
     if compiled and compile_available():
-        return _native_ce_fwd_bwd_() if name == "ce_fwd_bwd_" else _compiled(name)
-    return _EAGER_ONLY.get(name, _EAGER[name])
+        base = _compiled(name)
+    else:
+        base = _EAGER_ONLY.get(name, _EAGER[name])
+    return _native_or(name, base) if name in _NATIVE else base

@@ -302,12 +302,12 @@ def stacked_buffer_bytes(shape: ModelShape, act_bytes: int = 2) -> float:
 
 def _head_bytes_per_logit(compiled: bool, b: int) -> int:
     """Bytes per (position, vocabulary) logit of the head's chunk: the logits in the matmul dtype
-    (``b`` bytes) and what the cross-entropy kernel takes beyond them."""
-    if compiled and b == 2:
-        from .native import cross_entropy_ops
+    (``b`` bytes) and what the cross-entropy kernel takes beyond them (the native one, for bf16
+    where it is built, nothing)."""
+    from .kernels import native_kernel_available
 
-        if cross_entropy_ops() is not None:
-            return b
+    if b == 2 and native_kernel_available("ce_fwd_bwd_"):
+        return b
     return (4 if compiled else 10) + b - 2
 
 

@@ -1,12 +1,18 @@
 // Helpers shared by the native kernels of the fast path: bf16 conversions and a vectorisable exp.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
 namespace qlorakit {
+
+// a bf16 tensor's storage as raw 16-bit words
+inline uint16_t* bits(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
+inline const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
@@ -43,9 +49,9 @@ inline float exp_approx(float x) {
   p = std::fma(p, r * r, r) + 1.0f;
   const bool tiny = n < -64.0f;
   const int32_t e = static_cast<int32_t>(n) + (tiny ? 127 + 64 : 127);
-  const uint32_t bits = static_cast<uint32_t>(e) << 23;
+  const uint32_t pattern = static_cast<uint32_t>(e) << 23;
   float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
+  std::memcpy(&two_n, &pattern, sizeof two_n);
   const float y = p * two_n;
   const float z = x < -104.0f ? 0.0f : (tiny ? y * 5.42101086242752217e-20f : y);  // 2^-64
   return x > 88.72f ? std::numeric_limits<float>::infinity() : z;

@@ -34,7 +34,7 @@ at::Tensor ce_fwd_bwd_(at::Tensor& logits, const at::Tensor& target) {
   const int64_t* tp = tgt.data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r)
     TORCH_CHECK(0 <= tp[r] && tp[r] < vocab, "ce_fwd_bwd_: target ", tp[r], " of row ", r, " is outside the vocabulary of ", vocab);
-  uint16_t* base = reinterpret_cast<uint16_t*>(logits.data_ptr<at::BFloat16>());
+  uint16_t* base = bits(logits);
   std::vector<float> row_loss(n);
   at::parallel_for(0, n, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> buf(vocab);

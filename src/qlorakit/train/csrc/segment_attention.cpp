@@ -65,7 +65,7 @@ inline void dscores_row(const uint16_t* p, uint16_t* d, int64_t n, int64_t cols,
 // 0 above it and on rows of query tokens at or past `valid`
 void probs_inplace(at::Tensor& x, float scale, int64_t groups, int64_t valid) {
   const int64_t rows = x.size(0) * x.size(1), R = x.size(1), C = x.size(2);
-  uint16_t* base = reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>());
+  uint16_t* base = bits(x);
   at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) probs_row(base + i * C, row_keys(i % R, groups, valid, C), C, scale);
   });
@@ -74,8 +74,8 @@ void probs_inplace(at::Tensor& x, float scale, int64_t groups, int64_t valid) {
 // ds = p * ds * scale where p may be non-zero, 0 elsewhere
 void dscores_inplace(const at::Tensor& p, at::Tensor& ds, float scale, int64_t groups, int64_t valid) {
   const int64_t rows = ds.size(0) * ds.size(1), R = ds.size(1), C = ds.size(2);
-  const uint16_t* pb = reinterpret_cast<const uint16_t*>(p.data_ptr<at::BFloat16>());
-  uint16_t* db = reinterpret_cast<uint16_t*>(ds.data_ptr<at::BFloat16>());
+  const uint16_t* pb = bits(p);
+  uint16_t* db = bits(ds);
   at::parallel_for(0, rows, 8, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) dscores_row(pb + i * C, db + i * C, row_keys(i % R, groups, valid, C), C, scale);
   });
@@ -136,8 +136,6 @@ int64_t scratch_numel(int64_t n_kv, int64_t groups, int64_t d, int64_t lmax) {
   return 2 * S * d3 + 4 * T * d3 + T * d + 2 * S * lmax + S * d;
 }
 
-inline uint16_t* bits(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); }
-inline const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
 // The backward of attention.py's _SegmentAttention, segment by segment, with the same values as its
 // Python loop: each segment's operands (q and do with their three shift columns, k and v with
