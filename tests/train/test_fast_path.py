@@ -28,11 +28,11 @@ PAD = 2
 VOCAB = 300
 
 
-def _tiny(dropout: float = 0.0, seed: int = 0, kv_heads: int = 2, device: str = "cpu"):
+def _tiny(dropout: float = 0.0, seed: int = 0, kv_heads: int = 2, device: str = "cpu", hidden: int = 64):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=256,
                       tie_word_embeddings=True, pad_token_id=PAD)
     model = LlamaForCausalLM(cfg).to(device)
@@ -101,9 +101,10 @@ def _assert_close(fast, plain, ref=None):
         assert e_fast <= 1.5 * e_plain + 1e-2, (e_fast, e_plain)
 
 
-@pytest.mark.parametrize("kv_heads", [2, 4])
-def test_fast_path_matches_plain_path_losses_and_gradients(kv_heads):
-    model = _tiny(kv_heads=kv_heads)
+@pytest.mark.parametrize("kv_heads,hidden", [(2, 64), (4, 64), (2, 128)])
+def test_fast_path_matches_plain_path_losses_and_gradients(kv_heads, hidden):
+    """Head size 16, and 32 (where the AMX attention runs on CPUs that have it)."""
+    model = _tiny(kv_heads=kv_heads, hidden=hidden)
     batch = _batch(pad_tail=True)
     plain = _grads(model, plain_loss, batch)
     fast = _grads(model, FastModel(model, FastOptions(compile=False), pad_token_id=PAD), batch)
@@ -424,20 +425,34 @@ def _native_or_skip():
         pytest.skip("native attention kernels not built here (no C++ compiler or ninja, or QLORAKIT_NATIVE=0)")
 
 
-@pytest.mark.parametrize("impl,lengths", [
-    ("cpu", (7, 12, 5)),
-    ("native", (7, 12, 5)),
-    ("fused", (7, 12, 5)),
-    ("cpu", (7, 300, 40)),  # a long segment, padded to 320 tokens in the backward
-    ("native", (7, 300, 40)),
+def _amx_or_skip():
+    from qlorakit.train.native import amx_attention_ops
+
+    _native_or_skip()
+    if amx_attention_ops() is None:
+        pytest.skip("no AMX on this CPU (ATen cannot pack bf16 operands for oneDNN's AMX micro-kernel)")
+
+
+@pytest.mark.parametrize("impl,lengths,d", [
+    ("python", (7, 12, 5), 16),
+    ("native", (7, 12, 5), 16),
+    ("fused", (7, 12, 5), 16),
+    ("python", (7, 300, 40), 16),  # a long segment, padded to 320 tokens in the backward
+    ("native", (7, 300, 40), 16),
+    ("amx", (7, 12, 5), 32),
+    ("amx", (7, 300, 1, 32, 40), 64),  # a single token; lengths at and off the 32-token block
+    ("amx", (70, 33), 128),
 ])
-def test_segment_attention_matches_masked_sdpa(impl, lengths):
-    """Every implementation: the CPU one with its Python loop and with the native loop, and the
-    per-segment fused one other devices take (run here on the CPU, the same code as on a GPU)."""
+def test_segment_attention_matches_masked_sdpa(impl, lengths, d):
+    """Every implementation: the CPU one with its Python loop, with the native loop, and on AMX
+    tiles, and the per-segment fused one other devices take (run here on the CPU, the same code as
+    on a GPU)."""
     if impl == "native":
         _native_or_skip()
+    if impl == "amx":
+        _amx_or_skip()
     torch.manual_seed(0)
-    n_kv, groups, d = 2, 3, 16
+    n_kv, groups = 2, 3
     pos = torch.cat([torch.arange(x) for x in lengths])
     segs = segments_from_positions(pos)
     assert [e - s for s, e in segs] == list(lengths)
@@ -448,7 +463,7 @@ def test_segment_attention_matches_masked_sdpa(impl, lengths):
     if impl == "fused":
         out = _fused_segments(q, k, v, segs, d ** -0.5)
     else:
-        out = segment_attention(q, k, v, segs, d ** -0.5, native=impl == "native")
+        out = segment_attention(q, k, v, segs, d ** -0.5, impl=impl)
     go = torch.randn_like(out)
     out.backward(go)
     # reference: fp32 SDPA over the whole stream with a block-diagonal causal mask
@@ -465,17 +480,19 @@ def test_segment_attention_matches_masked_sdpa(impl, lengths):
         assert _rel(a.grad.float(), b.grad) <= 2e-2
 
 
-@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("impl", ["python", "native", "amx"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_segment_attention_gradients_hold_their_precision_with_biased_queries_and_keys(seed, native):
+def test_segment_attention_gradients_hold_their_precision_with_biased_queries_and_keys(seed, impl):
     """Queries and keys sharing a large common part (k_proj / q_proj biases, as Qwen2 has): the
-    CPU backward's gradients (Python loop and native loop) against a float64 reference are as
-    precise as bf16 SDPA's with autograd; dq more precise (its matmul uses the keys less their
-    segment mean)."""
-    if native:
+    CPU backward's gradients (Python loop, native loop, AMX kernels) against a float64 reference
+    are as precise as bf16 SDPA's with autograd; dq more precise (its matmul uses the keys less
+    their segment mean)."""
+    if impl == "native":
         _native_or_skip()
+    if impl == "amx":
+        _amx_or_skip()
     torch.manual_seed(seed)
-    n_kv, groups, d = 1, 4, 16
+    n_kv, groups, d = 1, 4, 32 if impl == "amx" else 16
     pos = torch.cat([torch.arange(x) for x in (20, 18, 10)])
     segs = segments_from_positions(pos)
     n = pos.numel()
@@ -502,7 +519,7 @@ def test_segment_attention_gradients_hold_their_precision_with_biased_queries_an
 
     ref = grads(sdpa, torch.float64)
     bf16 = grads(sdpa, torch.bfloat16)
-    ours = grads(lambda q, k, v: segment_attention(q, k, v, segs, d ** -0.5, native=native), torch.bfloat16)
+    ours = grads(lambda q, k, v: segment_attention(q, k, v, segs, d ** -0.5, impl=impl), torch.bfloat16)
     err = [_rel(a, r) for a, r in zip(ours, ref)]
     err_sdpa = [_rel(a, r) for a, r in zip(bf16, ref)]
     assert err[0] <= 0.75 * err_sdpa[0], (err, err_sdpa)
@@ -528,18 +545,68 @@ def test_native_attention_backward_gives_the_python_loops_gradients(n_kv, groups
     v0 = torch.randn(n_kv, n, d).to(torch.bfloat16)
     go = torch.randn(n, n_kv * groups * d).to(torch.bfloat16)
 
-    def grads(native):
+    def grads(impl):
         xs = [x.clone().requires_grad_(True) for x in (q0, k0, v0)]
-        out = segment_attention(*xs, segs, d ** -0.5, native=native)
+        out = segment_attention(*xs, segs, d ** -0.5, impl=impl)
         out.backward(go)
         return out.detach(), [x.grad for x in xs]
 
-    out_py, g_py = grads(False)
-    out_nat, g_nat = grads(True)
+    out_py, g_py = grads("python")
+    out_nat, g_nat = grads("native")
     assert torch.equal(out_nat, out_py)  # the forward is the same code
     for a, b in zip(g_nat, g_py):
         assert a.shape == b.shape and torch.isfinite(a).all()
         assert (a != b).float().mean() <= 1e-3 and _rel(a.float(), b.float()) <= 1e-3
+
+
+def test_amx_attention_is_at_least_as_precise_as_the_native_loop():
+    """The AMX kernels keep scores, the softmax and dp - delta in fp32 where the native loop rounds
+    shifted scores to bf16: against a float64 reference, on the packaged model's heads with lengths
+    at and off the 32-token block, their output and gradients are no less precise."""
+    _amx_or_skip()
+    torch.manual_seed(0)
+    n_kv, groups, d, lengths = 3, 3, 64, (334, 297, 1, 32, 64, 121)
+    pos = torch.cat([torch.arange(x) for x in lengths])
+    segs = segments_from_positions(pos)
+    n = pos.numel()
+    q0 = (torch.randn(n_kv, n, groups, d) + torch.randn(d)).to(torch.bfloat16)
+    k0 = (torch.randn(n_kv, n, d) * 2 + 2 * torch.randn(d)).to(torch.bfloat16)
+    v0 = torch.randn(n_kv, n, d).to(torch.bfloat16)
+    go = torch.randn(n, n_kv * groups * d).to(torch.bfloat16)
+
+    def run(impl, dtype):
+        xs = [x.to(dtype).clone().requires_grad_(True) for x in (q0, k0, v0)]
+        if impl == "fused":
+            out = _fused_segments(*xs, segs, d ** -0.5)
+        else:
+            out = segment_attention(*xs, segs, d ** -0.5, impl=impl)
+        out.backward(go.to(dtype))
+        return [out.detach().double()] + [x.grad.double() for x in xs]
+
+    ref = run("fused", torch.float64)
+    err = {impl: [_rel(a, r) for a, r in zip(run(impl, torch.bfloat16), ref)] for impl in ("native", "amx")}
+    for e_amx, e_nat in zip(err["amx"], err["native"]):
+        assert e_amx <= 1.05 * e_nat, err
+        assert e_amx <= 5e-3, err
+
+
+def test_amx_attention_refuses_segments_outside_the_tokens_and_unknown_impls():
+    _amx_or_skip()
+    from qlorakit.train.native import amx_attention_ops
+
+    ops = amx_attention_ops()
+    q = torch.zeros(1, 40, 2, 32, dtype=torch.bfloat16)
+    k = torch.zeros(1, 40, 32, dtype=torch.bfloat16)
+    o = torch.empty(40, 64, dtype=torch.bfloat16)
+    lse = torch.empty(1, 40, 2)
+    scratch = torch.empty(ops.scratch_numel(1, 2, 32, 64), dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"segment 1 \[30, 50\) is not inside the 40 tokens"):
+        ops.forward(q, k, k, [0, 30], [30, 50], 0.1, o, lse, scratch)
+    with pytest.raises(ValueError, match="impl 'fast' is not one of"):
+        segment_attention(q, k, k, [(0, 40)], 0.1, impl="fast")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        segment_attention(q[..., :16].contiguous(), k[..., :16].contiguous(), k[..., :16].contiguous(), [(0, 40)],
+                          0.1, impl="amx")
 
 
 def test_native_elementwise_steps_equal_the_python_kernels():
@@ -597,7 +664,7 @@ def test_native_kernels_fall_back_to_the_python_loop(monkeypatch, caplog):
     native._library.cache_clear()
     try:
         monkeypatch.setenv("QLORAKIT_NATIVE", "0")
-        assert native.attention_ops() is None
+        assert native.attention_ops() is None and native.amx_attention_ops() is None
         native._library.cache_clear()
         monkeypatch.setenv("QLORAKIT_NATIVE", "1")
         monkeypatch.setattr("qlorakit.train.kernels.compile_available", lambda: True)
@@ -608,7 +675,7 @@ def test_native_kernels_fall_back_to_the_python_loop(monkeypatch, caplog):
 
         monkeypatch.setattr(ext, "load", broken)
         with caplog.at_level("WARNING", logger="qlorakit.train.native"):
-            assert native.attention_ops() is None
+            assert native.attention_ops() is None and native.amx_attention_ops() is None
         assert "could not build the native kernels" in caplog.text and "fatal error" in caplog.text
     finally:
         native._library.cache_clear()

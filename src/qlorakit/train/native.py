@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["attention_ops", "cross_entropy_ops", "native_enabled"]
+__all__ = ["amx_attention_ops", "attention_ops", "cross_entropy_ops", "native_enabled"]
 
 log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "segment_attention.cpp", CSRC / "cross_entropy.cpp"]
+SOURCES = [CSRC / "segment_attention.cpp", CSRC / "cross_entropy.cpp", CSRC / "amx_attention.cpp"]
 HEADERS = [CSRC / "common.h"]
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 
@@ -101,3 +101,11 @@ def attention_ops() -> Any | None:
 def cross_entropy_ops() -> Any | None:
     """``torch.ops.qlorakit_ce`` (built and loaded on the first call), or None where it can't be."""
     return torch.ops.qlorakit_ce if _library() else None
+
+
+def amx_attention_ops() -> Any | None:
+    """``torch.ops.qlorakit_amx`` (csrc/amx_attention.cpp) where the library is built and ATen can
+    pack bf16 operands for oneDNN's AMX micro-kernel on this CPU, else None."""
+    if not _library() or not torch.ops.qlorakit_amx.available():
+        return None
+    return torch.ops.qlorakit_amx
