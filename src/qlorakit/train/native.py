@@ -9,6 +9,11 @@ compiled kernel, and a copy of every operand view the batched matmul takes only 
 Measured on the packaged model (4 x 512 packed tokens, 9 segments a row of the batch, bf16 on an
 AMX CPU), a layer's attention backward takes about 15 ms against 25 ms through the Python loop.
 
+``csrc/amx_attention.cpp`` holds the segment attention's forward and backward on AMX tiles (oneDNN's
+batch-reduce GEMM micro-kernel through ATen's ``cpublas::brgemm``), used where ATen can pack bf16
+operands for it (:func:`amx_attention_ops`): 1.8 ms forward and 3.6 ms backward a layer on the same
+batch, against 4.1 ms for PyTorch's flash kernel and 12 ms for the loop above; a step 1.47 s.
+
 ``csrc/cross_entropy.cpp`` holds the cross-entropy over the vocabulary with its gradient
 (:func:`qlorakit.train.kernels.ce_fwd_bwd_`): each row goes once through an fp32 buffer in cache,
 one exp a logit where the inductor kernel takes two (41 against 126 ms on a (2048, 49152) chunk).
