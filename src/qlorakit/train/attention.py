@@ -157,22 +157,23 @@ class _SegmentAttention(torch.autograd.Function):
         amx = _amx_ops(impl, q)
         o = torch.empty(n, n_kv, groups, d, dtype=q.dtype, device=q.device)
         lse = torch.empty(n_kv, n, groups, dtype=torch.float32, device=q.device)  # of scores * scale
-        starts, ends = [s for s, _ in segments], [e for _, e in segments]
         if amx is not None:  # forward and backward on AMX tiles (csrc/amx_attention.cpp)
-            amx.forward(q, k, v, starts, ends, scale, o, lse, _amx_scratch(amx, workspace, q, segments))
-            segments = ()
-        for s, e in segments:
-            length = e - s
-            # views, no copies: the kernel reads any strides but the last, so a segment runs as batch
-            # Hkv x heads G, with k/v broadcast over the group (stride 0) instead of repeated
-            qs = q[:, s:e].permute(0, 2, 1, 3)  # (Hkv, G, L, D)
-            ks = k[:, None, s:e].expand(n_kv, groups, length, d)
-            vs = v[:, None, s:e].expand(n_kv, groups, length, d)
-            out, lse_s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, True, scale=scale)[:2]
-            o[s:e] = out.permute(2, 0, 1, 3)  # (Hkv, G, L, D) -> (L, Hkv, G, D)
-            lse[:, s:e] = lse_s.transpose(1, 2)  # (Hkv, G, L) -> (Hkv, L, G)
+            amx.forward(q, k, v, [s for s, _ in segments], [e for _, e in segments], scale, o, lse,
+                        _amx_scratch(amx, workspace, q, segments))
+        else:
+            for s, e in segments:
+                length = e - s
+                # views, no copies: the kernel reads any strides but the last, so a segment runs as batch
+                # Hkv x heads G, with k/v broadcast over the group (stride 0) instead of repeated
+                qs = q[:, s:e].permute(0, 2, 1, 3)  # (Hkv, G, L, D)
+                ks = k[:, None, s:e].expand(n_kv, groups, length, d)
+                vs = v[:, None, s:e].expand(n_kv, groups, length, d)
+                out, lse_s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qs, ks, vs, 0.0, True,
+                                                                                         scale=scale)[:2]
+                o[s:e] = out.permute(2, 0, 1, 3)  # (Hkv, G, L, D) -> (L, Hkv, G, D)
+                lse[:, s:e] = lse_s.transpose(1, 2)  # (Hkv, G, L) -> (Hkv, L, G)
         o = o.view(n, hq * d)
-        ctx.segments = list(zip(starts, ends))
+        ctx.segments = list(segments)
         ctx.amx = amx
         ctx.workspace = workspace
         ctx.scale = scale
